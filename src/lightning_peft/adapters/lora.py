@@ -1,0 +1,233 @@
+"""LoRA (Hu et al. 2021), with rsLoRA (Kalajdzievski 2023) and DoRA (Liu et al. 2024).
+
+A frozen weight ``W0`` (``(out, in)``) gets a trainable low-rank update::
+
+        x ──► base_layer (W0, frozen, any storage) ─────────────┐
+        │                                                       + ──► h
+        └─► dropout ─► A (rank × in) ─► B (out × rank) ─► ×s ───┘
+
+    h = W0 x + s · B A x,   s = alpha / rank   (rsLoRA: alpha / sqrt(rank))
+
+A starts random and B at zero, so the adapted layer starts equal to the base (paper §4.1).
+DoRA splits the weight into a magnitude ``m`` (one per output row) and a direction::
+
+    W' = m · (W0 + s B A) / ||W0 + s B A||_row,    ||.|| detached (DoRA paper §4.3)
+
+``LoRALinear`` wraps its base layer instead of subclassing it, so the same code runs over
+``nn.Linear``, transformers' ``Conv1D`` and bitsandbytes' 4-bit and 8-bit layers; it reads
+the base weight only through :func:`lightning_peft.quantization.dequantize`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_peft.errors import AdapterConfigError
+from lightning_peft.quantization import dequantize, in_out_features, is_linear_layer, write_weight_
+from lightning_peft.targeting import Patterns, normalize_patterns
+
+LoRAInit = Literal["kaiming", "gaussian"]
+_INITS = ("kaiming", "gaussian")
+
+
+@dataclass(frozen=True)
+class LoRA:
+    """Configuration of LoRA adapters.
+
+    Args:
+        rank: inner dimension ``r`` of the update ``B A``.
+        alpha: scale numerator; the update is multiplied by ``alpha / rank``.
+        dropout: dropout probability on the adapter's input, in ``[0, 1)``.
+        target_modules: module-name suffixes (``["q_proj", "v_proj"]``), one regex matched
+            against the full name, or ``"all-linear"`` (every linear layer but the output head).
+        exclude_modules: the same kinds of pattern; matching modules are left alone.
+        use_rslora: scale by ``alpha / sqrt(rank)``, which keeps high ranks learning.
+        use_dora: weight-decomposed LoRA (a trainable magnitude per output feature).
+        init: ``"kaiming"`` (uniform, as ``nn.Linear``) or ``"gaussian"`` (std ``1/rank``) for A.
+
+    Raises:
+        AdapterConfigError: listing every invalid field with the value received.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Patterns = "all-linear"
+    exclude_modules: Patterns = ()
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: LoRAInit = "kaiming"
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            problems.append(f"rank must be a positive int, got {self.rank!r}")
+        if not _is_number(self.alpha) or self.alpha <= 0:
+            problems.append(f"alpha must be a positive number, got {self.alpha!r}")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in _INITS:
+            problems.append(f"init must be one of {_INITS}, got {self.init!r}")
+        targets = normalize_patterns(self.target_modules, "target_modules", problems)
+        excludes = normalize_patterns(self.exclude_modules, "exclude_modules", problems)
+        if problems:
+            raise AdapterConfigError("invalid LoRA config:\n  - " + "\n  - ".join(problems))
+        object.__setattr__(self, "target_modules", targets)
+        object.__setattr__(self, "exclude_modules", excludes)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def can_wrap(self, module: nn.Module) -> bool:
+        return is_linear_layer(module)
+
+    def wrap(self, layer: nn.Module, adapter_name: str = "default") -> LoRALinear:
+        return LoRALinear(layer, self, adapter_name)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class LoRALinear(nn.Module):
+    """A linear-like base layer plus one LoRA (or DoRA) update.
+
+    The wrapper's state dict uses the base layer's own key names (``q_proj.weight``, not
+    ``q_proj.base_layer.weight``), so a base model checkpoint loads into an adapted model.
+    Adapter tensors are float32 whatever the base's dtype; inputs are cast to them and the
+    update is cast back to the base output's dtype.
+    """
+
+    def __init__(self, base_layer: nn.Module, config: LoRA, adapter_name: str = "default") -> None:
+        super().__init__()
+        in_features, out_features = in_out_features(base_layer)
+        device = next(base_layer.parameters()).device
+        self.base_layer = base_layer
+        self.adapter_name = adapter_name
+        self.scaling = config.scaling
+        self.merged = False
+        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        lora_a = nn.Linear(in_features, config.rank, bias=False, device=device)
+        lora_b = nn.Linear(config.rank, out_features, bias=False, device=device)
+        if config.init == "gaussian":
+            nn.init.normal_(lora_a.weight, std=1.0 / config.rank)
+        else:
+            nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(lora_b.weight)
+        self.lora_A = nn.ModuleDict({adapter_name: lora_a})
+        self.lora_B = nn.ModuleDict({adapter_name: lora_b})
+        self.lora_magnitude: nn.ParameterDict | None = None
+        if config.use_dora:
+            # B = 0 at init, so ||W0 + sBA|| = ||W0||: the layer starts equal to the base.
+            norm = torch.linalg.norm(dequantize(base_layer).float(), dim=1)
+            self.lora_magnitude = nn.ParameterDict({adapter_name: nn.Parameter(norm)})
+        self._merged_row_norm: torch.Tensor | None = None
+        self.register_state_dict_post_hook(_base_keys_without_wrapper)
+        self.register_load_state_dict_pre_hook(_base_keys_into_wrapper)
+
+    def adapter_params(self) -> list[str]:
+        names = [f"lora_A.{self.adapter_name}.weight", f"lora_B.{self.adapter_name}.weight"]
+        if self.lora_magnitude is not None:
+            names.append(f"lora_magnitude.{self.adapter_name}")
+        return names
+
+    @property
+    def lora_a(self) -> nn.Linear:
+        return self.lora_A[self.adapter_name]
+
+    @property
+    def lora_b(self) -> nn.Linear:
+        return self.lora_B[self.adapter_name]
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update ``s · B A`` in ``(out, in)`` orientation, float32."""
+        return (self.lora_b.weight @ self.lora_a.weight) * self.scaling
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return out
+        x_adapter = x.to(self.lora_a.weight.dtype)
+        if self.lora_magnitude is not None:
+            return out + self._dora_update(x_adapter, out).to(out.dtype)
+        update = self.lora_b(self.lora_a(self.lora_dropout(x_adapter))) * self.scaling
+        return out + update.to(out.dtype)
+
+    def _dora_update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``m/||W'|| · (W0 x + s B A x) - W0 x``: what DoRA adds to the base output."""
+        weight = dequantize(self.base_layer).to(x.dtype)
+        row_norm = torch.linalg.norm(weight + self.delta_weight().detach(), dim=1).detach()
+        scale = (self.lora_magnitude[self.adapter_name] / row_norm).view(1, -1)  # (1, out)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            base = out.to(x.dtype)
+            bias = getattr(self.base_layer, "bias", None)
+            if bias is not None:
+                base = base - bias.to(x.dtype)
+        else:
+            # With dropout active, the magnitude rescales W0 applied to the dropped-out input,
+            # as in the reference implementation (Hugging Face PEFT).
+            x = self.lora_dropout(x)
+            base = F.linear(x, weight)
+        update = self.lora_b(self.lora_a(x)) * self.scaling
+        return (scale - 1) * base + scale * update
+
+    @torch.no_grad()
+    def merge(self) -> float:
+        """``W0 <- W0 + s B A`` (DoRA: ``m · (W0 + s B A) / ||W0 + s B A||``); a no-op if merged.
+
+        Returns the largest absolute error the base layer's storage introduced: 0.0 for a
+        float32 base, the re-quantization error for a 4-bit or 8-bit one.
+        """
+        if self.merged:
+            return 0.0
+        weight = dequantize(self.base_layer).float() + self.delta_weight()
+        if self.lora_magnitude is not None:
+            self._merged_row_norm = torch.linalg.norm(weight, dim=1)
+            weight = weight * (self.lora_magnitude[self.adapter_name] / self._merged_row_norm).view(-1, 1)
+        error = write_weight_(self.base_layer, weight)
+        self.merged = True
+        return error
+
+    @torch.no_grad()
+    def unmerge(self) -> float:
+        """Undo :meth:`merge`; a no-op if not merged. Returns the storage error as merge does."""
+        if not self.merged:
+            return 0.0
+        weight = dequantize(self.base_layer).float()
+        if self.lora_magnitude is not None:
+            weight = weight * (self._merged_row_norm / self.lora_magnitude[self.adapter_name]).view(-1, 1)
+        error = write_weight_(self.base_layer, weight - self.delta_weight())
+        self.merged = False
+        self._merged_row_norm = None
+        return error
+
+    def extra_repr(self) -> str:
+        method = "DoRA" if self.lora_magnitude is not None else "LoRA"
+        return f"{method}(rank={self.lora_a.out_features}, scaling={self.scaling:g}, merged={self.merged})"
+
+
+def _base_keys_without_wrapper(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    """State-dict post-hook: ``<prefix>base_layer.weight`` is saved as ``<prefix>weight``."""
+    inner = prefix + "base_layer."
+    for key in [k for k in state_dict if k.startswith(prefix)]:  # keeps their relative order
+        value = state_dict.pop(key)
+        state_dict[prefix + key[len(inner) :] if key.startswith(inner) else key] = value
+
+
+def _base_keys_into_wrapper(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """Load pre-hook: keys that are not the wrapper's own go to the base layer."""
+    own = set(module._modules) | set(module._parameters) | set(module._buffers)
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        if key[len(prefix) :].split(".", 1)[0] not in own:
+            state_dict[prefix + "base_layer." + key[len(prefix) :]] = state_dict.pop(key)

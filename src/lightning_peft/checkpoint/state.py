@@ -1,0 +1,81 @@
+"""Adapter state dicts: the trainable tensors of a model and nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from lightning_peft.errors import AdapterStateError, AdapterStateKeyError
+from lightning_peft.injection import adapter_modules, adapter_parameter_names
+
+_SHOWN = 8  # keys listed per problem in an error; the rest are counted
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors of ``model`` keyed by their full names, detached (not copied).
+
+    The keys are the names ``model.state_dict()`` uses, so this is that state dict with the
+    frozen base left out.
+    """
+    return {name: model.get_parameter(name).detach() for name in adapter_parameter_names(model)}
+
+
+@torch.no_grad()
+def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Copy adapter tensors into ``model``'s adapters, checking keys and shapes first.
+
+    Nothing is copied unless every key of the model's adapters is present with the right
+    shape and no other key is given.
+
+    Raises:
+        AdapterStateKeyError: missing or unexpected keys (both listed).
+        AdapterStateError: a shape differs, or an adapter is merged (unmerge it first).
+    """
+    expected = adapter_parameter_names(model)
+    if not expected:
+        raise AdapterStateError(
+            f"{type(model).__name__} has no adapters to load into; call apply_adapters first"
+        )
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in set(expected)]
+    if missing or unexpected:
+        raise AdapterStateKeyError(_key_mismatch_message(missing, unexpected))
+    shapes = [
+        f"  {name}: checkpoint {tuple(state_dict[name].shape)}, model {tuple(model.get_parameter(name).shape)}"
+        for name in expected
+        if state_dict[name].shape != model.get_parameter(name).shape
+    ]
+    if shapes:
+        raise AdapterStateError(
+            "adapter tensor shapes differ (was the checkpoint made with another rank or "
+            "base model?):\n" + "\n".join(shapes[:_SHOWN]) + _more(shapes)
+        )
+    merged = [name for name, module in adapter_modules(model) if getattr(module, "merged", False)]
+    if merged:
+        raise AdapterStateError(
+            f"cannot load into merged adapters ({', '.join(merged[:3])}{_more(merged, 3)}): "
+            "call unmerge_adapters(model) first"
+        )
+    for name in expected:
+        model.get_parameter(name).copy_(state_dict[name])
+
+
+def _key_mismatch_message(missing: list[str], unexpected: list[str]) -> str:
+    lines = ["adapter state dict does not fit the model's adapters:"]
+    if missing:
+        lines.append(f"  missing from the state dict ({len(missing)}): {', '.join(missing[:_SHOWN])}{_more(missing)}")
+    if unexpected:
+        lines.append(
+            f"  not adapters of this model ({len(unexpected)}): {', '.join(unexpected[:_SHOWN])}{_more(unexpected)}"
+        )
+    lines.append(
+        "Attach the same adapter config (target_modules, method) that the state dict was saved "
+        "with; a full model state dict belongs in model.load_state_dict instead."
+    )
+    return "\n".join(lines)
+
+
+def _more(items: list[str], shown: int = _SHOWN) -> str:
+    return f", ... (+{len(items) - shown} more)" if len(items) > shown else ""

@@ -1,0 +1,31 @@
+"""Exception types raised by lightning_peft.
+
+Each one also subclasses the builtin a caller would naturally catch, so ``except ValueError``
+keeps working for code that does not know this package.
+"""
+
+from __future__ import annotations
+
+
+class AdapterConfigError(ValueError):
+    """An adapter config holds a value that cannot work (a rank of 0, a dropout of 1.5, ...)."""
+
+
+class TargetModulesError(ValueError):
+    """The target / exclude patterns select no module, or select one twice."""
+
+
+class UnsupportedLayerError(TypeError):
+    """A targeted module is of a type the adapter cannot wrap."""
+
+
+class AdapterStateError(ValueError):
+    """An adapter state dict or checkpoint does not fit the adapters attached to the model."""
+
+
+class AdapterStateKeyError(AdapterStateError, KeyError):
+    """An adapter state dict has missing or unexpected keys."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its message; a readable multi-line error is worth more here.
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,204 @@
+"""How a frozen base layer stores its weight: float, transposed (``Conv1D``), NF4/FP4 or int8.
+
+Adapters never look at a base layer's storage themselves. They ask this module for the
+weight in ``nn.Linear`` orientation (``(out_features, in_features)``) and hand a new one back
+when merging. This is the only module that touches bitsandbytes' classes; it imports
+bitsandbytes lazily (about 2.5 s), and only when a layer could be one of its types.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Literal
+
+import torch
+from torch import nn
+
+QuantMode = Literal["nf4", "fp4", "int8"]
+QUANT_MODES: tuple[str, ...] = ("nf4", "fp4", "int8")
+
+
+def _loaded_class(module_name: str, *path: str) -> type | None:
+    """A class from ``module_name`` if that module is already imported, else None.
+
+    A layer of a library's type can only exist once the library is imported, so checking
+    ``sys.modules`` avoids importing transformers or bitsandbytes just to say "no".
+    """
+    obj = sys.modules.get(module_name)
+    for name in path:
+        obj = getattr(obj, name, None)
+    return obj if isinstance(obj, type) else None
+
+
+def _conv1d_class() -> type | None:
+    return _loaded_class("transformers.pytorch_utils", "Conv1D")
+
+
+def _linear4bit_class() -> type | None:
+    return _loaded_class("bitsandbytes", "nn", "Linear4bit")
+
+
+def _linear8bit_class() -> type | None:
+    return _loaded_class("bitsandbytes", "nn", "Linear8bitLt")
+
+
+def linear_layer_types() -> tuple[type, ...]:
+    """The layer types an adapter can wrap: ``nn.Linear``, HF ``Conv1D``, bnb 4-bit and 8-bit."""
+    optional = (_conv1d_class(), _linear4bit_class(), _linear8bit_class())
+    return (nn.Linear, *(cls for cls in optional if cls is not None))
+
+
+def is_linear_layer(module: nn.Module) -> bool:
+    return isinstance(module, linear_layer_types())
+
+
+def is_quantized(layer: nn.Module) -> bool:
+    """True for a layer whose weight is stored in 4 or 8 bits (not a float copy)."""
+    linear4bit, linear8bit = _linear4bit_class(), _linear8bit_class()
+    if linear4bit is not None and isinstance(layer, linear4bit):
+        return True
+    return linear8bit is not None and isinstance(layer, linear8bit) and layer.weight.dtype == torch.int8
+
+
+def in_out_features(layer: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of any layer in :func:`linear_layer_types`."""
+    conv1d = _conv1d_class()
+    if conv1d is not None and isinstance(layer, conv1d):
+        return layer.nx, layer.nf
+    return layer.in_features, layer.out_features
+
+
+def dequantize(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as a float ``(out_features, in_features)`` tensor, detached.
+
+    For a float layer this is the weight itself (a transposed view for ``Conv1D``), not a
+    copy: callers must not write into it. For a 4-bit or 8-bit layer it is a new tensor.
+    """
+    conv1d, linear4bit = _conv1d_class(), _linear4bit_class()
+    weight = layer.weight
+    if conv1d is not None and isinstance(layer, conv1d):
+        return weight.detach().T
+    if linear4bit is not None and isinstance(layer, linear4bit) and weight.quant_state is not None:
+        import bitsandbytes.functional as bnb_functional
+
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks 4-bit weights for AVX512-BF16 CPU inference; undo it the
+            # way its own _save_to_state_dict does before reading the codes.
+            weight.data, weight.quant_state = bnb_functional._convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state
+            )
+        return bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+    if weight.dtype == torch.int8:
+        # LLM.int8: row-wise absmax scaling, W = CB * SCB / 127. After the first forward
+        # bitsandbytes moves SCB from the parameter to the layer's state.
+        scales = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
+        return weight.data.float() * (scales.float().unsqueeze(1) / 127.0)
+    return weight.detach()
+
+
+@torch.no_grad()
+def write_weight_(layer: nn.Module, weight: torch.Tensor) -> float:
+    """Store ``weight`` (``(out, in)``, float) into ``layer`` in the layer's own format.
+
+    A quantized layer is re-quantized with its own settings (quant type, blocksize, double
+    quantization, storage dtype). Returns the largest absolute error the storage introduced,
+    ``max |stored - weight|``: 0 for a float layer of the same dtype, the rounding error of
+    the 4-bit or 8-bit code otherwise.
+    """
+    if not is_quantized(layer):
+        target = dequantize(layer)  # a view of the stored weight: writing it writes the layer
+        target.copy_(weight)
+    elif isinstance(layer, _linear4bit_class()):
+        import bitsandbytes as bnb
+
+        old = layer.weight
+        layer.weight = bnb.nn.Params4bit(
+            weight.to(old.quant_state.dtype).contiguous(),
+            requires_grad=False,
+            blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type,
+            quant_storage=old.quant_storage,
+            module=layer,
+        ).to(old.device)
+    else:
+        import bitsandbytes as bnb
+
+        device = layer.weight.device
+        layer.weight = bnb.nn.Int8Params(
+            weight.contiguous(), requires_grad=False, has_fp16_weights=False
+        ).to(device)
+        # The layer caches the previous codes in its state after a forward pass.
+        layer.state.CB, layer.state.SCB = None, None
+    return float((dequantize(layer).float() - weight.float()).abs().max())
+
+
+def real_numel(param: torch.Tensor) -> int:
+    """Number of parameters a tensor stands for: a packed 4-bit weight holds two per byte."""
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None and getattr(param, "bnb_quantized", False):
+        return int(quant_state.shape.numel())
+    return param.numel()
+
+
+def quantize_linear(
+    layer: nn.Module,
+    mode: QuantMode = "nf4",
+    *,
+    compute_dtype: torch.dtype | None = None,
+    double_quant: bool = True,
+    blocksize: int = 64,
+    quant_storage: torch.dtype = torch.uint8,
+) -> nn.Module:
+    """A bitsandbytes copy of a float ``nn.Linear`` or ``Conv1D``, quantized on its device.
+
+    ``"nf4"`` / ``"fp4"`` give a ``Linear4bit`` (QLoRA, Dettmers et al. 2023; ``double_quant``
+    quantizes the absmax constants again, 4.5 -> 4.13 bits per parameter); ``"int8"`` gives an
+    LLM.int8 ``Linear8bitLt`` (Dettmers et al. 2022). The result is frozen.
+
+    Raises:
+        ValueError: an unknown ``mode``.
+        TypeError: a layer that is not a float linear layer.
+    """
+    if mode not in QUANT_MODES:
+        raise ValueError(f"quantization mode must be one of {QUANT_MODES}, got {mode!r}")
+    if not is_linear_layer(layer) or is_quantized(layer):
+        raise TypeError(
+            f"quantize_linear needs a float nn.Linear or Conv1D, got {type(layer).__name__}"
+        )
+    import bitsandbytes as bnb
+
+    weight = dequantize(layer).detach()
+    in_features, out_features = in_out_features(layer)
+    has_bias = getattr(layer, "bias", None) is not None
+    device = weight.device
+    if mode == "int8":
+        quantized = bnb.nn.Linear8bitLt(
+            in_features, out_features, bias=has_bias, has_fp16_weights=False, device="meta"
+        )
+        quantized.weight = bnb.nn.Int8Params(
+            weight.clone().contiguous(), requires_grad=False, has_fp16_weights=False
+        )
+    else:
+        quantized = bnb.nn.Linear4bit(
+            in_features,
+            out_features,
+            bias=has_bias,
+            compute_dtype=compute_dtype or weight.dtype,
+            compress_statistics=double_quant,
+            quant_type=mode,
+            quant_storage=quant_storage,
+            device="meta",
+        )
+        quantized.weight = bnb.nn.Params4bit(
+            weight.clone().contiguous(),
+            requires_grad=False,
+            blocksize=blocksize,
+            compress_statistics=double_quant,
+            quant_type=mode,
+            quant_storage=quant_storage,
+            module=quantized,
+        )
+    if has_bias:
+        quantized.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    return quantized.to(device)
