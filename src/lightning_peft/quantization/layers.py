@@ -122,15 +122,22 @@ def write_weight_(layer: nn.Module, weight: torch.Tensor) -> float:
             module=layer,
         ).to(old.device)
     else:
-        import bitsandbytes as bnb
-
-        device = layer.weight.device
-        layer.weight = bnb.nn.Int8Params(
-            weight.contiguous(), requires_grad=False, has_fp16_weights=False
-        ).to(device)
+        layer.weight = _int8_params(weight, layer.weight.device)
         # The layer caches the previous codes in its state after a forward pass.
         layer.state.CB, layer.state.SCB = None, None
     return float((dequantize(layer).float() - weight.float()).abs().max())
+
+
+def _int8_params(weight: torch.Tensor, device: torch.device) -> nn.Parameter:
+    """LLM.int8 codes of ``weight`` on ``device``.
+
+    bitsandbytes quantizes an ``Int8Params`` only when it moves from the CPU, so the float
+    weight goes through the CPU even when it and the layer live on a GPU.
+    """
+    import bitsandbytes as bnb
+
+    float_weight = weight.detach().to("cpu", copy=True).contiguous()
+    return bnb.nn.Int8Params(float_weight, requires_grad=False, has_fp16_weights=False).to(device)
 
 
 def real_numel(param: torch.Tensor) -> int:
@@ -176,9 +183,7 @@ def quantize_linear(
         quantized = bnb.nn.Linear8bitLt(
             in_features, out_features, bias=has_bias, has_fp16_weights=False, device="meta"
         )
-        quantized.weight = bnb.nn.Int8Params(
-            weight.clone().contiguous(), requires_grad=False, has_fp16_weights=False
-        )
+        quantized.weight = _int8_params(weight, device)
     else:
         quantized = bnb.nn.Linear4bit(
             in_features,
