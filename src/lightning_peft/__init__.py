@@ -1,5 +1,7 @@
 """Parameter-efficient fine-tuning for PyTorch Lightning: LoRA and friends over any base layer."""
 
+from typing import TYPE_CHECKING, Any
+
 from lightning_peft.adapters import LoRA, LoRALinear
 from lightning_peft.checkpoint import adapter_state_dict, load_adapter_state_dict
 from lightning_peft.counting import ParameterCount, count_parameters
@@ -15,7 +17,22 @@ from lightning_peft.merging import MergeReport, merge_adapters, unmerge_adapters
 
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:
+    from lightning_peft.lightning import AdapterCheckpoint, PeftCallback, PeftMixin, PeftModelSummary
+
+# Lightning takes seconds to import; plain-PyTorch users of apply_adapters never pay for it.
+_LIGHTNING_NAMES = ("AdapterCheckpoint", "PeftCallback", "PeftMixin", "PeftModelSummary")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LIGHTNING_NAMES:
+        import lightning_peft.lightning
+
+        return getattr(lightning_peft.lightning, name)
+    raise AttributeError(f"module 'lightning_peft' has no attribute {name!r}")
+
 __all__ = [
+    "AdapterCheckpoint",
     "AdapterConfigError",
     "AdapterStateError",
     "AdapterStateKeyError",
@@ -23,6 +40,9 @@ __all__ = [
     "LoRALinear",
     "MergeReport",
     "ParameterCount",
+    "PeftCallback",
+    "PeftMixin",
+    "PeftModelSummary",
     "TargetModulesError",
     "UnsupportedLayerError",
     "adapter_parameter_names",

@@ -61,14 +61,22 @@ def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def output_head_name(model: nn.Module, modules: dict[str, nn.Module]) -> str | None:
-    """The name of the model's output head: HF's output embeddings, else the last linear layer."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if head is None:
-        linear_names = [name for name, module in modules.items() if is_linear_layer(module)]
-        return linear_names[-1] if linear_names else None
-    return next((name for name, module in modules.items() if module is head), None)
+def output_head_names(modules: dict[str, nn.Module]) -> set[str]:
+    """Names of output heads: each HF model's output embeddings, else the last linear layer.
+
+    Looking inside submodules matters: in a LightningModule the HF model is a child
+    (``self.model``), and its ``lm_head`` is the head.
+    """
+    heads: set[int] = set()
+    for module in modules.values():
+        get_head = getattr(module, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        if isinstance(head, nn.Module):
+            heads.add(id(head))
+    if heads:
+        return {name for name, module in modules.items() if id(module) in heads}
+    linear_names = [name for name, module in modules.items() if is_linear_layer(module)]
+    return set(linear_names[-1:])
 
 
 def find_targets(
@@ -89,8 +97,8 @@ def find_targets(
     modules = candidate_modules(model)
     names = [name for name in modules if name]  # "" is the model itself
     if target_modules == ALL_LINEAR:
-        head = output_head_name(model, modules)
-        selected = [n for n in names if is_linear_layer(modules[n]) and n != head]
+        heads = output_head_names(modules)
+        selected = [n for n in names if is_linear_layer(modules[n]) and n not in heads]
         if not selected:
             raise TargetModulesError(
                 f"target_modules='all-linear' found no linear layer besides the output head "

@@ -110,6 +110,7 @@ class LoRALinear(nn.Module):
         in_features, out_features = in_out_features(base_layer)
         device = next(base_layer.parameters()).device
         self.base_layer = base_layer
+        self.config = config
         self.adapter_name = adapter_name
         self.scaling = config.scaling
         self.merged = False

@@ -33,13 +33,21 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Ten
         AdapterStateKeyError: missing or unexpected keys (both listed).
         AdapterStateError: a shape differs, or an adapter is merged (unmerge it first).
     """
+    check_adapter_state_dict(model, state_dict)
+    for name in adapter_parameter_names(model):
+        model.get_parameter(name).copy_(state_dict[name])
+
+
+def check_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Raise unless ``state_dict`` holds exactly ``model``'s adapter tensors, shapes included."""
     expected = adapter_parameter_names(model)
     if not expected:
         raise AdapterStateError(
             f"{type(model).__name__} has no adapters to load into; call apply_adapters first"
         )
+    expected_set = set(expected)
     missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in set(expected)]
+    unexpected = [k for k in state_dict if k not in expected_set]
     if missing or unexpected:
         raise AdapterStateKeyError(_key_mismatch_message(missing, unexpected))
     shapes = [
@@ -58,8 +66,13 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Ten
             f"cannot load into merged adapters ({', '.join(merged[:3])}{_more(merged, 3)}): "
             "call unmerge_adapters(model) first"
         )
-    for name in expected:
-        model.get_parameter(name).copy_(state_dict[name])
+
+
+def is_adapter_only(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """True if ``state_dict`` holds no frozen tensor of ``model`` (an adapter-only state dict)."""
+    adapter_keys = set(adapter_parameter_names(model))
+    frozen_keys = set(model.state_dict(keep_vars=True)) - adapter_keys
+    return bool(adapter_keys) and not any(key in frozen_keys for key in state_dict)
 
 
 def _key_mismatch_message(missing: list[str], unexpected: list[str]) -> str:

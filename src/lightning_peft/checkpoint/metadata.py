@@ -1,0 +1,134 @@
+"""What an adapter checkpoint records besides tensors, and the checks made when it is read.
+
+Everything here is a primitive (str, int, float, list, dict) or a tensor, so the file loads
+with ``torch.load(weights_only=True)``: reading a checkpoint never runs code from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_peft.errors import AdapterStateError
+from lightning_peft.injection import adapter_modules
+
+METADATA_KEY = "lightning_peft"
+FORMAT_VERSION = 1
+_SAMPLES_PER_TENSOR = 4096  # values hashed per frozen tensor: enough to tell bases apart, cheap
+_PACKAGES = ("lightning_peft", "torch", "lightning", "transformers", "bitsandbytes")
+
+
+def fingerprint_frozen(model: nn.Module) -> str:
+    """A hash of the frozen tensors of ``model``: names, shapes, dtypes and sampled values.
+
+    Two bases with different weights (another checkpoint, another seed, another model)
+    get different fingerprints; the same base quantized the same way gets the same one.
+    Hashing a strided sample rather than every byte keeps this fast on large models.
+    """
+    digest = hashlib.sha256()
+    named = [*model.named_parameters(), *model.named_buffers()]
+    for name, tensor in sorted(named, key=lambda item: item[0]):
+        if tensor.requires_grad:
+            continue
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
+        sample = flat[::step][:_SAMPLES_PER_TENSOR].to("cpu").contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def adapter_configs(model: nn.Module) -> list[dict[str, Any]]:
+    """The configs of the adapters attached to ``model``, as plain dicts (one per config)."""
+    seen: dict[tuple[str, Any], dict[str, Any]] = {}
+    for _, module in adapter_modules(model):
+        config = getattr(module, "config", None)
+        name = getattr(module, "adapter_name", "default")
+        if config is None or (name, config) in seen:
+            continue
+        fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+        seen[(name, config)] = {"method": type(config).__name__, "name": name, **fields}
+    return list(seen.values())
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for package in _PACKAGES:
+        try:
+            versions[package] = importlib_metadata.version(package.replace("_", "-"))
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def build_metadata(
+    model: nn.Module, adapter_keys: list[str], optimizer_param_names: list[list[str]]
+) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "adapter_keys": list(adapter_keys),
+        "adapters": adapter_configs(model),
+        "optimizer_param_names": optimizer_param_names,
+        "base_fingerprint": fingerprint_frozen(model),
+        "versions": package_versions(),
+    }
+
+
+def read_metadata(checkpoint: dict[str, Any], source: str = "the checkpoint") -> dict[str, Any]:
+    """The metadata of an adapter checkpoint.
+
+    Raises:
+        AdapterStateError: ``checkpoint`` was not written by lightning_peft, or by a newer one.
+    """
+    metadata = checkpoint.get(METADATA_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(metadata, dict):
+        raise AdapterStateError(
+            f"{source} is not a lightning_peft adapter checkpoint (it has no {METADATA_KEY!r} "
+            "entry). Resume from a file written while PeftCallback, PeftMixin or "
+            "AdapterCheckpoint was active; to start from a base model's weights, load them into "
+            "the model before calling fit."
+        )
+    version = metadata.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise AdapterStateError(
+            f"{source} has adapter-checkpoint format {version!r}; this lightning_peft reads "
+            f"format {FORMAT_VERSION} and older. Upgrade lightning_peft to read it."
+        )
+    return metadata
+
+
+def check_base_fingerprint(metadata: dict[str, Any], model: nn.Module, source: str) -> None:
+    """Refuse a checkpoint whose frozen base differs from ``model``'s."""
+    current = fingerprint_frozen(model)
+    if metadata["base_fingerprint"] != current:
+        raise AdapterStateError(
+            f"{source} was trained on a different base model: its frozen weights have fingerprint "
+            f"{metadata['base_fingerprint'][:12]}..., this model's have {current[:12]}.... Load the "
+            "same base weights (and quantization) the adapters were trained on."
+        )
+
+
+def check_optimizer_names(saved: list[list[str]], current: list[list[str]], source: str) -> None:
+    """Refuse optimizer state whose parameters, matched by position, would be other tensors."""
+    if saved == current:
+        return
+    if len(saved) != len(current):
+        detail = f"it has {len(saved)} optimizer(s), the run has {len(current)}"
+    else:
+        index = next(i for i, (a, b) in enumerate(zip(saved, current)) if a != b)
+        a, b = saved[index], current[index]
+        position = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        detail = (
+            f"optimizer {index} has {len(a)} parameters in the checkpoint and {len(b)} now; "
+            f"at position {position} the checkpoint has {a[position] if position < len(a) else '(none)'!r}, "
+            f"the run has {b[position] if position < len(b) else '(none)'!r}"
+        )
+    raise AdapterStateError(
+        f"{source} holds optimizer state for other parameters ({detail}). Optimizer state is "
+        "matched by position: build the optimizer from the same adapters, in the same order."
+    )

@@ -1,0 +1,142 @@
+"""Callbacks: ``PeftCallback`` attaches adapters to an unchanged LightningModule;
+``AdapterCheckpoint`` is a ``ModelCheckpoint`` whose files hold only the adapters."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+from weakref import proxy
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from typing_extensions import override
+
+from lightning_peft.checkpoint import partial_path
+from lightning_peft.errors import AdapterConfigError
+from lightning_peft.injection import AdapterConfig, apply_adapters
+from lightning_peft.lightning.checkpointing import (
+    ResumeChecks,
+    accept_adapter_only_loading,
+    write_adapter_only_,
+)
+from lightning_peft.lightning.summary import use_real_parameter_counts
+
+_WEIGHTS_ONLY_REFUSED = (
+    "save_weights_only=True cannot be used with adapter checkpoints: Lightning then skips the "
+    "callbacks' on_save_checkpoint, so the file would hold the whole frozen base and no "
+    "optimizer state to resume from. Keep save_weights_only=False: the adapter checkpoint is "
+    "already small."
+)
+
+
+class _AdapterCheckpointHooks(Callback):
+    """Write adapter-only checkpoints and check them on resume (see ``checkpointing``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._resume = ResumeChecks()
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        weights_only = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "save_weights_only", False)]
+        if weights_only:
+            raise AdapterConfigError(f"{type(weights_only[0]).__name__}: {_WEIGHTS_ONLY_REFUSED}")
+        accept_adapter_only_loading(pl_module)
+        use_real_parameter_counts(trainer)
+        self._resume.reset()
+        super().setup(trainer, pl_module, stage)
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        write_adapter_only_(checkpoint, pl_module)
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._resume.on_load(trainer, pl_module, checkpoint)
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resume.on_fit_start(trainer, pl_module)
+        super().on_fit_start(trainer, pl_module)
+
+
+
+class PeftCallback(_AdapterCheckpointHooks):
+    """Attach adapters to an existing LightningModule and keep its checkpoints adapter-only.
+
+    Adapters are attached in ``setup``, before any checkpoint is restored and before
+    ``configure_optimizers`` runs; the base is frozen, and frozen parameters are dropped
+    from the optimizers the module builds. Every checkpoint the Trainer writes then holds
+    the adapter tensors, optimizer, scheduler, loop and RNG state, and metadata, and
+    ``trainer.fit(module, ckpt_path=...)`` resumes from it exactly.
+
+    Args:
+        adapters: one adapter config (``LoRA(...)``) or several, applied in order.
+        name: the adapter name used in parameter names (``lora_A.<name>.weight``).
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[PeftCallback(LoRA(rank=8, target_modules="all-linear"))])
+    """
+
+    def __init__(self, adapters: AdapterConfig | Sequence[AdapterConfig], *, name: str = "default") -> None:
+        super().__init__()
+        configs = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters]
+        invalid = [c for c in configs if not (hasattr(c, "wrap") and hasattr(c, "target_modules"))]
+        if not configs or invalid:
+            raise AdapterConfigError(
+                f"PeftCallback needs adapter configs such as LoRA(...), got {adapters!r}"
+            )
+        self.configs = configs
+        self.name = name
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not getattr(pl_module, "_lightning_peft_attached", False):
+            for config in self.configs:
+                apply_adapters(pl_module, config, name=self.name)
+            pl_module._lightning_peft_attached = True
+        super().setup(trainer, pl_module, stage)
+
+
+class AdapterCheckpoint(_AdapterCheckpointHooks, ModelCheckpoint):
+    """A ``ModelCheckpoint`` (same arguments) whose files hold only the adapter tensors.
+
+    Besides the adapters a file holds optimizer, scheduler, loop, callback and RNG state and
+    metadata (adapter configs, trainable parameter names in optimizer order, a fingerprint of
+    the frozen base, package versions). Files are written atomically: to a hidden temporary
+    file first, then renamed, so an interrupted save leaves the previous file intact.
+
+    Raises:
+        AdapterConfigError: ``save_weights_only=True`` (it would save the frozen base).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("save_weights_only"):
+            raise AdapterConfigError(f"AdapterCheckpoint: {_WEIGHTS_ONLY_REFUSED}")
+        super().__init__(*args, **kwargs)
+
+    @override
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        temporary = partial_path(filepath)
+        try:
+            trainer.save_checkpoint(temporary, self.save_weights_only)
+            if trainer.is_global_zero:
+                os.replace(temporary, filepath)
+        finally:
+            if trainer.is_global_zero:
+                temporary.unlink(missing_ok=True)
+        # Deliberately the same bookkeeping as ModelCheckpoint._save_checkpoint, after the
+        # rename so that loggers which upload checkpoints find the final file.
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))

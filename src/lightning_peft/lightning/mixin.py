@@ -1,0 +1,87 @@
+"""``PeftMixin``: a LightningModule that declares its adapters with ``configure_adapters``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from typing_extensions import override
+
+from lightning_peft.checkpoint import load_adapter_state_dict
+from lightning_peft.injection import AdapterConfig, apply_adapters
+from lightning_peft.lightning.checkpointing import (
+    ResumeChecks,
+    check_if_adapter_only,
+    write_adapter_only_,
+)
+from lightning_peft.lightning.summary import use_real_parameter_counts
+
+
+class PeftMixin:
+    """Mix into a LightningModule (``class M(PeftMixin, L.LightningModule)``) to fine-tune it
+    with adapters.
+
+    Define ``configure_adapters()``; build the base model in ``__init__``. The mixin then
+
+    - attaches the adapters in ``configure_model`` (before any checkpoint is restored) and
+      freezes everything else;
+    - keeps checkpoints adapter-only (adapter tensors, optimizer, scheduler, loops, RNG,
+      metadata), also with ``save_weights_only=True``;
+    - resumes exactly with ``trainer.fit(module, ckpt_path=...)`` and loads with
+      ``M.load_from_checkpoint(path)``, refusing checkpoints that do not fit.
+
+    If the module overrides ``configure_model``, ``on_save_checkpoint``, ``on_load_checkpoint``,
+    ``on_fit_start``, ``setup`` or ``load_state_dict``, call ``super()`` there.
+    """
+
+    def configure_adapters(self) -> AdapterConfig | Sequence[AdapterConfig]:
+        raise NotImplementedError(
+            f"{type(self).__name__} uses PeftMixin but does not define configure_adapters(); "
+            "return an adapter config from it, e.g. LoRA(rank=8, target_modules='all-linear')"
+        )
+
+    def _resume_checks(self) -> ResumeChecks:
+        if "_lightning_peft_resume" not in self.__dict__:
+            self.__dict__["_lightning_peft_resume"] = ResumeChecks()
+        return self.__dict__["_lightning_peft_resume"]
+
+    @override
+    def configure_model(self) -> None:
+        if not self.__dict__.get("_lightning_peft_attached", False):
+            configs = self.configure_adapters()
+            for config in configs if isinstance(configs, (list, tuple)) else [configs]:
+                apply_adapters(self, config)
+            self.__dict__["_lightning_peft_attached"] = True
+        super().configure_model()
+
+    @override
+    def setup(self, stage: str) -> None:
+        if self._trainer is not None:
+            use_real_parameter_counts(self._trainer)
+        super().setup(stage)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        write_adapter_only_(checkpoint, self)
+        super().on_save_checkpoint(checkpoint)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resume_checks().on_load(self._trainer, self, checkpoint)
+        super().on_load_checkpoint(checkpoint)
+
+    @override
+    def on_fit_start(self) -> None:
+        self._resume_checks().on_fit_start(self.trainer, self)
+        super().on_fit_start()
+
+
+    @override
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:
+        """An adapter-only state dict loads strictly into the adapters (keys and shapes
+        checked before anything is copied); any other state dict loads as usual."""
+        if check_if_adapter_only(self, dict(state_dict)):
+            load_adapter_state_dict(self, state_dict)
+            return torch.nn.modules.module._IncompatibleKeys([], [])
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

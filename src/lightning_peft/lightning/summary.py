@@ -1,0 +1,65 @@
+"""A ``ModelSummary`` that counts a 4-bit weight as the parameters it encodes.
+
+Lightning's summary counts ``tensor.numel()``; a packed bitsandbytes 4-bit weight holds two
+parameters per element, so an NF4 model would show about half its real size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
+from lightning.pytorch.utilities.model_summary import model_summary as summary_module
+from typing_extensions import override
+
+from lightning_peft.quantization import real_numel
+
+
+class _RealCountSummary(summary_module.ModelSummary):
+    @property
+    @override
+    def param_nums(self) -> list[int]:
+        return [sum(real_numel(p) for p in layer._module.parameters()) for layer in self._layer_summary.values()]
+
+    @property
+    @override
+    def total_parameters(self) -> int:
+        return sum(real_numel(p) for p in self._model.parameters())
+
+    @property
+    @override
+    def trainable_parameters(self) -> int:
+        return sum(real_numel(p) for p in self._model.parameters() if p.requires_grad)
+
+    @property
+    @override
+    def model_size(self) -> float:
+        """Megabytes the parameters really take (a 4-bit weight: half a byte each)."""
+        return sum(p.numel() * p.element_size() for p in self._model.parameters()) * 1e-6
+
+
+class _RealCounts:
+    @override
+    def _summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        return _RealCountSummary(pl_module, max_depth=self._max_depth)
+
+
+class PeftModelSummary(_RealCounts, ModelSummary):
+    """Lightning's ``ModelSummary`` callback with parameter counts that are right for 4-bit
+    bases. ``PeftCallback`` and ``PeftMixin`` swap the Trainer's default summary for it."""
+
+
+class PeftRichModelSummary(_RealCounts, RichModelSummary):
+    """``RichModelSummary`` (Lightning's default when ``rich`` is installed), counted right."""
+
+
+_REPLACEMENTS = {ModelSummary: PeftModelSummary, RichModelSummary: PeftRichModelSummary}
+
+
+def use_real_parameter_counts(trainer: pl.Trainer) -> None:
+    """Replace Lightning's own summary callback in ``trainer`` with the counting-right one."""
+    for index, callback in enumerate(trainer.callbacks):
+        replacement = _REPLACEMENTS.get(type(callback))
+        if replacement is not None:
+            trainer.callbacks[index] = replacement(max_depth=callback._max_depth, **callback._summarize_kwargs)

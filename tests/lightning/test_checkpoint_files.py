@@ -1,0 +1,79 @@
+"""Adapter checkpoint files: atomic writes, safe loading, load_from_checkpoint, summaries."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning_modules import QV_LORA, CausalLM, MixinLM, fit, quantize_decoder
+from tiny_models import logits
+
+from lightning_peft import AdapterCheckpoint, PeftCallback, PeftModelSummary, adapter_state_dict, count_parameters
+from lightning_peft.lightning.summary import PeftRichModelSummary
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    saver = AdapterCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=0, save_last=True)
+    fit(CausalLM(), tmp_path, 3, [PeftCallback(QV_LORA), saver])
+    last = tmp_path / "ckpt" / "last.ckpt"
+    before = last.read_bytes()
+
+    def write_half_then_fail(self, checkpoint, path, storage_options=None):
+        with open(path, "wb") as file:
+            file.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", write_half_then_fail)
+    saver = AdapterCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=0, save_last=True)
+    with pytest.raises(OSError, match="disk full"):
+        fit(CausalLM(), tmp_path, 6, [PeftCallback(QV_LORA), saver], ckpt_path=str(last))
+    assert last.read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt"]
+
+
+def test_resume_works_with_weights_only_loading(tmp_path):
+    saver = AdapterCheckpoint(dirpath=tmp_path, filename="adapter", every_n_train_steps=3)
+    fit(CausalLM(), tmp_path, 3, [PeftCallback(QV_LORA), saver])
+    run = fit(CausalLM(), tmp_path, 4, [PeftCallback(QV_LORA)], ckpt_path=str(tmp_path / "adapter.ckpt"), weights_only=True)
+    assert run.trainer.global_step == 4
+
+
+def test_mixin_module_loads_from_an_adapter_checkpoint(tmp_path, input_ids):
+    trained = MixinLM()
+    saver = AdapterCheckpoint(dirpath=tmp_path, filename="adapter", every_n_train_steps=3)
+    fit(trained, tmp_path, 3, [saver])
+
+    loaded = MixinLM.load_from_checkpoint(tmp_path / "adapter.ckpt")
+    expected = adapter_state_dict(trained)
+    assert all(torch.equal(adapter_state_dict(loaded)[k], v) for k, v in expected.items())
+    trained.eval(), loaded.eval()
+    assert torch.equal(logits(loaded.model, input_ids), logits(trained.model, input_ids))
+
+
+def test_only_trainable_parameters_reach_the_optimizer(tmp_path):
+    module = CausalLM()
+    run = fit(module, tmp_path, 1, [PeftCallback(QV_LORA)])
+    params = [p for group in run.trainer.optimizers[0].param_groups for p in group["params"]]
+    assert len(params) == 8 and all(p.requires_grad for p in params)
+    assert count_parameters(module).trainable == sum(p.numel() for p in params) == 1792
+
+
+def test_model_summary_counts_4bit_weights_as_their_real_size(tmp_path):
+    module = CausalLM(nf4=True)
+    run = fit(module, tmp_path, 1, [PeftCallback(QV_LORA)], enable_model_summary=True)
+    summaries = [cb for cb in run.trainer.callbacks if isinstance(cb, (PeftModelSummary, PeftRichModelSummary))]
+    assert len(summaries) == 1  # swapped in for Lightning's default ModelSummary
+    summary = summaries[0]._summary(run.trainer, module)
+    count = count_parameters(module)
+    assert summary.total_parameters == count.total == sum(p.numel() for p in CausalLM().parameters()) + 1792
+    assert summary.trainable_parameters == count.trainable == 1792
+    plain = L.pytorch.utilities.model_summary.summarize(module)
+    assert plain.total_parameters < count.total  # what Lightning alone would have printed
+
+
+def test_mixin_counts_and_keeps_working_over_an_nf4_base(tmp_path):
+    module = MixinLM()
+    quantize_decoder(module.model)
+    fit(module, tmp_path, 2, [])
+    assert count_parameters(module).trainable == 1792

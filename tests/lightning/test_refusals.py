@@ -1,0 +1,112 @@
+"""Checkpoints that do not fit are refused with a clear message before training starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_modules import QV_LORA, CausalLM, MixinLM, fit, token_data
+
+from lightning_peft import (
+    AdapterCheckpoint,
+    AdapterConfigError,
+    AdapterStateError,
+    AdapterStateKeyError,
+    LoRA,
+    PeftCallback,
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An adapter checkpoint after 3 steps: q/v LoRA rank 4 on base seed 0."""
+    root = tmp_path_factory.mktemp("saved")
+    saver = AdapterCheckpoint(dirpath=root, filename="adapter", every_n_train_steps=3)
+    fit(CausalLM(), root, 3, [PeftCallback(QV_LORA), saver])
+    return root / "adapter.ckpt"
+
+
+def resume(tmp_path: Path, checkpoint: Path, module: L.LightningModule | None = None, adapters: LoRA = QV_LORA):
+    module = module or CausalLM()
+    return fit(module, tmp_path, 6, [PeftCallback(adapters)], ckpt_path=str(checkpoint))
+
+
+def assert_refused_before_training(tmp_path, checkpoint, error, match, **kwargs):
+    recorder_holder = {}
+    with pytest.raises(error, match=match):
+        recorder_holder["r"] = resume(tmp_path, checkpoint, **kwargs)
+    assert "r" not in recorder_holder
+    assert not list(tmp_path.rglob("*.ckpt")), "nothing may be written by a refused resume"
+
+
+def test_other_target_modules_are_refused(tmp_path, checkpoint):
+    assert_refused_before_training(
+        tmp_path,
+        checkpoint,
+        AdapterStateKeyError,
+        r"(?s)missing from the state dict \(4\): model\.model\.layers\.0\.self_attn\.o_proj.*not adapters of this model \(4\)",
+        adapters=LoRA(rank=4, target_modules=["q_proj", "o_proj"]),
+    )
+
+
+def test_another_rank_is_refused(tmp_path, checkpoint):
+    assert_refused_before_training(
+        tmp_path, checkpoint, AdapterStateError, r"checkpoint \(4, 64\), model \(8, 64\)",
+        adapters=LoRA(rank=8, target_modules=["q_proj", "v_proj"]),
+    )
+
+
+def test_another_base_model_is_refused(tmp_path, checkpoint):
+    assert_refused_before_training(
+        tmp_path, checkpoint, AdapterStateError, r"adapter\.ckpt' was trained on a different base model",
+        module=CausalLM(base_seed=1),
+    )
+
+
+def test_another_optimizer_parameter_order_is_refused(tmp_path, checkpoint):
+    assert_refused_before_training(
+        tmp_path, checkpoint, AdapterStateError,
+        r"(?s)holds optimizer state for other parameters \(optimizer 0 has 8 parameters in the checkpoint "
+        r"and 8 now; at position 0 the checkpoint has 'model\.model\.layers\.0\.self_attn\.q_proj\.lora_A.*"
+        r"the run has 'model\.model\.layers\.1\.self_attn\.v_proj\.lora_B",
+        module=CausalLM(reverse_optimizer=True),
+    )
+
+
+def test_a_checkpoint_without_adapter_metadata_is_refused(tmp_path):
+    plain_dir = tmp_path / "plain"
+    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ModelCheckpoint(dirpath=plain_dir, filename="full")], accelerator="cpu")
+    trainer.fit(CausalLM(), token_data())
+    with pytest.raises(AdapterStateError, match=r"full\.ckpt' is not a lightning_peft adapter checkpoint"):
+        resume(tmp_path / "run", plain_dir / "full.ckpt")
+
+
+def test_mixin_refuses_a_mismatch_before_copying_anything(tmp_path, checkpoint):
+    module = MixinLM(adapters=LoRA(rank=8, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(AdapterStateError, match=r"checkpoint \(4, 64\), model \(8, 64\)"):
+        fit(module, tmp_path, 6, [], ckpt_path=str(checkpoint))
+
+
+def test_save_weights_only_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(AdapterConfigError, match=r"save_weights_only=True cannot be used .*skips the callbacks' on_save_checkpoint"):
+        AdapterCheckpoint(dirpath=tmp_path, save_weights_only=True)
+    with pytest.raises(ValueError, match=r"ModelCheckpoint: save_weights_only=True cannot be used"):
+        fit(CausalLM(), tmp_path, 1, [PeftCallback(QV_LORA), ModelCheckpoint(dirpath=tmp_path, save_weights_only=True)])
+
+
+def test_peft_callback_refuses_what_is_not_an_adapter_config():
+    with pytest.raises(AdapterConfigError, match=r"PeftCallback needs adapter configs such as LoRA\(\.\.\.\), got 'lora'"):
+        PeftCallback("lora")  # type: ignore[arg-type]
+
+
+def test_an_optimizer_over_frozen_parameters_only_is_refused(tmp_path):
+    class HeadOnly(CausalLM):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.model.lm_head.parameters(), lr=0.1)
+
+    with pytest.raises(AdapterStateError, match=r"configure_optimizers returned optimizers with no trainable parameter"):
+        fit(HeadOnly(), tmp_path, 1, [PeftCallback(QV_LORA)])

@@ -1,0 +1,98 @@
+"""Small LightningModules and helpers for the Lightning tests: a tiny Llama trained on
+random tokens with AdamW and a per-step LR schedule, as users write them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from tiny_models import VOCAB, tiny_llama
+from torch.utils.data import DataLoader
+
+from lightning_peft import LoRA, PeftMixin
+from lightning_peft.quantization import quantize_linear
+
+QV_LORA = LoRA(rank=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"])
+
+
+def quantize_decoder(model: torch.nn.Module, mode: str = "nf4") -> torch.nn.Module:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, quantize_linear(module, mode))
+    return model
+
+
+class CausalLM(L.LightningModule):
+    """An ordinary LightningModule: knows nothing about adapters."""
+
+    def __init__(self, base_seed: int = 0, nf4: bool = False, reverse_optimizer: bool = False) -> None:
+        super().__init__()
+        self.model = tiny_llama(base_seed).train()
+        if nf4:
+            quantize_decoder(self.model)
+        self.reverse_optimizer = reverse_optimizer
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.model(input_ids=batch, labels=batch).loss
+
+    def configure_optimizers(self) -> Any:
+        params = list(self.parameters())
+        if self.reverse_optimizer:
+            params.reverse()
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class MixinLM(PeftMixin, CausalLM):
+    def __init__(self, *args: Any, adapters: LoRA = QV_LORA, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.adapters = adapters
+
+    def configure_adapters(self) -> LoRA:
+        return self.adapters
+
+
+class LossRecorder(Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(outputs["loss"].item())
+
+
+def token_data(n: int = 12, length: int = 16) -> DataLoader:
+    data = torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(7))
+    return DataLoader(list(data), batch_size=4, shuffle=True)
+
+
+def fit(
+    module: L.LightningModule,
+    root: Path,
+    max_steps: int,
+    callbacks: list,
+    ckpt_path: str | None = None,
+    weights_only: bool | None = None,
+    **trainer_kwargs: Any,
+) -> LossRecorder:
+    """Seed, train ``max_steps`` on the CPU and return the per-step losses."""
+    L.seed_everything(123, verbose=False)
+    recorder = LossRecorder()
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+    options.update(trainer_kwargs)
+    trainer = L.Trainer(callbacks=[*callbacks, recorder], **options)
+    trainer.fit(module, token_data(), ckpt_path=ckpt_path, weights_only=weights_only)
+    recorder.trainer = trainer
+    return recorder
