@@ -1,0 +1,100 @@
+"""LoRA on a 4-bit (NF4) tiny Llama in plain PyTorch, no Lightning: about five seconds.
+
+The base model is built from a config (random weights, nothing downloaded), quantized to
+NF4 with bitsandbytes, and given LoRA adapters on every linear layer. The adapters then
+learn a small rule the base cannot know: the next token is the current token plus one.
+
+    python examples/plain_pytorch.py
+"""
+
+from __future__ import annotations
+
+import io
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lightning_peft import (
+    LoRA,
+    adapter_state_dict,
+    apply_adapters,
+    count_parameters,
+    merge_adapters,
+)
+from lightning_peft.quantization import quantize_linear
+
+VOCAB, SEQ, BATCH, STEPS = 128, 16, 32, 120
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        initializer_range=0.1,  # wider than the default 0.02, so the frozen head can be confident
+    )
+    return LlamaForCausalLM(config)
+
+
+def quantize_to_nf4(model: torch.nn.Module) -> None:
+    """Swap the decoder's linear layers for NF4 ones (double quantization); keep the head."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, quantize_linear(module, "nf4"))
+
+
+def batch(generator: torch.Generator) -> torch.Tensor:
+    """Rows that count up by one from a random start: 17, 18, 19, ... (mod VOCAB)."""
+    start = torch.randint(0, VOCAB, (BATCH, 1), generator=generator)
+    return (start + torch.arange(SEQ)) % VOCAB
+
+
+@torch.no_grad()
+def next_token_accuracy(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
+    predictions = model(input_ids=input_ids).logits[:, :-1].argmax(-1)
+    return (predictions == input_ids[:, 1:]).float().mean().item()
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    model = tiny_llama()
+    quantize_to_nf4(model)
+    apply_adapters(model, LoRA(rank=16, alpha=32, target_modules="all-linear"))
+    print(f"parameters: {count_parameters(model)}")
+
+    held_out = batch(torch.Generator().manual_seed(1234))
+    print(f"next-token accuracy before: {next_token_accuracy(model, held_out):.2f}")
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    started = time.perf_counter()
+    model.train()
+    for step in range(1, STEPS + 1):
+        input_ids = batch(generator)
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 20 == 0:
+            print(f"step {step:4d}  loss {loss.item():.3f}")
+    model.eval()
+    print(f"trained {STEPS} steps in {time.perf_counter() - started:.1f} s")
+    print(f"next-token accuracy after:  {next_token_accuracy(model, held_out):.2f}")
+
+    buffer = io.BytesIO()
+    torch.save(adapter_state_dict(model), buffer)
+    print(f"adapter state dict: {buffer.getbuffer().nbytes / 1024:.0f} KiB")
+    report = merge_adapters(model)
+    print(
+        f"merged {report.changed} layers into the NF4 base (largest weight rounding "
+        f"{report.max_abs_error:.4f}); accuracy merged: {next_token_accuracy(model, held_out):.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
