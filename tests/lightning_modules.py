@@ -70,6 +70,12 @@ def token_data(n: int = 12, length: int = 16) -> DataLoader:
     return DataLoader(list(data), batch_size=4, shuffle=True)
 
 
+def counting_data(n: int = 64, length: int = 16) -> DataLoader:
+    """A learnable task: rows that count up by one (17, 18, 19, ...)."""
+    start = torch.randint(0, VOCAB, (n, 1), generator=torch.Generator().manual_seed(7))
+    return DataLoader(list((start + torch.arange(length)) % VOCAB), batch_size=16, shuffle=True)
+
+
 def fit(
     module: L.LightningModule,
     root: Path,
@@ -77,6 +83,8 @@ def fit(
     callbacks: list,
     ckpt_path: str | None = None,
     weights_only: bool | None = None,
+    trainer_class: type[L.Trainer] = L.Trainer,
+    data: DataLoader | None = None,
     **trainer_kwargs: Any,
 ) -> LossRecorder:
     """Seed, train ``max_steps`` on the CPU and return the per-step losses."""
@@ -92,7 +100,7 @@ def fit(
         default_root_dir=root,
     )
     options.update(trainer_kwargs)
-    trainer = L.Trainer(callbacks=[*callbacks, recorder], **options)
-    trainer.fit(module, token_data(), ckpt_path=ckpt_path, weights_only=weights_only)
+    trainer = trainer_class(callbacks=[*callbacks, recorder], **options)
+    trainer.fit(module, data or token_data(), ckpt_path=ckpt_path, weights_only=weights_only)
     recorder.trainer = trainer
     return recorder

@@ -18,10 +18,17 @@ from lightning_peft.merging import MergeReport, merge_adapters, unmerge_adapters
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from lightning_peft.lightning import AdapterCheckpoint, PeftCallback, PeftMixin, PeftModelSummary
+    from lightning_peft.lightning import (
+        AdapterCheckpoint,
+        PeftCallback,
+        PeftMixin,
+        PeftModelSummary,
+        PeftPrecision,
+        Trainer,
+    )
 
 # Lightning takes seconds to import; plain-PyTorch users of apply_adapters never pay for it.
-_LIGHTNING_NAMES = ("AdapterCheckpoint", "PeftCallback", "PeftMixin", "PeftModelSummary")
+_LIGHTNING_NAMES = ("AdapterCheckpoint", "PeftCallback", "PeftMixin", "PeftModelSummary", "PeftPrecision", "Trainer")
 
 
 def __getattr__(name: str) -> Any:
@@ -43,7 +50,9 @@ __all__ = [
     "PeftCallback",
     "PeftMixin",
     "PeftModelSummary",
+    "PeftPrecision",
     "TargetModulesError",
+    "Trainer",
     "UnsupportedLayerError",
     "adapter_parameter_names",
     "adapter_state_dict",

@@ -17,7 +17,7 @@ from torch import nn
 
 from lightning_peft.adapters.protocol import is_adapter
 from lightning_peft.errors import TargetModulesError, UnsupportedLayerError
-from lightning_peft.quantization import is_linear_layer, linear_layer_types
+from lightning_peft.quantization import is_linear_layer, linear_layer_types, output_head_names
 
 ALL_LINEAR = "all-linear"
 Patterns = Union[str, Sequence[str]]
@@ -59,24 +59,6 @@ def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
         if is_adapter(module):
             skip_prefixes.append(name + ".")
     return found
-
-
-def output_head_names(modules: dict[str, nn.Module]) -> set[str]:
-    """Names of output heads: each HF model's output embeddings, else the last linear layer.
-
-    Looking inside submodules matters: in a LightningModule the HF model is a child
-    (``self.model``), and its ``lm_head`` is the head.
-    """
-    heads: set[int] = set()
-    for module in modules.values():
-        get_head = getattr(module, "get_output_embeddings", None)
-        head = get_head() if callable(get_head) else None
-        if isinstance(head, nn.Module):
-            heads.add(id(head))
-    if heads:
-        return {name for name, module in modules.items() if id(module) in heads}
-    linear_names = [name for name, module in modules.items() if is_linear_layer(module)]
-    return set(linear_names[-1:])
 
 
 def find_targets(

@@ -1,7 +1,9 @@
-"""The only layer that imports Lightning: callbacks, the mixin, checkpointing glue."""
+"""The only layer that imports Lightning: callbacks, the mixin, the precision plugin, the Trainer."""
 
 from lightning_peft.lightning.callbacks import AdapterCheckpoint, PeftCallback
 from lightning_peft.lightning.mixin import PeftMixin
+from lightning_peft.lightning.precision import PeftPrecision
 from lightning_peft.lightning.summary import PeftModelSummary
+from lightning_peft.lightning.trainer import Trainer
 
-__all__ = ["AdapterCheckpoint", "PeftCallback", "PeftMixin", "PeftModelSummary"]
+__all__ = ["AdapterCheckpoint", "PeftCallback", "PeftMixin", "PeftModelSummary", "PeftPrecision", "Trainer"]

@@ -10,6 +10,7 @@ from weakref import proxy
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_peft.checkpoint import partial_path
@@ -20,6 +21,8 @@ from lightning_peft.lightning.checkpointing import (
     accept_adapter_only_loading,
     write_adapter_only_,
 )
+from lightning_peft.lightning.mixin import PeftMixin
+from lightning_peft.lightning.precision import default_adapters, prepare_base_for_precision
 from lightning_peft.lightning.summary import use_real_parameter_counts
 
 _WEIGHTS_ONLY_REFUSED = (
@@ -77,8 +80,13 @@ class PeftCallback(_AdapterCheckpointHooks):
     the adapter tensors, optimizer, scheduler, loop and RNG state, and metadata, and
     ``trainer.fit(module, ckpt_path=...)`` resumes from it exactly.
 
+    With a ``PeftPrecision`` plugin on the Trainer, the base is quantized first, on the
+    device it will train on. A ``PeftMixin`` module declares its own adapters; the callback
+    then only keeps the checkpoints adapter-only.
+
     Args:
-        adapters: one adapter config (``LoRA(...)``) or several, applied in order.
+        adapters: one adapter config (``LoRA(...)``) or several, applied in order. Default:
+            the ``PeftPrecision`` plugin's adapters, else LoRA rank 8 on all linear layers.
         name: the adapter name used in parameter names (``lora_A.<name>.weight``).
 
     Example::
@@ -86,11 +94,14 @@ class PeftCallback(_AdapterCheckpointHooks):
         trainer = L.Trainer(callbacks=[PeftCallback(LoRA(rank=8, target_modules="all-linear"))])
     """
 
-    def __init__(self, adapters: AdapterConfig | Sequence[AdapterConfig], *, name: str = "default") -> None:
+    def __init__(self, adapters: AdapterConfig | Sequence[AdapterConfig] | None = None, *, name: str = "default") -> None:
         super().__init__()
-        configs = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters]
+        if adapters is None:
+            configs = []
+        else:
+            configs = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters]
         invalid = [c for c in configs if not (hasattr(c, "wrap") and hasattr(c, "target_modules"))]
-        if not configs or invalid:
+        if (adapters is not None and not configs) or invalid:
             raise AdapterConfigError(
                 f"PeftCallback needs adapter configs such as LoRA(...), got {adapters!r}"
             )
@@ -99,8 +110,16 @@ class PeftCallback(_AdapterCheckpointHooks):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not getattr(pl_module, "_lightning_peft_attached", False):
-            for config in self.configs:
+        if isinstance(pl_module, PeftMixin):
+            if self.configs:
+                rank_zero_warn(
+                    f"{type(pl_module).__name__} is a PeftMixin and declares its own adapters in "
+                    "configure_adapters(); the adapters given to PeftCallback are not attached."
+                )
+        elif not getattr(pl_module, "_lightning_peft_attached", False):
+            plugin = prepare_base_for_precision(trainer, pl_module)
+            configs = self.configs or [(plugin.adapters if plugin else None) or default_adapters()]
+            for config in configs:
                 apply_adapters(pl_module, config, name=self.name)
             pl_module._lightning_peft_attached = True
         super().setup(trainer, pl_module, stage)

@@ -15,6 +15,7 @@ from lightning_peft.lightning.checkpointing import (
     check_if_adapter_only,
     write_adapter_only_,
 )
+from lightning_peft.lightning.precision import prepare_base_for_precision
 from lightning_peft.lightning.summary import use_real_parameter_counts
 
 
@@ -49,6 +50,7 @@ class PeftMixin:
     @override
     def configure_model(self) -> None:
         if not self.__dict__.get("_lightning_peft_attached", False):
+            prepare_base_for_precision(self._trainer, self)
             configs = self.configure_adapters()
             for config in configs if isinstance(configs, (list, tuple)) else [configs]:
                 apply_adapters(self, config)

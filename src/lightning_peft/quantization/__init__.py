@@ -1,4 +1,5 @@
-"""How the frozen base is stored: NF4/FP4/int8 through bitsandbytes, dequantized for merges."""
+"""How the frozen base is stored: NF4/FP4/int8 through bitsandbytes, dequantized for merges,
+and the optimizers (8-bit, paged) that keep adapter training small."""
 
 from lightning_peft.quantization.layers import (
     QUANT_MODES,
@@ -8,20 +9,40 @@ from lightning_peft.quantization.layers import (
     is_linear_layer,
     is_quantized,
     linear_layer_types,
+    output_head_names,
     quantize_linear,
     real_numel,
     write_weight_,
 )
+from lightning_peft.quantization.memory import MemoryReport, memory_report
+from lightning_peft.quantization.model import dequantize_model, quantize_model
+from lightning_peft.quantization.optimizers import (
+    OPTIMIZER_NAMES,
+    OptimizerName,
+    optimizer_class,
+    rebind_scheduler,
+    rebuild_optimizer,
+)
 
 __all__ = [
+    "OPTIMIZER_NAMES",
     "QUANT_MODES",
+    "MemoryReport",
+    "OptimizerName",
     "QuantMode",
     "dequantize",
+    "dequantize_model",
     "in_out_features",
     "is_linear_layer",
     "is_quantized",
     "linear_layer_types",
+    "memory_report",
+    "optimizer_class",
+    "output_head_names",
     "quantize_linear",
+    "quantize_model",
     "real_numel",
+    "rebind_scheduler",
+    "rebuild_optimizer",
     "write_weight_",
 ]

@@ -52,6 +52,24 @@ def is_linear_layer(module: nn.Module) -> bool:
     return isinstance(module, linear_layer_types())
 
 
+def output_head_names(modules: dict[str, nn.Module]) -> set[str]:
+    """Names of output heads: each HF model's output embeddings, else the last linear layer.
+
+    Looking inside submodules matters: in a LightningModule the HF model is a child
+    (``self.model``), and its ``lm_head`` is the head.
+    """
+    heads: set[int] = set()
+    for module in modules.values():
+        get_head = getattr(module, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        if isinstance(head, nn.Module):
+            heads.add(id(head))
+    if heads:
+        return {name for name, module in modules.items() if id(module) in heads}
+    linear_names = [name for name, module in modules.items() if is_linear_layer(module)]
+    return set(linear_names[-1:])
+
+
 def is_quantized(layer: nn.Module) -> bool:
     """True for a layer whose weight is stored in 4 or 8 bits (not a float copy)."""
     linear4bit, linear8bit = _linear4bit_class(), _linear8bit_class()

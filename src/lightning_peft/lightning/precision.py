@@ -1,0 +1,198 @@
+"""``PeftPrecision``: the QLoRA recipe as a Lightning precision plugin.
+
+The frozen base is stored in NF4 (or FP4 / LLM.int8) through bitsandbytes, adapters train
+in 32 or 16 bit, and the optimizer the module configured can be swapped for a paged or
+8-bit bitsandbytes one. Lightning's own ``BitsandbytesPrecision`` refuses the CPU and
+quantizes every ``nn.Linear`` it finds, the adapters' included; this plugin quantizes
+before adapters are attached and leaves them (and the output head) alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Generator, Sequence
+from typing import Any, Literal, get_args
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+from torch import nn
+from typing_extensions import override
+
+from lightning_peft.adapters import LoRA
+from lightning_peft.errors import AdapterConfigError
+from lightning_peft.injection import AdapterConfig, adapter_parameter_names, apply_adapters
+from lightning_peft.lightning.checkpointing import write_adapter_only_
+from lightning_peft.quantization import (
+    OPTIMIZER_NAMES,
+    OptimizerName,
+    quantize_model,
+    rebind_scheduler,
+    rebuild_optimizer,
+)
+
+PeftMode = Literal["nf4-lora", "nf4-lora-nodq", "fp4-lora", "int8-lora"]
+Compute = Literal["32-true", "bf16-mixed", "16-mixed"]
+MODES: tuple[str, ...] = get_args(PeftMode)
+COMPUTES: tuple[str, ...] = get_args(Compute)
+# mode -> (bitsandbytes quantization, double quantization of the constants)
+_QUANTIZATION = {
+    "nf4-lora": ("nf4", True),
+    "nf4-lora-nodq": ("nf4", False),
+    "fp4-lora": ("fp4", True),
+    "int8-lora": ("int8", False),
+}
+_COMPUTE_DTYPE = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def default_adapters() -> LoRA:
+    """The adapters a mode attaches when nothing else says: LoRA rank 8 on all linear layers."""
+    return LoRA(rank=8, alpha=16, target_modules="all-linear")
+
+
+class PeftPrecision(MixedPrecision):
+    """Quantized frozen base + adapters + (optionally) a bitsandbytes optimizer.
+
+    Args:
+        mode: ``"nf4-lora"`` (QLoRA: NF4 with double quantization), ``"nf4-lora-nodq"``,
+            ``"fp4-lora"`` or ``"int8-lora"`` (LLM.int8 base).
+        compute: ``"32-true"``, ``"bf16-mixed"`` or ``"16-mixed"``: the autocast of the
+            forward pass and the compute dtype of the 4-bit matmuls.
+        adapters: attached when no ``PeftCallback`` / ``PeftMixin`` brings its own
+            (default: LoRA rank 8 on every linear layer but the output head).
+        skip_modules: module-name suffixes kept in float besides the output head.
+        blocksize: weights per quantization constant (QLoRA: 64).
+        quant_storage: storage dtype of the packed 4-bit codes (``torch.float32`` for FSDP).
+        optimizer: rebuild the optimizer ``configure_optimizers`` returns as
+            ``"paged_adamw_8bit"``, ``"paged_adamw_32bit"``, ``"adamw_8bit"`` or ``"adamw"``,
+            keeping its learning rate, betas, eps, weight decay and LR scheduler; ``None``
+            keeps it as configured.
+        optimizer_kwargs: passed to the new optimizer (e.g. ``min_8bit_size``).
+        device: ``"cpu"`` or ``"cuda"`` for autocast (default: CUDA when present).
+
+    For resuming from adapter checkpoints the adapters must exist before Lightning restores
+    the model: use it with ``PeftCallback`` or ``PeftMixin``, or through
+    ``lightning_peft.Trainer(precision="nf4-lora")``, which adds the callback.
+    """
+
+    def __init__(
+        self,
+        mode: PeftMode = "nf4-lora",
+        compute: Compute = "32-true",
+        *,
+        adapters: AdapterConfig | None = None,
+        skip_modules: Sequence[str] = (),
+        blocksize: int = 64,
+        quant_storage: torch.dtype = torch.uint8,
+        optimizer: OptimizerName | None = None,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        device: Literal["cpu", "cuda"] | None = None,
+    ) -> None:
+        problems = []
+        if mode not in MODES:
+            problems.append(f"mode must be one of {MODES}, got {mode!r}")
+        if compute not in COMPUTES:
+            problems.append(f"compute must be one of {COMPUTES}, got {compute!r}")
+        if optimizer is not None and optimizer not in OPTIMIZER_NAMES:
+            problems.append(f"optimizer must be None or one of {OPTIMIZER_NAMES}, got {optimizer!r}")
+        if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
+            problems.append(f"blocksize must be a power of two from 64 to 4096, got {blocksize!r}")
+        if adapters is not None and not hasattr(adapters, "wrap"):
+            problems.append(f"adapters must be an adapter config such as LoRA(...), got {adapters!r}")
+        if problems:
+            raise AdapterConfigError("invalid PeftPrecision:\n  - " + "\n  - ".join(problems))
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if compute == "32-true":
+            # MixedPrecision refuses "32-true"; the plugin then runs without autocast.
+            self.precision, self.device, self.scaler = "32-true", device, None
+        else:
+            super().__init__(compute, device)
+        self.mode, self.compute = mode, compute
+        self.adapters = adapters
+        self.skip_modules = tuple(skip_modules)
+        self.blocksize, self.quant_storage = blocksize, quant_storage
+        self.optimizer, self.optimizer_kwargs = optimizer, dict(optimizer_kwargs or {})
+        self._module: Any = None
+
+    def quantize_base(self, module: nn.Module, device: torch.device | None = None) -> None:
+        """Quantize ``module``'s linear layers for this mode, once (before adapters attach)."""
+        if module.__dict__.get("_lightning_peft_quantized", False):
+            return
+        quant, double_quant = _QUANTIZATION[self.mode]
+        quantize_model(
+            module,
+            quant,
+            skip_modules=self.skip_modules,
+            compute_dtype=_COMPUTE_DTYPE[self.compute],
+            double_quant=double_quant,
+            blocksize=self.blocksize,
+            quant_storage=self.quant_storage,
+            device=device,
+        )
+        module.__dict__["_lightning_peft_quantized"] = True
+
+    @override
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        # PeftCallback / PeftMixin have done both steps already, before checkpoint restore;
+        # alone, the plugin does them here (fine for training, too late for resuming).
+        trainer = getattr(module, "_trainer", None)
+        self.quantize_base(module, trainer.strategy.root_device if trainer is not None else None)
+        if not adapter_parameter_names(module):
+            apply_adapters(module, self.adapters or default_adapters())
+        self._module = weakref.proxy(module)
+        return module
+
+    @override
+    def forward_context(self) -> Any:
+        if self.precision == "32-true":
+            return contextlib.nullcontext()
+        return super().forward_context()
+
+    @override
+    def connect(self, model: nn.Module, optimizers: list, lr_schedulers: list) -> tuple[nn.Module, list, list]:
+        if self.optimizer is None:
+            return model, optimizers, lr_schedulers
+        rebuilt = []
+        for optimizer in optimizers:
+            new = rebuild_optimizer(optimizer, self.optimizer, **self.optimizer_kwargs)
+            for config in lr_schedulers:
+                if config.scheduler.optimizer is optimizer:
+                    rebind_scheduler(config.scheduler, new)
+            rebuilt.append(new)
+        return model, rebuilt, lr_schedulers
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._module is not None:
+            write_adapter_only_(checkpoint, self._module)
+
+
+def split_precision_flag(value: str) -> tuple[str, str] | None:
+    """``"nf4-lora-bf16-mixed"`` -> ``("nf4-lora", "bf16-mixed")``; None for Lightning's own flags.
+
+    Raises:
+        AdapterConfigError: a flag that looks like a mode (nf4..., ...lora...) but is none.
+    """
+    for mode in sorted(MODES, key=len, reverse=True):
+        if value == mode:
+            return mode, "32-true"
+        for compute in COMPUTES:
+            if value == f"{mode}-{compute}":
+                return mode, compute
+    if "lora" in value or value.startswith(("nf4", "fp4", "int8")):
+        raise AdapterConfigError(
+            f"precision={value!r} is not a lightning_peft mode; valid modes: {', '.join(MODES)}, "
+            "each optionally with a compute suffix: -bf16-mixed, -16-mixed (e.g. 'nf4-lora-bf16-mixed')"
+        )
+    return None
+
+
+def prepare_base_for_precision(trainer: pl.Trainer | None, module: nn.Module) -> PeftPrecision | None:
+    """If ``trainer`` runs a :class:`PeftPrecision`, quantize ``module``'s base now, on the
+    device it will train on, and return the plugin (whose adapters apply by default)."""
+    plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
+    if not isinstance(plugin, PeftPrecision):
+        return None
+    plugin.quantize_base(module, trainer.strategy.root_device)
+    return plugin
