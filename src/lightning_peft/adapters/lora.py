@@ -114,7 +114,7 @@ class LoRALinear(nn.Module):
         self.adapter_name = adapter_name
         self.scaling = config.scaling
         self.merged = False
-        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout_p = config.dropout
         lora_a = nn.Linear(in_features, config.rank, bias=False, device=device)
         lora_b = nn.Linear(config.rank, out_features, bias=False, device=device)
         if config.init == "gaussian":
@@ -155,18 +155,32 @@ class LoRALinear(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return out
-        x_adapter = x.to(self.lora_a.weight.dtype)
+        lora_a = self.lora_A[self.adapter_name].weight  # (rank, in)
+        lora_b = self.lora_B[self.adapter_name].weight  # (out, rank)
         if self.lora_magnitude is not None:
-            return out + self._dora_update(x_adapter, out).to(out.dtype)
-        update = self.lora_b(self.lora_a(self.lora_dropout(x_adapter))) * self.scaling
+            return out + self._dora_update(x.to(lora_a.dtype), out).to(out.dtype)
+        x = self._dropout(x)
+        if torch.is_autocast_enabled(x.device.type) or x.dtype == lora_a.dtype == out.dtype:
+            # Fast path: out + s * (x A^T) B^T as one addmm, so scaling and the residual add
+            # ride on the matmul. On small models each extra elementwise op costs a kernel
+            # launch (or an interpreter round trip) forward and backward, which is most of
+            # what an adapter costs over its frozen base.
+            hidden = F.linear(x, lora_a)  # (..., rank)
+            flat_out = out.reshape(-1, out.shape[-1])  # (tokens, out)
+            flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (tokens, rank)
+            return torch.addmm(flat_out, flat_hidden, lora_b.t(), alpha=self.scaling).view(out.shape)
+        update = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * self.scaling
         return out + update.to(out.dtype)
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.dropout_p, training=True) if self.dropout_p and self.training else x
 
     def _dora_update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``m/||W'|| · (W0 x + s B A x) - W0 x``: what DoRA adds to the base output."""
         weight = dequantize(self.base_layer).to(x.dtype)
         row_norm = torch.linalg.norm(weight + self.delta_weight().detach(), dim=1).detach()
         scale = (self.lora_magnitude[self.adapter_name] / row_norm).view(1, -1)  # (1, out)
-        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+        if not (self.dropout_p and self.training):
             base = out.to(x.dtype)
             bias = getattr(self.base_layer, "bias", None)
             if bias is not None:
@@ -174,9 +188,9 @@ class LoRALinear(nn.Module):
         else:
             # With dropout active, the magnitude rescales W0 applied to the dropped-out input,
             # as in the reference implementation (Hugging Face PEFT).
-            x = self.lora_dropout(x)
+            x = self._dropout(x)
             base = F.linear(x, weight)
-        update = self.lora_b(self.lora_a(x)) * self.scaling
+        update = F.linear(F.linear(x, self.lora_a.weight), self.lora_b.weight) * self.scaling
         return (scale - 1) * base + scale * update
 
     @torch.no_grad()
@@ -211,7 +225,10 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         method = "DoRA" if self.lora_magnitude is not None else "LoRA"
-        return f"{method}(rank={self.lora_a.out_features}, scaling={self.scaling:g}, merged={self.merged})"
+        return (
+            f"{method}(rank={self.lora_a.out_features}, scaling={self.scaling:g}, "
+            f"dropout={self.dropout_p:g}, merged={self.merged})"
+        )
 
 
 def _base_keys_without_wrapper(

@@ -1,0 +1,199 @@
+"""QLoRA training step: lightning_peft against Hugging Face PEFT + bitsandbytes, and the floor.
+
+Three variants train on the same model (SmolLM2-135M's architecture, random weights, so
+nothing is downloaded), the same NF4 base with double quantization, and the same batch:
+
+    ours   lightning_peft: quantize_model + apply_adapters(LoRA r=16, all linear layers)
+    peft   Hugging Face PEFT: get_peft_model(LoraConfig(r=16, "all-linear")) on that base
+    floor  the frozen NF4 base alone: forward + backward to the inputs, no adapters
+
+Each variant runs in its own process (so peak memory is its own). Prints a markdown table
+with median step time, peak memory, bits per parameter and the ratios, and saves it to
+benchmarks/results/qlora_speed-<device>.md.
+
+    python benchmarks/qlora_speed.py                     # CPU: batch 2 x 128, 10 steps, 3 rounds
+    python benchmarks/qlora_speed.py --device cuda       # GPU: batch 8 x 512, 30 steps, 3 rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+VARIANTS = ("ours", "peft", "floor")
+RESULTS = Path(__file__).parent / "results"
+
+
+def smollm2_config():
+    from transformers import LlamaConfig
+
+    # SmolLM2-135M (HuggingFaceTB/SmolLM2-135M-Instruct): 30 layers, hidden 576, 9/3 heads.
+    return LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    )
+
+
+def build(variant: str, device: str, compute_dtype: torch.dtype):
+    from transformers import LlamaForCausalLM
+
+    from lightning_peft import LoRA, apply_adapters
+    from lightning_peft.quantization import quantize_model
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(smollm2_config())
+    quantize_model(model, "nf4", compute_dtype=compute_dtype, device=device)
+    model.to(device)
+    if variant == "ours":
+        apply_adapters(model, LoRA(rank=16, alpha=32, target_modules="all-linear"))
+    elif variant == "peft":
+        import peft
+
+        config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+        model = peft.get_peft_model(model, config)
+    else:
+        model.requires_grad_(False)
+        model.enable_input_require_grads()  # backward runs through every layer, as with adapters
+    return model.train()
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_variant(variant: str, device: str, steps: int, batch: int, seq: int) -> dict:
+    from lightning_peft.quantization import memory_report
+
+    compute_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = build(variant, device, compute_dtype)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if variant != "floor" else None
+    input_ids = torch.randint(0, 49152, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, backward_times = [], []
+    for step in range(steps + 3):  # 3 warm-up steps
+        synchronize(device)
+        started = time.perf_counter()
+        with torch.autocast(device, dtype=compute_dtype, enabled=device == "cuda"):
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        synchronize(device)
+        backward_done = time.perf_counter()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        if step >= 3:
+            times.append(time.perf_counter() - started)
+            backward_times.append(backward_done - started)
+    report = memory_report(model, optimizer)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "variant": variant,
+        "median_s": statistics.median(times),
+        "forward_backward_s": statistics.median(backward_times),
+        "peak_mib": peak / 2**20,
+        "trainable": sum(p.numel() for p in trainable),
+        "bits_per_param": report.bits_per_parameter(),
+        "quantized_bits": report.quantized_bits_per_parameter,
+        "loss": loss.item(),
+    }
+
+
+def table(rows: dict[str, dict], args: argparse.Namespace, device_name: str) -> str:
+    ours, peft, floor = rows["ours"], rows["peft"], rows["floor"]
+    lines = [
+        f"QLoRA step, SmolLM2-135M architecture (random weights), NF4 + double quantization, "
+        f"LoRA r=16 on all linear layers, batch {args.batch} x {args.seq}, median of {args.steps} "
+        f"steps, median of {args.rounds} rounds (each a fresh process), {device_name}, torch "
+        f"{torch.__version__}.",
+        "",
+        "| variant | step time (s) | rounds' range (s) | forward+backward (s) | peak memory (MiB) | trainable params | bits/param (all state) | bits/param (4-bit weights) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, label in (("ours", "lightning_peft"), ("peft", "HF PEFT + bitsandbytes"), ("floor", "frozen-base floor")):
+        row = rows[name]
+        lines.append(
+            f"| {label} | {row['median_s']:.4f} | {row['spread'][0]:.4f}-{row['spread'][1]:.4f} | "
+            f"{row['forward_backward_s']:.4f} | "
+            f"{row['peak_mib']:.0f} | {row['trainable']:,} | "
+            f"{row['bits_per_param']:.3f} | {row['quantized_bits']:.3f} |"
+        )
+    lines += [
+        "",
+        f"- step time, lightning_peft / PEFT: **{ours['median_s'] / peft['median_s']:.3f}x** (target: <= 1.00)",
+        f"- forward+backward, lightning_peft / floor: **{ours['forward_backward_s'] / floor['forward_backward_s']:.3f}x** "
+        f"(target: <= 1.10; the floor has no optimizer step, so this compares like with like)",
+        f"- forward+backward, lightning_peft / PEFT: **{ours['forward_backward_s'] / peft['forward_backward_s']:.3f}x**",
+        f"- whole step (with AdamW), lightning_peft / floor: {ours['median_s'] / floor['median_s']:.3f}x",
+        f"- peak memory, lightning_peft / PEFT: **{ours['peak_mib'] / peft['peak_mib']:.3f}x**",
+    ]
+    if args.device == "cpu":
+        lines.append("- CPU peak memory is the process's peak resident set (includes Python and torch).")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None, help="fresh-process runs per variant")
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    gpu = args.device == "cuda"
+    args.steps = args.steps or (30 if gpu else 10)
+    args.batch = args.batch or (8 if gpu else 2)
+    args.seq = args.seq or (512 if gpu else 128)
+    args.rounds = args.rounds or 3
+    if args.variant:  # child process: one variant, JSON out
+        print(json.dumps(run_variant(args.variant, args.device, args.steps, args.batch, args.seq)))
+        return
+    if gpu and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible to torch")
+    # Small models are launch-bound, and launch overhead drifts with the machine; rounds in
+    # rotated order, each variant in a fresh process, and the median over rounds even it out.
+    runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
+    for round_index in range(args.rounds):
+        order = VARIANTS[round_index % 3 :] + VARIANTS[: round_index % 3]
+        for variant in order:
+            command = [sys.executable, __file__, "--variant", variant, "--device", args.device,
+                       "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+            child = subprocess.run(command, capture_output=True, text=True)
+            if child.returncode != 0:
+                sys.exit(f"variant {variant} failed:\n{child.stderr}")
+            runs[variant].append(json.loads(child.stdout.strip().splitlines()[-1]))
+            print(f"round {round_index + 1} {variant}: {runs[variant][-1]['median_s']:.4f} s/step", file=sys.stderr)
+    rows = {}
+    for variant, results in runs.items():
+        rows[variant] = dict(results[0])
+        rows[variant]["median_s"] = statistics.median(r["median_s"] for r in results)
+        rows[variant]["forward_backward_s"] = statistics.median(r["forward_backward_s"] for r in results)
+        rows[variant]["spread"] = (min(r["median_s"] for r in results), max(r["median_s"] for r in results))
+    device_name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    text = table(rows, args, device_name)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"qlora_speed-{args.device}.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
