@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from lightning_peft.lightning import (
         AdapterCheckpoint,
+        AdapterModelParallelStrategy,
         PeftCallback,
         PeftMixin,
         PeftModelSummary,
@@ -28,7 +29,11 @@ if TYPE_CHECKING:
     )
 
 # Lightning takes seconds to import; plain-PyTorch users of apply_adapters never pay for it.
-_LIGHTNING_NAMES = ("AdapterCheckpoint", "PeftCallback", "PeftMixin", "PeftModelSummary", "PeftPrecision", "Trainer")
+_LIGHTNING_NAMES = (
+    "AdapterModelParallelStrategy",
+    "AdapterCheckpoint", "PeftCallback", "PeftMixin", "PeftModelSummary", "PeftPrecision",
+    "Trainer",
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -40,6 +45,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AdapterCheckpoint",
+    "AdapterModelParallelStrategy",
     "AdapterConfigError",
     "AdapterStateError",
     "AdapterStateKeyError",

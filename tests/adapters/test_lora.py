@@ -194,3 +194,11 @@ def test_config_is_frozen_and_normalizes_target_lists():
     assert config.target_modules == ("q_proj", "v_proj")
     with pytest.raises(AttributeError):
         config.rank = 4  # type: ignore[misc]
+
+
+def test_the_wrapper_answers_for_its_base_layer_attributes():
+    model = apply_adapters(tiny_llama(), LoRA(rank=4, target_modules=["q_proj"]))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.weight is layer.base_layer.weight and layer.in_features == 64
+    with pytest.raises(AttributeError):
+        layer.no_such_attribute  # noqa: B018

@@ -110,3 +110,10 @@ def test_an_optimizer_over_frozen_parameters_only_is_refused(tmp_path):
 
     with pytest.raises(AdapterStateError, match=r"configure_optimizers returned optimizers with no trainable parameter"):
         fit(HeadOnly(), tmp_path, 1, [PeftCallback(QV_LORA)])
+
+
+def test_adapter_fsdp2_strategy_refuses_sharded_checkpoint_folders():
+    from lightning_peft import AdapterModelParallelStrategy
+
+    with pytest.raises(ValueError, match="save_distributed_checkpoint=True .* is not supported"):
+        AdapterModelParallelStrategy(save_distributed_checkpoint=True)

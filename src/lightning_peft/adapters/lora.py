@@ -133,6 +133,18 @@ class LoRALinear(nn.Module):
         self.register_state_dict_post_hook(_base_keys_without_wrapper)
         self.register_load_state_dict_pre_hook(_base_keys_into_wrapper)
 
+    def __getattr__(self, name: str) -> Any:
+        # The state dict says ``q_proj.weight`` (the base's own keys), so ``q_proj.weight``
+        # must resolve too: torch.distributed.checkpoint walks attributes by key, and model
+        # code reads ``self.q_proj.weight.dtype``. Anything the wrapper lacks, the base has.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base_layer = self._modules.get("base_layer")
+            if base_layer is None:
+                raise
+            return getattr(base_layer, name)
+
     def adapter_params(self) -> list[str]:
         names = [f"lora_A.{self.adapter_name}.weight", f"lora_B.{self.adapter_name}.weight"]
         if self.lora_magnitude is not None:

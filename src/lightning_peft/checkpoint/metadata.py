@@ -28,19 +28,33 @@ def fingerprint_frozen(model: nn.Module) -> str:
 
     Two bases with different weights (another checkpoint, another seed, another model)
     get different fingerprints; the same base quantized the same way gets the same one.
-    Hashing a strided sample rather than every byte keeps this fast on large models.
+    4-bit weights contribute their quantization constants too (absmax), which
+    ``DistributedDataParallel``'s broadcast does not copy. Sharded (DTensor) weights are
+    gathered first, so every rank and a single process agree. Hashing a strided sample
+    rather than every byte keeps this fast on large models.
     """
     digest = hashlib.sha256()
     named = [*model.named_parameters(), *model.named_buffers()]
     for name, tensor in sorted(named, key=lambda item: item[0]):
         if tensor.requires_grad:
             continue
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
-        sample = flat[::step][:_SAMPLES_PER_TENSOR].to("cpu").contiguous()
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        digest.update(sample.view(torch.uint8).numpy().tobytes())
+        _hash_sample(digest, name, tensor)
+        quant_state = getattr(tensor, "quant_state", None)
+        if quant_state is not None:
+            for key, value in sorted(quant_state.as_dict(packed=True).items()):
+                if isinstance(value, torch.Tensor):
+                    _hash_sample(digest, f"{name}.{key}", value)
     return digest.hexdigest()
+
+
+def _hash_sample(digest: Any, name: str, tensor: torch.Tensor) -> None:
+    if hasattr(tensor, "full_tensor"):  # a DTensor shard (FSDP2): hash the whole tensor
+        tensor = tensor.full_tensor()
+    flat = tensor.detach().reshape(-1)
+    step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
+    sample = flat[::step][:_SAMPLES_PER_TENSOR].to("cpu").contiguous()
+    digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+    digest.update(sample.view(torch.uint8).numpy().tobytes())
 
 
 def adapter_configs(model: nn.Module) -> list[dict[str, Any]]:

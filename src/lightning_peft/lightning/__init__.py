@@ -3,7 +3,10 @@
 from lightning_peft.lightning.callbacks import AdapterCheckpoint, PeftCallback
 from lightning_peft.lightning.mixin import PeftMixin
 from lightning_peft.lightning.precision import PeftPrecision
+from lightning_peft.lightning.strategies import AdapterModelParallelStrategy
 from lightning_peft.lightning.summary import PeftModelSummary
 from lightning_peft.lightning.trainer import Trainer
 
-__all__ = ["AdapterCheckpoint", "PeftCallback", "PeftMixin", "PeftModelSummary", "PeftPrecision", "Trainer"]
+__all__ = [
+    "AdapterModelParallelStrategy",
+    "AdapterCheckpoint", "PeftCallback", "PeftMixin", "PeftModelSummary", "PeftPrecision", "Trainer"]

@@ -21,6 +21,7 @@ from lightning_peft.lightning.checkpointing import (
     accept_adapter_only_loading,
     write_adapter_only_,
 )
+from lightning_peft.lightning.distributed import check_ranks_agree
 from lightning_peft.lightning.mixin import PeftMixin
 from lightning_peft.lightning.precision import default_adapters, prepare_base_for_precision
 from lightning_peft.lightning.summary import use_real_parameter_counts
@@ -30,6 +31,14 @@ _WEIGHTS_ONLY_REFUSED = (
     "callbacks' on_save_checkpoint, so the file would hold the whole frozen base and no "
     "optimizer state to resume from. Keep save_weights_only=False: the adapter checkpoint is "
     "already small."
+)
+
+
+_SPAWN_WARNING = (
+    "PeftCallback under a spawning strategy (ddp_spawn): training runs in child processes and "
+    "Lightning hands back to this process only weights its module already has, so the adapters "
+    "attached in the children do not come back to it. Read them from an AdapterCheckpoint, use "
+    "strategy='ddp', or use PeftMixin (which attaches its adapters in this process too)."
 )
 
 
@@ -122,6 +131,9 @@ class PeftCallback(_AdapterCheckpointHooks):
             for config in configs:
                 apply_adapters(pl_module, config, name=self.name)
             pl_module._lightning_peft_attached = True
+            check_ranks_agree(trainer, pl_module)
+            if type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher":
+                rank_zero_warn(_SPAWN_WARNING)
         super().setup(trainer, pl_module, stage)
 
 

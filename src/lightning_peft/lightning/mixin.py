@@ -15,6 +15,7 @@ from lightning_peft.lightning.checkpointing import (
     check_if_adapter_only,
     write_adapter_only_,
 )
+from lightning_peft.lightning.distributed import check_ranks_agree
 from lightning_peft.lightning.precision import prepare_base_for_precision
 from lightning_peft.lightning.summary import use_real_parameter_counts
 
@@ -47,14 +48,21 @@ class PeftMixin:
             self.__dict__["_lightning_peft_resume"] = ResumeChecks()
         return self.__dict__["_lightning_peft_resume"]
 
+    def _attach_adapters_once(self) -> None:
+        if self.__dict__.get("_lightning_peft_attached", False):
+            return
+        prepare_base_for_precision(self._trainer, self)
+        configs = self.configure_adapters()
+        for config in configs if isinstance(configs, (list, tuple)) else [configs]:
+            apply_adapters(self, config)
+        self.__dict__["_lightning_peft_attached"] = True
+
     @override
     def configure_model(self) -> None:
         if not self.__dict__.get("_lightning_peft_attached", False):
-            prepare_base_for_precision(self._trainer, self)
-            configs = self.configure_adapters()
-            for config in configs if isinstance(configs, (list, tuple)) else [configs]:
-                apply_adapters(self, config)
-            self.__dict__["_lightning_peft_attached"] = True
+            self._attach_adapters_once()
+            if self._trainer is not None:
+                check_ranks_agree(self._trainer, self)
         super().configure_model()
 
     @override
@@ -82,7 +90,12 @@ class PeftMixin:
     @override
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:
         """An adapter-only state dict loads strictly into the adapters (keys and shapes
-        checked before anything is copied); any other state dict loads as usual."""
+        checked before anything is copied); any other state dict loads as usual.
+
+        Adapters are attached first if they are not yet: after ``ddp_spawn`` Lightning loads
+        the workers' weights into this process's module, which never ran ``configure_model``.
+        """
+        self._attach_adapters_once()
         if check_if_adapter_only(self, dict(state_dict)):
             load_adapter_state_dict(self, state_dict)
             return torch.nn.modules.module._IncompatibleKeys([], [])

@@ -63,7 +63,7 @@ class PeftPrecision(MixedPrecision):
             (default: LoRA rank 8 on every linear layer but the output head).
         skip_modules: module-name suffixes kept in float besides the output head.
         blocksize: weights per quantization constant (QLoRA: 64).
-        quant_storage: storage dtype of the packed 4-bit codes (``torch.float32`` for FSDP).
+        quant_storage: storage dtype of the packed 4-bit codes (``torch.float32`` for FSDP1; FSDP2 shards ``uint8``).
         optimizer: rebuild the optimizer ``configure_optimizers`` returns as
             ``"paged_adamw_8bit"``, ``"paged_adamw_32bit"``, ``"adamw_8bit"`` or ``"adamw"``,
             keeping its learning rate, betas, eps, weight decay and LR scheduler; ``None``

@@ -40,7 +40,7 @@ def quantize_model(
         compute_dtype: dtype of the 4-bit matmul (default: the weight's dtype).
         double_quant: quantize the absmax constants too (QLoRA's double quantization).
         blocksize: weights per absmax constant (QLoRA: 64).
-        quant_storage: storage dtype of packed 4-bit codes (``torch.float32`` etc. for FSDP).
+        quant_storage: storage dtype of packed 4-bit codes (``torch.float32`` for FSDP1).
         device: quantize on this device (layer by layer, so the float weights never all sit
             there at once); default: where each layer is.
 

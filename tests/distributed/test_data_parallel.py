@@ -1,0 +1,109 @@
+"""DDP, ddp_spawn and FSDP2 (ModelParallelStrategy) on 2 CPU processes with gloo.
+
+Each run is tests/distributed/worker.py in a subprocess, as users launch Lightning DDP.
+Data-parallel runs see the same global batches as the single-process reference (4 rows a
+step), so they must end on the same adapter tensors, to float tolerance.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).parent / "worker.py"
+TOLERANCE = dict(rtol=0, atol=1e-5)
+
+
+def run_worker(out: Path, *args: str, expect_failure: bool = False) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(WORKER), *args, "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if not expect_failure and result.returncode != 0:
+        pytest.fail(f"{' '.join(args)} failed:\n{result.stderr[-4000:]}")
+    return result
+
+
+class Runs:
+    """Worker results by arguments, each computed once per test session."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.cache: dict[tuple[str, ...], dict] = {}
+
+    def __call__(self, *args: str) -> dict:
+        if args not in self.cache:
+            out = self.root / f"run{len(self.cache)}.pt"
+            run_worker(out, *args)
+            self.cache[args] = torch.load(out, weights_only=True)
+        return self.cache[args]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("runs"))
+
+
+def assert_same_adapters(a: dict, b: dict, **tolerance: float) -> None:
+    assert a["adapters"].keys() == b["adapters"].keys() and a["adapters"]
+    for key, value in a["adapters"].items():
+        torch.testing.assert_close(b["adapters"][key], value, msg=key, **(tolerance or TOLERANCE))
+
+
+@pytest.mark.parametrize(
+    ("strategy", "design", "base"),
+    [
+        ("ddp", "callback", "fp32"),
+        ("ddp", "mixin", "nf4"),
+        ("ddp", "precision", "nf4"),
+        ("ddp_spawn", "mixin", "nf4"),
+        ("fsdp2", "callback", "fp32"),
+        ("fsdp2", "mixin", "nf4"),
+    ],
+)
+def test_data_parallel_training_matches_one_process(runs, strategy, design, base):
+    common = ("--design", design, "--base", base, "--steps", "3")
+    distributed = runs("--strategy", strategy, *common)
+    # ddp_spawn trains in child processes; the parent's Trainer keeps step 0 (Lightning).
+    assert distributed["step"] == (0 if strategy == "ddp_spawn" else 3)
+    assert_same_adapters(runs("--strategy", "single", *common), distributed)
+
+
+def test_ddp_spawn_with_the_callback_trains_in_the_workers_and_says_where_the_adapters_are(runs, tmp_path):
+    out = tmp_path / "spawn.pt"
+    result = run_worker(out, "--strategy", "ddp_spawn", "--base", "nf4", "--steps", "3", "--save-every", "3", "--ckpt-dir", str(tmp_path))
+    assert "Read them from an AdapterCheckpoint" in result.stderr
+    saved = {"adapters": torch.load(tmp_path / "step=3.ckpt", weights_only=True)["state_dict"]}
+    assert_same_adapters(runs("--strategy", "single", "--base", "nf4", "--steps", "3"), saved)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_resume_from_an_adapter_checkpoint_is_exact(runs, strategy, tmp_path):
+    straight = runs("--strategy", strategy, "--steps", "6")
+    run_worker(tmp_path / "first.pt", "--strategy", strategy, "--steps", "3", "--save-every", "3", "--ckpt-dir", str(tmp_path))
+    checkpoint = torch.load(tmp_path / "step=3.ckpt", weights_only=True)
+    assert set(checkpoint["state_dict"]) == set(straight["adapters"])  # one file, adapters only
+    run_worker(tmp_path / "resumed.pt", "--strategy", strategy, "--steps", "6", "--resume", str(tmp_path / "step=3.ckpt"))
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert resumed["losses"] == straight["losses"][3:]
+    assert_same_adapters(straight, resumed, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("saved_by", "resumed_by"), [("single", "ddp"), ("ddp", "single"), ("fsdp2", "single")])
+def test_checkpoints_move_between_one_process_and_data_parallel_runs(runs, saved_by, resumed_by, tmp_path):
+    run_worker(tmp_path / "first.pt", "--strategy", saved_by, "--steps", "3", "--save-every", "3", "--ckpt-dir", str(tmp_path))
+    run_worker(tmp_path / "resumed.pt", "--strategy", resumed_by, "--steps", "6", "--resume", str(tmp_path / "step=3.ckpt"))
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert resumed["step"] == 6
+    assert_same_adapters(runs("--strategy", resumed_by, "--steps", "6"), resumed)
+
+
+@pytest.mark.parametrize("base", ["fp32", "nf4"])
+def test_a_different_base_on_one_rank_stops_every_rank_with_one_message(base, tmp_path):
+    result = run_worker(tmp_path / "x.pt", "--strategy", "ddp", "--base", base, "--different-base", expect_failure=True)
+    assert result.returncode != 0
+    message = "ranks disagree before training: the frozen base (weights and quantization constants) differs between ranks"
+    assert result.stderr.count(message) >= 2, result.stderr[-3000:]  # raised on both ranks
+    assert not (tmp_path / "x.pt").exists()

@@ -1,0 +1,141 @@
+"""One training run for the distributed tests, as a user would launch it: a script.
+
+Lightning's "ddp" launcher starts the other ranks by running this script again, so the
+tests run it in a subprocess. Rank 0 saves the final adapter tensors and the per-step
+losses to --out.
+
+    python tests/distributed/worker.py --strategy ddp --design callback --base nf4 --steps 3 --out r.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared test modules
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning_modules import CausalLM, LossRecorder, MixinLM  # noqa: E402
+from tiny_models import VOCAB  # noqa: E402
+from torch.distributed._composable.fsdp import fully_shard  # noqa: E402
+from torch.utils.data import DataLoader, Sampler  # noqa: E402
+
+import lightning_peft  # noqa: E402
+from lightning_peft import (  # noqa: E402
+    AdapterCheckpoint,
+    AdapterModelParallelStrategy,
+    LoRA,
+    PeftCallback,
+    adapter_state_dict,
+)
+
+LORA = LoRA(rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
+GLOBAL_BATCH = 4
+
+
+class ShardedLM(CausalLM):
+    """FSDP2: each decoder layer, then the whole model, sharded over the data-parallel ranks."""
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        for layer in self.model.model.layers:
+            fully_shard(layer)
+        fully_shard(self.model)
+
+
+class ShardedMixinLM(MixinLM):
+    def configure_model(self) -> None:
+        super().configure_model()
+        for layer in self.model.model.layers:
+            fully_shard(layer)
+        fully_shard(self.model)
+
+
+class StridedSampler(Sampler):
+    """Rank r of w reads rows r, r + w, ...: the ranks' batches of 4 / w rows together are
+    the single process's batch of 4. (Lightning's own DistributedSampler always shuffles.)"""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def __iter__(self):
+        rank, world = self._rank_and_world()
+        return iter(range(rank, self.size, world))
+
+    def __len__(self) -> int:
+        rank, world = self._rank_and_world()
+        return len(range(rank, self.size, world))
+
+
+def data(devices: int) -> DataLoader:
+    # 12 rows, 3 steps an epoch: a checkpoint at step 3 ends an epoch, so resuming replays
+    # no data (mid-epoch, Lightning would restart the epoch of a plain DataLoader).
+    rows = torch.randint(0, VOCAB, (12, 16), generator=torch.Generator().manual_seed(7))
+    return DataLoader(list(rows), batch_size=GLOBAL_BATCH // devices, sampler=StridedSampler(len(rows)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategy", choices=["single", "ddp", "ddp_spawn", "fsdp2"], required=True)
+    parser.add_argument("--design", choices=["callback", "mixin", "precision"], default="callback")
+    parser.add_argument("--base", choices=["fp32", "nf4"], default="fp32")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--save-every", type=int, default=0)
+    parser.add_argument("--ckpt-dir", type=Path)
+    parser.add_argument("--resume", type=str)
+    parser.add_argument("--different-base", action="store_true", help="seed the base by rank")
+    args = parser.parse_args()
+
+    devices = 1 if args.strategy == "single" else 2
+    base_seed = int(os.environ.get("LOCAL_RANK", "0")) if args.different_base else 0
+    sharded = args.strategy == "fsdp2"
+    nf4 = args.base == "nf4" and args.design != "precision"
+    if args.design == "mixin":
+        module = (ShardedMixinLM if sharded else MixinLM)(base_seed=base_seed, nf4=nf4, adapters=LORA)
+    else:
+        module = (ShardedLM if sharded else CausalLM)(base_seed=base_seed, nf4=nf4)
+
+    callbacks: list = [LossRecorder()]
+    if args.design == "callback":
+        callbacks.append(PeftCallback(LORA))
+    if args.save_every:
+        callbacks.append(AdapterCheckpoint(dirpath=args.ckpt_dir, filename="{step}", every_n_train_steps=args.save_every, save_top_k=-1))
+    strategy = args.strategy if args.strategy in ("ddp", "ddp_spawn") else "auto"
+    if sharded:
+        strategy = AdapterModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    trainer_class = lightning_peft.Trainer if args.design == "precision" else L.Trainer
+    extra = {"precision": "nf4-lora"} if args.design == "precision" else {}
+    L.seed_everything(123, verbose=False)
+    trainer = trainer_class(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=args.steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(args.save_every),
+        use_distributed_sampler=False,
+        callbacks=callbacks,
+        **extra,
+    )
+    trainer.fit(module, data(devices), ckpt_path=args.resume)
+    adapters = {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone()
+        for k, v in adapter_state_dict(module).items()
+    }
+    if trainer.global_rank == 0:
+        torch.save({"adapters": adapters, "losses": callbacks[0].losses, "step": trainer.global_step}, args.out)
+
+
+if __name__ == "__main__":
+    main()
