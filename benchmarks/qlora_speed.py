@@ -84,7 +84,9 @@ def run_variant(variant: str, device: str, steps: int, batch: int, seq: int) -> 
     model = build(variant, device, compute_dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if variant != "floor" else None
-    input_ids = torch.randint(0, 49152, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    input_ids = torch.randint(
+        0, 49152, (batch, seq), generator=torch.Generator().manual_seed(0)
+    ).to(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, backward_times = [], []
@@ -104,7 +106,11 @@ def run_variant(variant: str, device: str, steps: int, batch: int, seq: int) -> 
             times.append(time.perf_counter() - started)
             backward_times.append(backward_done - started)
     report = memory_report(model, optimizer)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     return {
         "variant": variant,
         "median_s": statistics.median(times),
@@ -128,7 +134,11 @@ def table(rows: dict[str, dict], args: argparse.Namespace, device_name: str) -> 
         "| variant | step time (s) | rounds' range (s) | forward+backward (s) | peak memory (MiB) | trainable params | bits/param (all state) | bits/param (4-bit weights) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, label in (("ours", "lightning_peft"), ("peft", "HF PEFT + bitsandbytes"), ("floor", "frozen-base floor")):
+    for name, label in (
+        ("ours", "lightning_peft"),
+        ("peft", "HF PEFT + bitsandbytes"),
+        ("floor", "frozen-base floor"),
+    ):
         row = rows[name]
         lines.append(
             f"| {label} | {row['median_s']:.4f} | {row['spread'][0]:.4f}-{row['spread'][1]:.4f} | "
@@ -146,7 +156,9 @@ def table(rows: dict[str, dict], args: argparse.Namespace, device_name: str) -> 
         f"- peak memory, lightning_peft / PEFT: **{ours['peak_mib'] / peft['peak_mib']:.3f}x**",
     ]
     if args.device == "cpu":
-        lines.append("- CPU peak memory is the process's peak resident set (includes Python and torch).")
+        lines.append(
+            "- CPU peak memory is the process's peak resident set (includes Python and torch)."
+        )
     return "\n".join(lines)
 
 
@@ -175,20 +187,42 @@ def main() -> None:
     for round_index in range(args.rounds):
         order = VARIANTS[round_index % 3 :] + VARIANTS[: round_index % 3]
         for variant in order:
-            command = [sys.executable, __file__, "--variant", variant, "--device", args.device,
-                       "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+            command = [
+                sys.executable,
+                __file__,
+                "--variant",
+                variant,
+                "--device",
+                args.device,
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(args.seq),
+            ]
             child = subprocess.run(command, capture_output=True, text=True)
             if child.returncode != 0:
                 sys.exit(f"variant {variant} failed:\n{child.stderr}")
             runs[variant].append(json.loads(child.stdout.strip().splitlines()[-1]))
-            print(f"round {round_index + 1} {variant}: {runs[variant][-1]['median_s']:.4f} s/step", file=sys.stderr)
+            print(
+                f"round {round_index + 1} {variant}: {runs[variant][-1]['median_s']:.4f} s/step",
+                file=sys.stderr,
+            )
     rows = {}
     for variant, results in runs.items():
         rows[variant] = dict(results[0])
         rows[variant]["median_s"] = statistics.median(r["median_s"] for r in results)
-        rows[variant]["forward_backward_s"] = statistics.median(r["forward_backward_s"] for r in results)
-        rows[variant]["spread"] = (min(r["median_s"] for r in results), max(r["median_s"] for r in results))
-    device_name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
+        rows[variant]["forward_backward_s"] = statistics.median(
+            r["forward_backward_s"] for r in results
+        )
+        rows[variant]["spread"] = (
+            min(r["median_s"] for r in results),
+            max(r["median_s"] for r in results),
+        )
+    device_name = (
+        torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    )
     text = table(rows, args, device_name)
     print(text)
     RESULTS.mkdir(exist_ok=True)

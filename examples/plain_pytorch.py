@@ -22,7 +22,7 @@ from lightning_peft import (
     count_parameters,
     merge_adapters,
 )
-from lightning_peft.quantization import quantize_linear
+from lightning_peft.quantization import quantize_model
 
 VOCAB, SEQ, BATCH, STEPS = 128, 16, 32, 120
 
@@ -40,14 +40,6 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def quantize_to_nf4(model: torch.nn.Module) -> None:
-    """Swap the decoder's linear layers for NF4 ones (double quantization); keep the head."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, torch.nn.Linear) and name != "lm_head":
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, quantize_linear(module, "nf4"))
-
-
 def batch(generator: torch.Generator) -> torch.Tensor:
     """Rows that count up by one from a random start: 17, 18, 19, ... (mod VOCAB)."""
     start = torch.randint(0, VOCAB, (BATCH, 1), generator=generator)
@@ -63,7 +55,7 @@ def next_token_accuracy(model: torch.nn.Module, input_ids: torch.Tensor) -> floa
 def main() -> None:
     torch.manual_seed(0)
     model = tiny_llama()
-    quantize_to_nf4(model)
+    quantize_model(model, "nf4")  # every linear layer but the head, double-quantized
     apply_adapters(model, LoRA(rank=16, alpha=32, target_modules="all-linear"))
     print(f"parameters: {count_parameters(model)}")
 

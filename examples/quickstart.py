@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_peft import AdapterCheckpoint, LoRA, PeftCallback, count_parameters
-from lightning_peft.quantization import quantize_linear
+from lightning_peft.quantization import quantize_model
 
 VOCAB, SEQ, STEPS = 128, 16, 120
 
@@ -41,11 +41,7 @@ class CountingLM(L.LightningModule):
             vocab_size=VOCAB,
             initializer_range=0.1,  # wider than the default, so the frozen head can be confident
         )
-        self.model = LlamaForCausalLM(config)
-        for name, module in list(self.model.named_modules()):  # the QLoRA base: NF4 weights
-            if isinstance(module, torch.nn.Linear) and name != "lm_head":
-                parent, _, child = name.rpartition(".")
-                setattr(self.model.get_submodule(parent), child, quantize_linear(module, "nf4"))
+        self.model = quantize_model(LlamaForCausalLM(config), "nf4")  # the QLoRA base
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.model(input_ids=batch, labels=batch).loss
@@ -70,7 +66,9 @@ def next_token_accuracy(module: CountingLM, rows: torch.Tensor) -> float:
     return (predictions == rows[:, 1:]).float().mean().item()
 
 
-def train(workdir: Path, max_steps: int, ckpt_path: Path | None = None) -> tuple[CountingLM, L.Trainer]:
+def train(
+    workdir: Path, max_steps: int, ckpt_path: Path | None = None
+) -> tuple[CountingLM, L.Trainer]:
     L.seed_everything(0, verbose=False)
     module = CountingLM()
     trainer = L.Trainer(
@@ -96,16 +94,22 @@ def main() -> None:
 
     started = time.perf_counter()
     module, trainer = train(workdir, STEPS)
-    print(f"trained {STEPS} steps in {time.perf_counter() - started:.1f} s; parameters: {count_parameters(module)}")
+    print(
+        f"trained {STEPS} steps in {time.perf_counter() - started:.1f} s; parameters: {count_parameters(module)}"
+    )
     print(f"next-token accuracy after:  {next_token_accuracy(module, held_out):.2f}")
     final_loss = trainer.callback_metrics["loss"].item()
 
     halfway = workdir / f"epoch=0-step={STEPS // 2}.ckpt"
-    print(f"adapter checkpoint: {halfway.stat().st_size / 1024:.0f} KiB (adapters, AdamW state, loops, RNG)")
+    print(
+        f"adapter checkpoint: {halfway.stat().st_size / 1024:.0f} KiB (adapters, AdamW state, loops, RNG)"
+    )
     _, resumed = train(workdir, STEPS, ckpt_path=halfway)
     resumed_loss = resumed.callback_metrics["loss"].item()
-    print(f"final loss {final_loss:.6f}; resumed from step {STEPS // 2}: {resumed_loss:.6f} "
-          f"({'identical' if resumed_loss == final_loss else 'DIFFERENT'})")
+    print(
+        f"final loss {final_loss:.6f}; resumed from step {STEPS // 2}: {resumed_loss:.6f} "
+        f"({'identical' if resumed_loss == final_loss else 'DIFFERENT'})"
+    )
     print(f"checkpoints in {workdir}")
 
 

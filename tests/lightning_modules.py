@@ -13,23 +13,21 @@ from tiny_models import VOCAB, tiny_llama
 from torch.utils.data import DataLoader
 
 from lightning_peft import LoRA, PeftMixin
-from lightning_peft.quantization import quantize_linear
+from lightning_peft.quantization import quantize_model
 
 QV_LORA = LoRA(rank=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"])
 
 
 def quantize_decoder(model: torch.nn.Module, mode: str = "nf4") -> torch.nn.Module:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, quantize_linear(module, mode))
-    return model
+    return quantize_model(model, mode)  # every linear layer but the head
 
 
 class CausalLM(L.LightningModule):
     """An ordinary LightningModule: knows nothing about adapters."""
 
-    def __init__(self, base_seed: int = 0, nf4: bool = False, reverse_optimizer: bool = False) -> None:
+    def __init__(
+        self, base_seed: int = 0, nf4: bool = False, reverse_optimizer: bool = False
+    ) -> None:
         super().__init__()
         self.model = tiny_llama(base_seed).train()
         if nf4:
@@ -45,7 +43,10 @@ class CausalLM(L.LightningModule):
             params.reverse()
         optimizer = torch.optim.AdamW(params, lr=1e-2)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 class MixinLM(PeftMixin, CausalLM):

@@ -6,7 +6,13 @@ import pytest
 import torch
 from tiny_models import logits, tiny_gpt2, tiny_llama
 
-from lightning_peft import LoRA, adapter_state_dict, apply_adapters, load_adapter_state_dict, merge_adapters
+from lightning_peft import (
+    LoRA,
+    adapter_state_dict,
+    apply_adapters,
+    load_adapter_state_dict,
+    merge_adapters,
+)
 
 peft = pytest.importorskip("peft", reason="peft comes with the dev extra")
 
@@ -53,7 +59,9 @@ def test_same_adapter_tensors_give_the_same_logits_as_peft(case, variant, input_
 
     merge_adapters(ours)
     peft_model.merge_adapter()
-    torch.testing.assert_close(logits(ours, input_ids), logits(peft_model, input_ids), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        logits(ours, input_ids), logits(peft_model, input_ids), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_trainable_parameter_count_matches_peft():

@@ -6,7 +6,13 @@ import pytest
 import torch
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
 
-from lightning_peft import LoRA, LoRALinear, TargetModulesError, UnsupportedLayerError, apply_adapters
+from lightning_peft import (
+    LoRA,
+    LoRALinear,
+    TargetModulesError,
+    UnsupportedLayerError,
+    apply_adapters,
+)
 from lightning_peft.targeting import find_targets
 
 
@@ -17,12 +23,16 @@ def wrapped(model: torch.nn.Module) -> list[str]:
 def test_suffixes_select_by_name_end():
     model = apply_adapters(tiny_llama(), LoRA(target_modules=["q_proj", "mlp.down_proj"]))
     assert wrapped(model) == [
-        f"model.layers.{i}.{name}" for i in range(2) for name in ("self_attn.q_proj", "mlp.down_proj")
+        f"model.layers.{i}.{name}"
+        for i in range(2)
+        for name in ("self_attn.q_proj", "mlp.down_proj")
     ]
 
 
 def test_a_string_is_a_regex_over_the_full_name():
-    model = apply_adapters(tiny_llama(), LoRA(target_modules=r"model\.layers\.1\.self_attn\.[kv]_proj"))
+    model = apply_adapters(
+        tiny_llama(), LoRA(target_modules=r"model\.layers\.1\.self_attn\.[kv]_proj")
+    )
     assert wrapped(model) == ["model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj"]
 
 
@@ -43,14 +53,18 @@ def test_all_linear_on_a_plain_torch_model_skips_the_last_layer():
 
 
 def test_exclusions_apply_after_targets():
-    model = apply_adapters(tiny_llama(), LoRA(target_modules=["q_proj"], exclude_modules=["layers.0.self_attn.q_proj"]))
+    model = apply_adapters(
+        tiny_llama(), LoRA(target_modules=["q_proj"], exclude_modules=["layers.0.self_attn.q_proj"])
+    )
     assert wrapped(model) == ["model.layers.1.self_attn.q_proj"]
 
 
 def test_a_suffix_matching_nothing_lists_the_closest_names_and_touches_nothing():
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(TargetModulesError, match=r"'q_prj' matched no module; closest module names: q_proj"):
+    with pytest.raises(
+        TargetModulesError, match=r"'q_prj' matched no module; closest module names: q_proj"
+    ):
         apply_adapters(model, LoRA(target_modules=["v_proj", "q_prj"]))
     assert wrapped(model) == []
     assert all(p.requires_grad for p in model.parameters())
@@ -58,20 +72,30 @@ def test_a_suffix_matching_nothing_lists_the_closest_names_and_touches_nothing()
 
 
 def test_a_regex_matching_nothing_hints_at_the_list_form():
-    with pytest.raises(TargetModulesError, match=r"(?s)'q_proj' matched no module.*target_modules=\['q_proj'\]"):
+    with pytest.raises(
+        TargetModulesError, match=r"(?s)'q_proj' matched no module.*target_modules=\['q_proj'\]"
+    ):
         apply_adapters(tiny_llama(), LoRA(target_modules="q_proj"))
 
 
 def test_excluding_every_match_is_refused():
-    with pytest.raises(TargetModulesError, match=r"exclude_modules=\('q_proj',\) removed every module"):
+    with pytest.raises(
+        TargetModulesError, match=r"exclude_modules=\('q_proj',\) removed every module"
+    ):
         apply_adapters(tiny_llama(), LoRA(target_modules=["q_proj"], exclude_modules=["q_proj"]))
 
 
 @pytest.mark.parametrize(
     ("target", "message"),
     [
-        ("embed_tokens", r"(?s)LoRA cannot wrap.*model\.embed_tokens \(Embedding\).*Supported layer types: Linear"),
-        ("self_attn", r"(?s)self_attn \(LlamaAttention\).*linear layers inside instead, e.g\. model\.layers\.0\.self_attn\.q_proj"),
+        (
+            "embed_tokens",
+            r"(?s)LoRA cannot wrap.*model\.embed_tokens \(Embedding\).*Supported layer types: Linear",
+        ),
+        (
+            "self_attn",
+            r"(?s)self_attn \(LlamaAttention\).*linear layers inside instead, e.g\. model\.layers\.0\.self_attn\.q_proj",
+        ),
     ],
 )
 def test_a_layer_lora_cannot_wrap_is_named(target, message):
@@ -83,7 +107,9 @@ def test_a_layer_lora_cannot_wrap_is_named(target, message):
 
 def test_an_adapted_layer_is_not_wrapped_twice():
     model = apply_adapters(tiny_llama(), LoRA(target_modules=["q_proj"]))
-    with pytest.raises(TargetModulesError, match=r"already carry an adapter: model\.layers\.0\.self_attn\.q_proj"):
+    with pytest.raises(
+        TargetModulesError, match=r"already carry an adapter: model\.layers\.0\.self_attn\.q_proj"
+    ):
         apply_adapters(model, LoRA(target_modules=["q_proj"]))
     # "all-linear" skips layers that already have an adapter (and the adapters' own layers).
     apply_adapters(model, LoRA(target_modules="all-linear"))
@@ -92,5 +118,7 @@ def test_an_adapted_layer_is_not_wrapped_twice():
 
 
 def test_adapter_name_must_be_an_identifier():
-    with pytest.raises(ValueError, match=r"adapter name must be a Python identifier, got 'my adapter'"):
+    with pytest.raises(
+        ValueError, match=r"adapter name must be a Python identifier, got 'my adapter'"
+    ):
         apply_adapters(tiny_llama(), LoRA(), name="my adapter")

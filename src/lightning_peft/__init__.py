@@ -31,7 +31,11 @@ if TYPE_CHECKING:
 # Lightning takes seconds to import; plain-PyTorch users of apply_adapters never pay for it.
 _LIGHTNING_NAMES = (
     "AdapterModelParallelStrategy",
-    "AdapterCheckpoint", "PeftCallback", "PeftMixin", "PeftModelSummary", "PeftPrecision",
+    "AdapterCheckpoint",
+    "PeftCallback",
+    "PeftMixin",
+    "PeftModelSummary",
+    "PeftPrecision",
     "Trainer",
 )
 
@@ -42,6 +46,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(lightning_peft.lightning, name)
     raise AttributeError(f"module 'lightning_peft' has no attribute {name!r}")
+
 
 __all__ = [
     "AdapterCheckpoint",

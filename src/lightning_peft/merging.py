@@ -55,7 +55,9 @@ def unmerge_adapters(model: nn.Module) -> MergeReport:
 def _set_merged(model: nn.Module, *, merged: bool) -> MergeReport:
     adapters = list(adapter_modules(model))
     if not adapters:
-        raise AdapterStateError(f"{type(model).__name__} has no adapters; call apply_adapters first")
+        raise AdapterStateError(
+            f"{type(model).__name__} has no adapters; call apply_adapters first"
+        )
     errors: dict[str, float] = {}
     unchanged = 0
     not_mergeable: list[str] = []

@@ -115,7 +115,9 @@ def test_gpt2_conv1d_layers_are_wrapped_in_their_transposed_orientation(input_id
     assert layer.lora_a.weight.shape == (4, 64) and layer.lora_b.weight.shape == (192, 4)
     perturb_adapters(model)
     x = torch.randn(3, 64)
-    expected = x @ layer.base_layer.weight + layer.base_layer.bias + layer.delta_weight().matmul(x.T).T
+    expected = (
+        x @ layer.base_layer.weight + layer.base_layer.bias + layer.delta_weight().matmul(x.T).T
+    )
     torch.testing.assert_close(layer(x), expected)
 
 
@@ -132,7 +134,9 @@ def test_only_adapter_tensors_are_trainable_and_counted():
 
 
 def test_adapter_state_dict_holds_exactly_the_adapter_tensors():
-    model = apply_adapters(tiny_llama(), LoRA(rank=4, target_modules=["q_proj", "v_proj"], use_dora=True))
+    model = apply_adapters(
+        tiny_llama(), LoRA(rank=4, target_modules=["q_proj", "v_proj"], use_dora=True)
+    )
     expected = {
         f"model.layers.{i}.self_attn.{proj}.{name}"
         for i in range(2)

@@ -49,20 +49,28 @@ def test_missing_and_unexpected_keys_are_both_listed_and_nothing_is_copied():
 
 def test_a_different_rank_is_refused_with_both_shapes():
     target = apply_adapters(tiny_llama(), LoRA(rank=8, target_modules=["q_proj", "v_proj"]))
-    with pytest.raises(AdapterStateError, match=r"lora_A\.default\.weight: checkpoint \(4, 64\), model \(8, 64\)"):
+    with pytest.raises(
+        AdapterStateError, match=r"lora_A\.default\.weight: checkpoint \(4, 64\), model \(8, 64\)"
+    ):
         load_adapter_state_dict(target, adapter_state_dict(trained()))
 
 
 def test_a_full_model_state_dict_is_refused_with_a_hint():
     target = apply_adapters(tiny_llama(), QV)
-    with pytest.raises(KeyError, match=r"(?s)not adapters of this model \(2[0-9]\).*model\.load_state_dict"):
+    with pytest.raises(
+        KeyError, match=r"(?s)not adapters of this model \(2[0-9]\).*model\.load_state_dict"
+    ):
         load_adapter_state_dict(target, trained().state_dict())
 
 
 def test_loading_into_a_model_without_adapters_or_with_merged_ones_is_refused():
-    with pytest.raises(AdapterStateError, match="has no adapters to load into; call apply_adapters first"):
+    with pytest.raises(
+        AdapterStateError, match="has no adapters to load into; call apply_adapters first"
+    ):
         load_adapter_state_dict(tiny_llama(), adapter_state_dict(trained()))
     target = trained()
     merge_adapters(target)
-    with pytest.raises(AdapterStateError, match=r"cannot load into merged adapters .*call unmerge_adapters"):
+    with pytest.raises(
+        AdapterStateError, match=r"cannot load into merged adapters .*call unmerge_adapters"
+    ):
         load_adapter_state_dict(target, adapter_state_dict(trained()))

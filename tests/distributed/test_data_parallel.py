@@ -71,9 +71,23 @@ def test_data_parallel_training_matches_one_process(runs, strategy, design, base
     assert_same_adapters(runs("--strategy", "single", *common), distributed)
 
 
-def test_ddp_spawn_with_the_callback_trains_in_the_workers_and_says_where_the_adapters_are(runs, tmp_path):
+def test_ddp_spawn_with_the_callback_trains_in_the_workers_and_says_where_the_adapters_are(
+    runs, tmp_path
+):
     out = tmp_path / "spawn.pt"
-    result = run_worker(out, "--strategy", "ddp_spawn", "--base", "nf4", "--steps", "3", "--save-every", "3", "--ckpt-dir", str(tmp_path))
+    result = run_worker(
+        out,
+        "--strategy",
+        "ddp_spawn",
+        "--base",
+        "nf4",
+        "--steps",
+        "3",
+        "--save-every",
+        "3",
+        "--ckpt-dir",
+        str(tmp_path),
+    )
     assert "Read them from an AdapterCheckpoint" in result.stderr
     saved = {"adapters": torch.load(tmp_path / "step=3.ckpt", weights_only=True)["state_dict"]}
     assert_same_adapters(runs("--strategy", "single", "--base", "nf4", "--steps", "3"), saved)
@@ -82,19 +96,59 @@ def test_ddp_spawn_with_the_callback_trains_in_the_workers_and_says_where_the_ad
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_resume_from_an_adapter_checkpoint_is_exact(runs, strategy, tmp_path):
     straight = runs("--strategy", strategy, "--steps", "6")
-    run_worker(tmp_path / "first.pt", "--strategy", strategy, "--steps", "3", "--save-every", "3", "--ckpt-dir", str(tmp_path))
+    run_worker(
+        tmp_path / "first.pt",
+        "--strategy",
+        strategy,
+        "--steps",
+        "3",
+        "--save-every",
+        "3",
+        "--ckpt-dir",
+        str(tmp_path),
+    )
     checkpoint = torch.load(tmp_path / "step=3.ckpt", weights_only=True)
     assert set(checkpoint["state_dict"]) == set(straight["adapters"])  # one file, adapters only
-    run_worker(tmp_path / "resumed.pt", "--strategy", strategy, "--steps", "6", "--resume", str(tmp_path / "step=3.ckpt"))
+    run_worker(
+        tmp_path / "resumed.pt",
+        "--strategy",
+        strategy,
+        "--steps",
+        "6",
+        "--resume",
+        str(tmp_path / "step=3.ckpt"),
+    )
     resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
     assert resumed["losses"] == straight["losses"][3:]
     assert_same_adapters(straight, resumed, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("saved_by", "resumed_by"), [("single", "ddp"), ("ddp", "single"), ("fsdp2", "single")])
-def test_checkpoints_move_between_one_process_and_data_parallel_runs(runs, saved_by, resumed_by, tmp_path):
-    run_worker(tmp_path / "first.pt", "--strategy", saved_by, "--steps", "3", "--save-every", "3", "--ckpt-dir", str(tmp_path))
-    run_worker(tmp_path / "resumed.pt", "--strategy", resumed_by, "--steps", "6", "--resume", str(tmp_path / "step=3.ckpt"))
+@pytest.mark.parametrize(
+    ("saved_by", "resumed_by"), [("single", "ddp"), ("ddp", "single"), ("fsdp2", "single")]
+)
+def test_checkpoints_move_between_one_process_and_data_parallel_runs(
+    runs, saved_by, resumed_by, tmp_path
+):
+    run_worker(
+        tmp_path / "first.pt",
+        "--strategy",
+        saved_by,
+        "--steps",
+        "3",
+        "--save-every",
+        "3",
+        "--ckpt-dir",
+        str(tmp_path),
+    )
+    run_worker(
+        tmp_path / "resumed.pt",
+        "--strategy",
+        resumed_by,
+        "--steps",
+        "6",
+        "--resume",
+        str(tmp_path / "step=3.ckpt"),
+    )
     resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
     assert resumed["step"] == 6
     assert_same_adapters(runs("--strategy", resumed_by, "--steps", "6"), resumed)
@@ -102,7 +156,15 @@ def test_checkpoints_move_between_one_process_and_data_parallel_runs(runs, saved
 
 @pytest.mark.parametrize("base", ["fp32", "nf4"])
 def test_a_different_base_on_one_rank_stops_every_rank_with_one_message(base, tmp_path):
-    result = run_worker(tmp_path / "x.pt", "--strategy", "ddp", "--base", base, "--different-base", expect_failure=True)
+    result = run_worker(
+        tmp_path / "x.pt",
+        "--strategy",
+        "ddp",
+        "--base",
+        base,
+        "--different-base",
+        expect_failure=True,
+    )
     assert result.returncode != 0
     message = "ranks disagree before training: the frozen base (weights and quantization constants) differs between ranks"
     assert result.stderr.count(message) >= 2, result.stderr[-3000:]  # raised on both ranks

@@ -36,22 +36,23 @@ LORA = LoRA(rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
 GLOBAL_BATCH = 4
 
 
-class ShardedLM(CausalLM):
+def shard(module: L.LightningModule) -> None:
     """FSDP2: each decoder layer, then the whole model, sharded over the data-parallel ranks."""
+    for layer in module.model.model.layers:
+        fully_shard(layer)
+    fully_shard(module.model)
 
+
+class ShardedLM(CausalLM):
     def configure_model(self) -> None:
         super().configure_model()
-        for layer in self.model.model.layers:
-            fully_shard(layer)
-        fully_shard(self.model)
+        shard(self)
 
 
 class ShardedMixinLM(MixinLM):
     def configure_model(self) -> None:
-        super().configure_model()
-        for layer in self.model.model.layers:
-            fully_shard(layer)
-        fully_shard(self.model)
+        super().configure_model()  # the mixin attaches the adapters before sharding
+        shard(self)
 
 
 class StridedSampler(Sampler):
@@ -79,12 +80,16 @@ def data(devices: int) -> DataLoader:
     # 12 rows, 3 steps an epoch: a checkpoint at step 3 ends an epoch, so resuming replays
     # no data (mid-epoch, Lightning would restart the epoch of a plain DataLoader).
     rows = torch.randint(0, VOCAB, (12, 16), generator=torch.Generator().manual_seed(7))
-    return DataLoader(list(rows), batch_size=GLOBAL_BATCH // devices, sampler=StridedSampler(len(rows)))
+    return DataLoader(
+        list(rows), batch_size=GLOBAL_BATCH // devices, sampler=StridedSampler(len(rows))
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--strategy", choices=["single", "ddp", "ddp_spawn", "fsdp2"], required=True)
+    parser.add_argument(
+        "--strategy", choices=["single", "ddp", "ddp_spawn", "fsdp2"], required=True
+    )
     parser.add_argument("--design", choices=["callback", "mixin", "precision"], default="callback")
     parser.add_argument("--base", choices=["fp32", "nf4"], default="fp32")
     parser.add_argument("--steps", type=int, default=3)
@@ -100,7 +105,9 @@ def main() -> None:
     sharded = args.strategy == "fsdp2"
     nf4 = args.base == "nf4" and args.design != "precision"
     if args.design == "mixin":
-        module = (ShardedMixinLM if sharded else MixinLM)(base_seed=base_seed, nf4=nf4, adapters=LORA)
+        module = (ShardedMixinLM if sharded else MixinLM)(
+            base_seed=base_seed, nf4=nf4, adapters=LORA
+        )
     else:
         module = (ShardedLM if sharded else CausalLM)(base_seed=base_seed, nf4=nf4)
 
@@ -108,7 +115,14 @@ def main() -> None:
     if args.design == "callback":
         callbacks.append(PeftCallback(LORA))
     if args.save_every:
-        callbacks.append(AdapterCheckpoint(dirpath=args.ckpt_dir, filename="{step}", every_n_train_steps=args.save_every, save_top_k=-1))
+        callbacks.append(
+            AdapterCheckpoint(
+                dirpath=args.ckpt_dir,
+                filename="{step}",
+                every_n_train_steps=args.save_every,
+                save_top_k=-1,
+            )
+        )
     strategy = args.strategy if args.strategy in ("ddp", "ddp_spawn") else "auto"
     if sharded:
         strategy = AdapterModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
@@ -134,7 +148,10 @@ def main() -> None:
         for k, v in adapter_state_dict(module).items()
     }
     if trainer.global_rank == 0:
-        torch.save({"adapters": adapters, "losses": callbacks[0].losses, "step": trainer.global_step}, args.out)
+        torch.save(
+            {"adapters": adapters, "losses": callbacks[0].losses, "step": trainer.global_step},
+            args.out,
+        )
 
 
 if __name__ == "__main__":

@@ -9,12 +9,20 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_modules import QV_LORA, CausalLM, MixinLM, fit, quantize_decoder
 from tiny_models import logits
 
-from lightning_peft import AdapterCheckpoint, PeftCallback, PeftModelSummary, adapter_state_dict, count_parameters
+from lightning_peft import (
+    AdapterCheckpoint,
+    PeftCallback,
+    PeftModelSummary,
+    adapter_state_dict,
+    count_parameters,
+)
 from lightning_peft.lightning.summary import PeftRichModelSummary
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
-    saver = AdapterCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=0, save_last=True)
+    saver = AdapterCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=0, save_last=True
+    )
     fit(CausalLM(), tmp_path, 3, [PeftCallback(QV_LORA), saver])
     last = tmp_path / "ckpt" / "last.ckpt"
     before = last.read_bytes()
@@ -25,7 +33,9 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, mon
         raise OSError("disk full")
 
     monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", write_half_then_fail)
-    saver = AdapterCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=0, save_last=True)
+    saver = AdapterCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=0, save_last=True
+    )
     with pytest.raises(OSError, match="disk full"):
         fit(CausalLM(), tmp_path, 6, [PeftCallback(QV_LORA), saver], ckpt_path=str(last))
     assert last.read_bytes() == before
@@ -35,7 +45,14 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, mon
 def test_resume_works_with_weights_only_loading(tmp_path):
     saver = AdapterCheckpoint(dirpath=tmp_path, filename="adapter", every_n_train_steps=3)
     fit(CausalLM(), tmp_path, 3, [PeftCallback(QV_LORA), saver])
-    run = fit(CausalLM(), tmp_path, 4, [PeftCallback(QV_LORA)], ckpt_path=str(tmp_path / "adapter.ckpt"), weights_only=True)
+    run = fit(
+        CausalLM(),
+        tmp_path,
+        4,
+        [PeftCallback(QV_LORA)],
+        ckpt_path=str(tmp_path / "adapter.ckpt"),
+        weights_only=True,
+    )
     assert run.trainer.global_step == 4
 
 
@@ -62,11 +79,19 @@ def test_only_trainable_parameters_reach_the_optimizer(tmp_path):
 def test_model_summary_counts_4bit_weights_as_their_real_size(tmp_path):
     module = CausalLM(nf4=True)
     run = fit(module, tmp_path, 1, [PeftCallback(QV_LORA)], enable_model_summary=True)
-    summaries = [cb for cb in run.trainer.callbacks if isinstance(cb, (PeftModelSummary, PeftRichModelSummary))]
+    summaries = [
+        cb
+        for cb in run.trainer.callbacks
+        if isinstance(cb, (PeftModelSummary, PeftRichModelSummary))
+    ]
     assert len(summaries) == 1  # swapped in for Lightning's default ModelSummary
     summary = summaries[0]._summary(run.trainer, module)
     count = count_parameters(module)
-    assert summary.total_parameters == count.total == sum(p.numel() for p in CausalLM().parameters()) + 1792
+    assert (
+        summary.total_parameters
+        == count.total
+        == sum(p.numel() for p in CausalLM().parameters()) + 1792
+    )
     assert summary.trainable_parameters == count.trainable == 1792
     plain = L.pytorch.utilities.model_summary.summarize(module)
     assert plain.total_parameters < count.total  # what Lightning alone would have printed

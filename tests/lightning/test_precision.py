@@ -11,7 +11,15 @@ import torch
 from lightning_modules import CausalLM, MixinLM, counting_data, fit
 
 import lightning_peft
-from lightning_peft import AdapterCheckpoint, AdapterConfigError, LoRA, LoRALinear, PeftCallback, PeftPrecision, adapter_state_dict
+from lightning_peft import (
+    AdapterCheckpoint,
+    AdapterConfigError,
+    LoRA,
+    LoRALinear,
+    PeftCallback,
+    PeftPrecision,
+    adapter_state_dict,
+)
 
 DECODER_LINEARS = 14  # 7 projections x 2 layers of the tiny Llama
 
@@ -25,10 +33,15 @@ def test_plugin_on_a_plain_trainer_quantizes_attaches_and_learns(tmp_path):
     run = fit(module, tmp_path, 40, [], data=counting_data(), plugins=[PeftPrecision("nf4-lora")])
     layers = base_layers(module)
     assert len(layers) == DECODER_LINEARS  # default adapters: LoRA r=8 on every linear but the head
-    assert all(isinstance(layer, bnb.nn.Linear4bit) and layer.weight.quant_type == "nf4" for layer in layers)
+    assert all(
+        isinstance(layer, bnb.nn.Linear4bit) and layer.weight.quant_type == "nf4"
+        for layer in layers
+    )
     assert all(layer.weight.compress_statistics for layer in layers)  # double quantization
     assert type(module.model.lm_head) is torch.nn.Linear  # the head stays in float
-    assert {n for n, p in module.named_parameters() if p.requires_grad} == set(adapter_state_dict(module))
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == set(
+        adapter_state_dict(module)
+    )
     assert all(t.dtype == torch.float32 for t in adapter_state_dict(module).values())
     first, last = sum(run.losses[:5]) / 5, sum(run.losses[-5:]) / 5
     assert last < first - 0.25, run.losses  # the LR decays 10% a step, so the gain is modest
@@ -43,21 +56,32 @@ def test_plugin_on_a_plain_trainer_quantizes_attaches_and_learns(tmp_path):
         ("int8-lora", bnb.nn.Linear8bitLt, None, None),
     ],
 )
-def test_each_mode_through_the_package_trainer(flag, layer_type, quant_type, double_quant, tmp_path):
+def test_each_mode_through_the_package_trainer(
+    flag, layer_type, quant_type, double_quant, tmp_path
+):
     module = CausalLM()
     run = fit(module, tmp_path, 2, [], trainer_class=lightning_peft.Trainer, precision=flag)
     assert any(isinstance(cb, PeftCallback) for cb in run.trainer.callbacks)  # added for resume
     layers = base_layers(module)
     assert len(layers) == DECODER_LINEARS and all(isinstance(layer, layer_type) for layer in layers)
     if quant_type is not None:
-        assert {(l.weight.quant_type, l.weight.compress_statistics) for l in layers} == {(quant_type, double_quant)}
+        assert {
+            (layer.weight.quant_type, layer.weight.compress_statistics) for layer in layers
+        } == {(quant_type, double_quant)}
     else:
         assert all(layer.weight.dtype == torch.int8 for layer in layers)
 
 
 def test_bf16_compute_suffix(tmp_path):
     module = CausalLM()
-    run = fit(module, tmp_path, 2, [], trainer_class=lightning_peft.Trainer, precision="nf4-lora-bf16-mixed")
+    run = fit(
+        module,
+        tmp_path,
+        2,
+        [],
+        trainer_class=lightning_peft.Trainer,
+        precision="nf4-lora-bf16-mixed",
+    )
     assert run.trainer.precision == "bf16-mixed"
     assert {layer.compute_dtype for layer in base_layers(module)} == {torch.bfloat16}
 
@@ -71,20 +95,34 @@ def test_bf16_compute_suffix(tmp_path):
         ("adamw", torch.optim.AdamW),
     ],
 )
-def test_the_configured_optimizer_is_rebuilt_keeping_hyperparameters_and_scheduler(name, cls, tmp_path):
-    plugin = PeftPrecision("nf4-lora", optimizer=name, optimizer_kwargs={"min_8bit_size": 1} if "8bit" in name else {})
+def test_the_configured_optimizer_is_rebuilt_keeping_hyperparameters_and_scheduler(
+    name, cls, tmp_path
+):
+    plugin = PeftPrecision(
+        "nf4-lora", optimizer=name, optimizer_kwargs={"min_8bit_size": 1} if "8bit" in name else {}
+    )
     module = CausalLM()
     expect_warning = pytest.warns(UserWarning, match="Paged optimizers are not supported on CPU")
     with expect_warning if "paged" in name else contextlib.nullcontext():
-        run = fit(module, tmp_path, 3, [PeftCallback(LoRA(rank=4, target_modules=["q_proj", "v_proj"]))], plugins=[plugin])
+        run = fit(
+            module,
+            tmp_path,
+            3,
+            [PeftCallback(LoRA(rank=4, target_modules=["q_proj", "v_proj"]))],
+            plugins=[plugin],
+        )
     optimizer = run.trainer.optimizers[0]
     assert type(optimizer) is cls
     params = [p for group in optimizer.param_groups for p in group["params"]]
     assert len(params) == 8 and all(p.requires_grad for p in params)
     scheduler = run.trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.optimizer is optimizer
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.9**3)  # StepLR kept stepping it
-    assert optimizer.param_groups[0]["weight_decay"] == 0.01 and optimizer.param_groups[0]["betas"] == (0.9, 0.999)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(
+        1e-2 * 0.9**3
+    )  # StepLR kept stepping it
+    assert optimizer.param_groups[0]["weight_decay"] == 0.01 and optimizer.param_groups[0][
+        "betas"
+    ] == (0.9, 0.999)
     state = optimizer.state[params[0]]
     if "8bit" in name:
         assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
@@ -95,7 +133,9 @@ def test_the_configured_optimizer_is_rebuilt_keeping_hyperparameters_and_schedul
 @pytest.mark.parametrize("design", ["trainer-flag", "mixin"])
 def test_resume_is_exact_under_nf4_lora_with_a_paged_8bit_optimizer(design, tmp_path):
     def plugin() -> PeftPrecision:
-        return PeftPrecision("nf4-lora", optimizer="paged_adamw_8bit", optimizer_kwargs={"min_8bit_size": 1})
+        return PeftPrecision(
+            "nf4-lora", optimizer="paged_adamw_8bit", optimizer_kwargs={"min_8bit_size": 1}
+        )
 
     def make() -> L.LightningModule:
         return MixinLM() if design == "mixin" else CausalLM()
@@ -104,12 +144,23 @@ def test_resume_is_exact_under_nf4_lora_with_a_paged_8bit_optimizer(design, tmp_
     straight = make()
     reference = fit(straight, tmp_path / "a", 6, [], **options)
     saver = AdapterCheckpoint(dirpath=tmp_path / "ckpt", filename="half", every_n_train_steps=3)
-    fit(make(), tmp_path / "b", 3, [saver], trainer_class=lightning_peft.Trainer, plugins=[plugin()])
+    fit(
+        make(), tmp_path / "b", 3, [saver], trainer_class=lightning_peft.Trainer, plugins=[plugin()]
+    )
     checkpoint = torch.load(tmp_path / "ckpt" / "half.ckpt", weights_only=True)
-    assert set(checkpoint["state_dict"]) == set(adapter_state_dict(straight))  # no 4-bit base inside
+    assert set(checkpoint["state_dict"]) == set(
+        adapter_state_dict(straight)
+    )  # no 4-bit base inside
     resumed = make()
-    second = fit(resumed, tmp_path / "c", 6, [], ckpt_path=str(tmp_path / "ckpt" / "half.ckpt"),
-                 trainer_class=lightning_peft.Trainer, plugins=[plugin()])
+    second = fit(
+        resumed,
+        tmp_path / "c",
+        6,
+        [],
+        ckpt_path=str(tmp_path / "ckpt" / "half.ckpt"),
+        trainer_class=lightning_peft.Trainer,
+        plugins=[plugin()],
+    )
     assert second.losses == reference.losses[3:]
     final, expected = adapter_state_dict(resumed), adapter_state_dict(straight)
     assert all(torch.equal(final[k], expected[k]) for k in expected)
@@ -119,18 +170,37 @@ def test_mixin_module_is_quantized_before_its_adapters_attach(tmp_path):
     module = MixinLM()
     fit(module, tmp_path, 1, [], plugins=[PeftPrecision("nf4-lora")])
     layers = base_layers(module)
-    assert len(layers) == 4 and all(isinstance(l, bnb.nn.Linear4bit) for l in layers)  # q, v x 2
-    assert isinstance(module.model.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)  # no adapter, still 4-bit
+    assert len(layers) == 4 and all(
+        isinstance(layer, bnb.nn.Linear4bit) for layer in layers
+    )  # q, v x 2
+    assert isinstance(
+        module.model.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit
+    )  # no adapter, still 4-bit
 
 
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: PeftPrecision("q4-lora"), r"mode must be one of \('nf4-lora', 'nf4-lora-nodq', 'fp4-lora', 'int8-lora'\), got 'q4-lora'"),
-        (lambda: PeftPrecision(compute="fp8"), r"compute must be one of \('32-true', 'bf16-mixed', '16-mixed'\), got 'fp8'"),
-        (lambda: PeftPrecision(optimizer="sgd_8bit"), r"optimizer must be None or one of \('paged_adamw_8bit'.*got 'sgd_8bit'"),
-        (lambda: PeftPrecision(blocksize=100), r"blocksize must be a power of two from 64 to 4096, got 100"),
-        (lambda: lightning_peft.Trainer(precision="nf4-lorra"), r"precision='nf4-lorra' is not a lightning_peft mode; valid modes: nf4-lora, nf4-lora-nodq"),
+        (
+            lambda: PeftPrecision("q4-lora"),
+            r"mode must be one of \('nf4-lora', 'nf4-lora-nodq', 'fp4-lora', 'int8-lora'\), got 'q4-lora'",
+        ),
+        (
+            lambda: PeftPrecision(compute="fp8"),
+            r"compute must be one of \('32-true', 'bf16-mixed', '16-mixed'\), got 'fp8'",
+        ),
+        (
+            lambda: PeftPrecision(optimizer="sgd_8bit"),
+            r"optimizer must be None or one of \('paged_adamw_8bit'.*got 'sgd_8bit'",
+        ),
+        (
+            lambda: PeftPrecision(blocksize=100),
+            r"blocksize must be a power of two from 64 to 4096, got 100",
+        ),
+        (
+            lambda: lightning_peft.Trainer(precision="nf4-lorra"),
+            r"precision='nf4-lorra' is not a lightning_peft mode; valid modes: nf4-lora, nf4-lora-nodq",
+        ),
     ],
 )
 def test_bad_modes_and_options_are_refused_listing_the_valid_ones(make, message):

@@ -29,7 +29,12 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "adapter.ckpt"
 
 
-def resume(tmp_path: Path, checkpoint: Path, module: L.LightningModule | None = None, adapters: LoRA = QV_LORA):
+def resume(
+    tmp_path: Path,
+    checkpoint: Path,
+    module: L.LightningModule | None = None,
+    adapters: LoRA = QV_LORA,
+):
     module = module or CausalLM()
     return fit(module, tmp_path, 6, [PeftCallback(adapters)], ckpt_path=str(checkpoint))
 
@@ -54,21 +59,29 @@ def test_other_target_modules_are_refused(tmp_path, checkpoint):
 
 def test_another_rank_is_refused(tmp_path, checkpoint):
     assert_refused_before_training(
-        tmp_path, checkpoint, AdapterStateError, r"checkpoint \(4, 64\), model \(8, 64\)",
+        tmp_path,
+        checkpoint,
+        AdapterStateError,
+        r"checkpoint \(4, 64\), model \(8, 64\)",
         adapters=LoRA(rank=8, target_modules=["q_proj", "v_proj"]),
     )
 
 
 def test_another_base_model_is_refused(tmp_path, checkpoint):
     assert_refused_before_training(
-        tmp_path, checkpoint, AdapterStateError, r"adapter\.ckpt' was trained on a different base model",
+        tmp_path,
+        checkpoint,
+        AdapterStateError,
+        r"adapter\.ckpt' was trained on a different base model",
         module=CausalLM(base_seed=1),
     )
 
 
 def test_another_optimizer_parameter_order_is_refused(tmp_path, checkpoint):
     assert_refused_before_training(
-        tmp_path, checkpoint, AdapterStateError,
+        tmp_path,
+        checkpoint,
+        AdapterStateError,
         r"(?s)holds optimizer state for other parameters \(optimizer 0 has 8 parameters in the checkpoint "
         r"and 8 now; at position 0 the checkpoint has 'model\.model\.layers\.0\.self_attn\.q_proj\.lora_A.*"
         r"the run has 'model\.model\.layers\.1\.self_attn\.v_proj\.lora_B",
@@ -78,10 +91,18 @@ def test_another_optimizer_parameter_order_is_refused(tmp_path, checkpoint):
 
 def test_a_checkpoint_without_adapter_metadata_is_refused(tmp_path):
     plain_dir = tmp_path / "plain"
-    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[ModelCheckpoint(dirpath=plain_dir, filename="full")], accelerator="cpu")
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=plain_dir, filename="full")],
+        accelerator="cpu",
+    )
     trainer.fit(CausalLM(), token_data())
-    with pytest.raises(AdapterStateError, match=r"full\.ckpt' is not a lightning_peft adapter checkpoint"):
+    with pytest.raises(
+        AdapterStateError, match=r"full\.ckpt' is not a lightning_peft adapter checkpoint"
+    ):
         resume(tmp_path / "run", plain_dir / "full.ckpt")
 
 
@@ -92,14 +113,25 @@ def test_mixin_refuses_a_mismatch_before_copying_anything(tmp_path, checkpoint):
 
 
 def test_save_weights_only_is_refused_with_the_reason(tmp_path):
-    with pytest.raises(AdapterConfigError, match=r"save_weights_only=True cannot be used .*skips the callbacks' on_save_checkpoint"):
+    with pytest.raises(
+        AdapterConfigError,
+        match=r"save_weights_only=True cannot be used .*skips the callbacks' on_save_checkpoint",
+    ):
         AdapterCheckpoint(dirpath=tmp_path, save_weights_only=True)
     with pytest.raises(ValueError, match=r"ModelCheckpoint: save_weights_only=True cannot be used"):
-        fit(CausalLM(), tmp_path, 1, [PeftCallback(QV_LORA), ModelCheckpoint(dirpath=tmp_path, save_weights_only=True)])
+        fit(
+            CausalLM(),
+            tmp_path,
+            1,
+            [PeftCallback(QV_LORA), ModelCheckpoint(dirpath=tmp_path, save_weights_only=True)],
+        )
 
 
 def test_peft_callback_refuses_what_is_not_an_adapter_config():
-    with pytest.raises(AdapterConfigError, match=r"PeftCallback needs adapter configs such as LoRA\(\.\.\.\), got 'lora'"):
+    with pytest.raises(
+        AdapterConfigError,
+        match=r"PeftCallback needs adapter configs such as LoRA\(\.\.\.\), got 'lora'",
+    ):
         PeftCallback("lora")  # type: ignore[arg-type]
 
 
@@ -108,7 +140,10 @@ def test_an_optimizer_over_frozen_parameters_only_is_refused(tmp_path):
         def configure_optimizers(self):
             return torch.optim.SGD(self.model.lm_head.parameters(), lr=0.1)
 
-    with pytest.raises(AdapterStateError, match=r"configure_optimizers returned optimizers with no trainable parameter"):
+    with pytest.raises(
+        AdapterStateError,
+        match=r"configure_optimizers returned optimizers with no trainable parameter",
+    ):
         fit(HeadOnly(), tmp_path, 1, [PeftCallback(QV_LORA)])
 
 

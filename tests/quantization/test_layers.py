@@ -75,7 +75,10 @@ def test_lora_over_a_quantized_base_starts_equal_and_trains_only_adapters(mode, 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_merging_into_a_quantized_base_requantizes_and_reports_the_error(mode, device, input_ids):
-    model = apply_adapters(quantize_all_linear(tiny_llama().to(device), mode), LoRA(rank=4, target_modules=["q_proj", "v_proj"]))
+    model = apply_adapters(
+        quantize_all_linear(tiny_llama().to(device), mode),
+        LoRA(rank=4, target_modules=["q_proj", "v_proj"]),
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -94,7 +97,8 @@ def test_merging_into_a_quantized_base_requantizes_and_reports_the_error(mode, d
     # Re-quantizing 4 layers costs about what quantizing the float base did in the first place
     # (less for 4-bit; for LLM.int8 on CUDA both are dominated by its activation rounding).
     quantization_cost = relative_difference(
-        logits(quantize_all_linear(tiny_llama().to(device), mode), input_ids), logits(tiny_llama().to(device), input_ids)
+        logits(quantize_all_linear(tiny_llama().to(device), mode), input_ids),
+        logits(tiny_llama().to(device), input_ids),
     )
     assert relative_difference(merged, unmerged) < 1.5 * quantization_cost
 
@@ -107,12 +111,20 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_dora_over_nf4_starts_equal_to_the_nf4_base(device, input_ids):
-    model = apply_adapters(quantize_all_linear(tiny_llama().to(device), "nf4"), LoRA(rank=4, use_dora=True, target_modules=["q_proj"]))
-    assert torch.equal(logits(model, input_ids), logits(quantize_all_linear(tiny_llama().to(device), "nf4"), input_ids))
+    model = apply_adapters(
+        quantize_all_linear(tiny_llama().to(device), "nf4"),
+        LoRA(rank=4, use_dora=True, target_modules=["q_proj"]),
+    )
+    assert torch.equal(
+        logits(model, input_ids),
+        logits(quantize_all_linear(tiny_llama().to(device), "nf4"), input_ids),
+    )
 
 
 def test_quantize_linear_refuses_bad_input():
-    with pytest.raises(ValueError, match=r"quantization mode must be one of \('nf4', 'fp4', 'int8'\), got 'int4'"):
+    with pytest.raises(
+        ValueError, match=r"quantization mode must be one of \('nf4', 'fp4', 'int8'\), got 'int4'"
+    ):
         quantize_linear(torch.nn.Linear(4, 4), "int4")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"needs a float nn.Linear or Conv1D, got Embedding"):
         quantize_linear(torch.nn.Embedding(4, 4))

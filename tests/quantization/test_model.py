@@ -20,14 +20,23 @@ from lightning_peft.quantization import (
 def wide_mlp() -> torch.nn.Sequential:
     """Layers as wide as a small real model's, so constants are measured at realistic sizes."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)], torch.nn.Linear(1024, 10))
+    return torch.nn.Sequential(
+        *[torch.nn.Linear(1024, 1024) for _ in range(4)], torch.nn.Linear(1024, 10)
+    )
 
 
 @pytest.mark.parametrize(
     ("mode", "double_quant", "low", "high"),
-    [("nf4", True, 4.12, 4.14), ("nf4", False, 4.49, 4.51), ("fp4", True, 4.12, 4.14), ("int8", False, 8.0, 8.04)],
+    [
+        ("nf4", True, 4.12, 4.14),
+        ("nf4", False, 4.49, 4.51),
+        ("fp4", True, 4.12, 4.14),
+        ("int8", False, 8.0, 8.04),
+    ],
 )
-def test_quantized_weights_cost_the_bits_per_parameter_of_the_qlora_paper(mode, double_quant, low, high):
+def test_quantized_weights_cost_the_bits_per_parameter_of_the_qlora_paper(
+    mode, double_quant, low, high
+):
     """QLoRA section 2: NF4 with double quantization is 4 + 0.127 bits per parameter."""
     model = quantize_model(wide_mlp(), mode, double_quant=double_quant)
     report = memory_report(model)
@@ -59,19 +68,25 @@ def test_dequantize_model_gives_plain_linear_layers_computing_the_same(input_ids
 
 
 def test_memory_report_counts_adapters_gradients_and_optimizer_state(input_ids):
-    model = apply_adapters(quantize_model(tiny_llama(), "nf4"), LoRA(rank=4, target_modules=["q_proj", "v_proj"]))
+    model = apply_adapters(
+        quantize_model(tiny_llama(), "nf4"), LoRA(rank=4, target_modules=["q_proj", "v_proj"])
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     model(input_ids=input_ids, labels=input_ids).loss.backward()
     optimizer.step()
     report = memory_report(model, optimizer)
     adapter_bytes = 1792 * 4
     assert report.bytes["adapters"] == report.bytes["gradients"] == adapter_bytes
-    assert report.bytes["optimizer state"] == 2 * adapter_bytes + 8 * 4  # exp_avg, exp_avg_sq, steps
+    assert (
+        report.bytes["optimizer state"] == 2 * adapter_bytes + 8 * 4
+    )  # exp_avg, exp_avg_sq, steps
     assert report.base_parameters == sum(p.numel() for p in tiny_llama().parameters())
 
 
 def test_unknown_optimizer_names_are_refused_and_frozen_params_dropped():
-    with pytest.raises(ValueError, match=r"optimizer must be one of \('paged_adamw_8bit'.*got 'lion'"):
+    with pytest.raises(
+        ValueError, match=r"optimizer must be one of \('paged_adamw_8bit'.*got 'lion'"
+    ):
         optimizer_class("lion")
     model = apply_adapters(tiny_llama(), LoRA(rank=4, target_modules=["q_proj"]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)

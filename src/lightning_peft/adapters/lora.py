@@ -180,12 +180,16 @@ class LoRALinear(nn.Module):
             hidden = F.linear(x, lora_a)  # (..., rank)
             flat_out = out.reshape(-1, out.shape[-1])  # (tokens, out)
             flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (tokens, rank)
-            return torch.addmm(flat_out, flat_hidden, lora_b.t(), alpha=self.scaling).view(out.shape)
+            return torch.addmm(flat_out, flat_hidden, lora_b.t(), alpha=self.scaling).view(
+                out.shape
+            )
         update = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * self.scaling
         return out + update.to(out.dtype)
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(x, self.dropout_p, training=True) if self.dropout_p and self.training else x
+        return (
+            F.dropout(x, self.dropout_p, training=True) if self.dropout_p and self.training else x
+        )
 
     def _dora_update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``m/||W'|| · (W0 x + s B A x) - W0 x``: what DoRA adds to the base output."""
@@ -217,7 +221,9 @@ class LoRALinear(nn.Module):
         weight = dequantize(self.base_layer).float() + self.delta_weight()
         if self.lora_magnitude is not None:
             self._merged_row_norm = torch.linalg.norm(weight, dim=1)
-            weight = weight * (self.lora_magnitude[self.adapter_name] / self._merged_row_norm).view(-1, 1)
+            weight = weight * (self.lora_magnitude[self.adapter_name] / self._merged_row_norm).view(
+                -1, 1
+            )
         error = write_weight_(self.base_layer, weight)
         self.merged = True
         return error
@@ -229,7 +235,9 @@ class LoRALinear(nn.Module):
             return 0.0
         weight = dequantize(self.base_layer).float()
         if self.lora_magnitude is not None:
-            weight = weight * (self._merged_row_norm / self.lora_magnitude[self.adapter_name]).view(-1, 1)
+            weight = weight * (self._merged_row_norm / self.lora_magnitude[self.adapter_name]).view(
+                -1, 1
+            )
         error = write_weight_(self.base_layer, weight - self.delta_weight())
         self.merged = False
         self._merged_row_norm = None

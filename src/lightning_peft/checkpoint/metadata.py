@@ -65,7 +65,9 @@ def adapter_configs(model: nn.Module) -> list[dict[str, Any]]:
         name = getattr(module, "adapter_name", "default")
         if config is None or (name, config) in seen:
             continue
-        fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+        fields = {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+        }
         seen[(name, config)] = {"method": type(config).__name__, "name": name, **fields}
     return list(seen.values())
 
@@ -134,9 +136,11 @@ def check_optimizer_names(saved: list[list[str]], current: list[list[str]], sour
     if len(saved) != len(current):
         detail = f"it has {len(saved)} optimizer(s), the run has {len(current)}"
     else:
-        index = next(i for i, (a, b) in enumerate(zip(saved, current)) if a != b)
+        index = next(i for i, (a, b) in enumerate(zip(saved, current, strict=True)) if a != b)
         a, b = saved[index], current[index]
-        position = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        position = next(
+            (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+        )
         detail = (
             f"optimizer {index} has {len(a)} parameters in the checkpoint and {len(b)} now; "
             f"at position {position} the checkpoint has {a[position] if position < len(a) else '(none)'!r}, "

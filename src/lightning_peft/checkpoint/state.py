@@ -78,7 +78,9 @@ def is_adapter_only(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
 def _key_mismatch_message(missing: list[str], unexpected: list[str]) -> str:
     lines = ["adapter state dict does not fit the model's adapters:"]
     if missing:
-        lines.append(f"  missing from the state dict ({len(missing)}): {', '.join(missing[:_SHOWN])}{_more(missing)}")
+        lines.append(
+            f"  missing from the state dict ({len(missing)}): {', '.join(missing[:_SHOWN])}{_more(missing)}"
+        )
     if unexpected:
         lines.append(
             f"  not adapters of this model ({len(unexpected)}): {', '.join(unexpected[:_SHOWN])}{_more(unexpected)}"

@@ -9,4 +9,10 @@ from lightning_peft.lightning.trainer import Trainer
 
 __all__ = [
     "AdapterModelParallelStrategy",
-    "AdapterCheckpoint", "PeftCallback", "PeftMixin", "PeftModelSummary", "PeftPrecision", "Trainer"]
+    "AdapterCheckpoint",
+    "PeftCallback",
+    "PeftMixin",
+    "PeftModelSummary",
+    "PeftPrecision",
+    "Trainer",
+]

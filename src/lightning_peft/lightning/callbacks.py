@@ -51,7 +51,9 @@ class _AdapterCheckpointHooks(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        weights_only = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "save_weights_only", False)]
+        weights_only = [
+            cb for cb in trainer.checkpoint_callbacks if getattr(cb, "save_weights_only", False)
+        ]
         if weights_only:
             raise AdapterConfigError(f"{type(weights_only[0]).__name__}: {_WEIGHTS_ONLY_REFUSED}")
         accept_adapter_only_loading(pl_module)
@@ -79,7 +81,6 @@ class _AdapterCheckpointHooks(Callback):
         super().on_fit_start(trainer, pl_module)
 
 
-
 class PeftCallback(_AdapterCheckpointHooks):
     """Attach adapters to an existing LightningModule and keep its checkpoints adapter-only.
 
@@ -103,7 +104,12 @@ class PeftCallback(_AdapterCheckpointHooks):
         trainer = L.Trainer(callbacks=[PeftCallback(LoRA(rank=8, target_modules="all-linear"))])
     """
 
-    def __init__(self, adapters: AdapterConfig | Sequence[AdapterConfig] | None = None, *, name: str = "default") -> None:
+    def __init__(
+        self,
+        adapters: AdapterConfig | Sequence[AdapterConfig] | None = None,
+        *,
+        name: str = "default",
+    ) -> None:
         super().__init__()
         if adapters is None:
             configs = []

@@ -42,7 +42,11 @@ def optimizer_param_names(trainer: pl.Trainer | None, module: nn.Module) -> list
         return []
     names = {id(param): name for name, param in module.named_parameters()}
     return [
-        [names.get(id(param), "<not a parameter of the module>") for group in optimizer.param_groups for param in group["params"]]
+        [
+            names.get(id(param), "<not a parameter of the module>")
+            for group in optimizer.param_groups
+            for param in group["params"]
+        ]
         for optimizer in trainer.optimizers
     ]
 
@@ -61,7 +65,9 @@ def write_adapter_only_(checkpoint: dict[str, Any], module: pl.LightningModule) 
             "write: attach them with PeftCallback, PeftMixin or apply_adapters first"
         )
     state = checkpoint.get("state_dict", {})
-    checkpoint["state_dict"] = {k: state[k] if k in state else module.get_parameter(k).detach() for k in keys}
+    checkpoint["state_dict"] = {
+        k: state[k] if k in state else module.get_parameter(k).detach() for k in keys
+    }
     metadata = build_metadata(module, keys, optimizer_param_names(module._trainer, module))
     metadata["rng"] = rng_state()
     checkpoint[METADATA_KEY] = metadata
@@ -75,7 +81,9 @@ def check_if_adapter_only(module: nn.Module, state_dict: dict[str, Any]) -> bool
     return True
 
 
-def _check_before_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+def _check_before_load(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
     if prefix == "":  # the LightningModule itself, called once before any child loads
         check_if_adapter_only(module, state_dict)
 
@@ -105,14 +113,18 @@ def keep_trainable_in_optimizers_(trainer: pl.Trainer, module: nn.Module) -> Non
     for optimizer in trainer.optimizers:
         for group in optimizer.param_groups:
             group["params"] = [param for param in group["params"] if param.requires_grad]
-    in_optimizers = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+    in_optimizers = {
+        id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]
+    }
     if not in_optimizers:
         raise AdapterStateError(
             "configure_optimizers returned optimizers with no trainable parameter. Adapters are "
             "attached before configure_optimizers runs: build the optimizer from "
             "self.parameters() (frozen ones are dropped) or from the parameters that require grad."
         )
-    left_out = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in in_optimizers]
+    left_out = [
+        n for n, p in module.named_parameters() if p.requires_grad and id(p) not in in_optimizers
+    ]
     if left_out:
         rank_zero_warn(
             f"{len(left_out)} trainable tensors are in no optimizer and will not train, e.g. "
@@ -138,8 +150,14 @@ class ResumeChecks:
         self._source = "the checkpoint"
         self._optimizers_ready = False
 
-    def on_load(self, trainer: pl.Trainer | None, module: nn.Module, checkpoint: dict[str, Any]) -> None:
-        source = f"checkpoint {str(trainer.ckpt_path)!r}" if trainer is not None and trainer.ckpt_path else "the checkpoint"
+    def on_load(
+        self, trainer: pl.Trainer | None, module: nn.Module, checkpoint: dict[str, Any]
+    ) -> None:
+        source = (
+            f"checkpoint {str(trainer.ckpt_path)!r}"
+            if trainer is not None and trainer.ckpt_path
+            else "the checkpoint"
+        )
         metadata = read_metadata(checkpoint, source)
         check_base_fingerprint(metadata, module, source)
         self._metadata, self._source = metadata, source

@@ -15,7 +15,10 @@ from lightning_peft.injection import adapter_parameter_names
 
 def adapter_layout(module: nn.Module) -> str:
     """A hash of the adapter tensors' names and shapes."""
-    layout = [f"{name}:{tuple(module.get_parameter(name).shape)}" for name in adapter_parameter_names(module)]
+    layout = [
+        f"{name}:{tuple(module.get_parameter(name).shape)}"
+        for name in adapter_parameter_names(module)
+    ]
     return hashlib.sha256("\n".join(layout).encode()).hexdigest()
 
 
@@ -34,7 +37,10 @@ def check_ranks_agree(trainer: pl.Trainer, module: nn.Module) -> None:
     everyone: list[tuple[str, str] | None] = [None] * distributed.get_world_size()
     distributed.all_gather_object(everyone, mine)
     problems = []
-    for what, index in (("frozen base (weights and quantization constants)", 0), ("adapter layout", 1)):
+    for what, index in (
+        ("frozen base (weights and quantization constants)", 0),
+        ("adapter layout", 1),
+    ):
         values = [entry[index] for entry in everyone]
         if len(set(values)) > 1:
             per_rank = ", ".join(f"rank {rank}: {value[:12]}" for rank, value in enumerate(values))

@@ -86,9 +86,10 @@ class PeftMixin:
         self._resume_checks().on_fit_start(self.trainer, self)
         super().on_fit_start()
 
-
     @override
-    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:
+    def load_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False
+    ) -> Any:
         """An adapter-only state dict loads strictly into the adapters (keys and shapes
         checked before anything is copied); any other state dict loads as usual.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
@@ -95,11 +95,19 @@ class PeftPrecision(MixedPrecision):
         if compute not in COMPUTES:
             problems.append(f"compute must be one of {COMPUTES}, got {compute!r}")
         if optimizer is not None and optimizer not in OPTIMIZER_NAMES:
-            problems.append(f"optimizer must be None or one of {OPTIMIZER_NAMES}, got {optimizer!r}")
-        if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
+            problems.append(
+                f"optimizer must be None or one of {OPTIMIZER_NAMES}, got {optimizer!r}"
+            )
+        if (
+            isinstance(blocksize, bool)
+            or not isinstance(blocksize, int)
+            or blocksize not in (64, 128, 256, 512, 1024, 2048, 4096)
+        ):
             problems.append(f"blocksize must be a power of two from 64 to 4096, got {blocksize!r}")
         if adapters is not None and not hasattr(adapters, "wrap"):
-            problems.append(f"adapters must be an adapter config such as LoRA(...), got {adapters!r}")
+            problems.append(
+                f"adapters must be an adapter config such as LoRA(...), got {adapters!r}"
+            )
         if problems:
             raise AdapterConfigError("invalid PeftPrecision:\n  - " + "\n  - ".join(problems))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -150,7 +158,9 @@ class PeftPrecision(MixedPrecision):
         return super().forward_context()
 
     @override
-    def connect(self, model: nn.Module, optimizers: list, lr_schedulers: list) -> tuple[nn.Module, list, list]:
+    def connect(
+        self, model: nn.Module, optimizers: list, lr_schedulers: list
+    ) -> tuple[nn.Module, list, list]:
         if self.optimizer is None:
             return model, optimizers, lr_schedulers
         rebuilt = []
@@ -188,7 +198,9 @@ def split_precision_flag(value: str) -> tuple[str, str] | None:
     return None
 
 
-def prepare_base_for_precision(trainer: pl.Trainer | None, module: nn.Module) -> PeftPrecision | None:
+def prepare_base_for_precision(
+    trainer: pl.Trainer | None, module: nn.Module
+) -> PeftPrecision | None:
     """If ``trainer`` runs a :class:`PeftPrecision`, quantize ``module``'s base now, on the
     device it will train on, and return the plugin (whose adapters apply by default)."""
     plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None

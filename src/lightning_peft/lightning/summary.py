@@ -20,7 +20,10 @@ class _RealCountSummary(summary_module.ModelSummary):
     @property
     @override
     def param_nums(self) -> list[int]:
-        return [sum(real_numel(p) for p in layer._module.parameters()) for layer in self._layer_summary.values()]
+        return [
+            sum(real_numel(p) for p in layer._module.parameters())
+            for layer in self._layer_summary.values()
+        ]
 
     @property
     @override
@@ -62,4 +65,6 @@ def use_real_parameter_counts(trainer: pl.Trainer) -> None:
     for index, callback in enumerate(trainer.callbacks):
         replacement = _REPLACEMENTS.get(type(callback))
         if replacement is not None:
-            trainer.callbacks[index] = replacement(max_depth=callback._max_depth, **callback._summarize_kwargs)
+            trainer.callbacks[index] = replacement(
+                max_depth=callback._max_depth, **callback._summarize_kwargs
+            )

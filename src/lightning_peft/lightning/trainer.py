@@ -20,14 +20,35 @@ class Trainer(pl.Trainer):
     adapters exist before a checkpoint is restored and checkpoints stay adapter-only.
     """
 
-    def __init__(self, *args: Any, precision: Any = None, plugins: Any = None, callbacks: Any = None, **kwargs: Any) -> None:
-        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else ([plugins] if plugins else [])
-        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else ([callbacks] if callbacks else [])
+    def __init__(
+        self,
+        *args: Any,
+        precision: Any = None,
+        plugins: Any = None,
+        callbacks: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        plugins = (
+            list(plugins) if isinstance(plugins, (list, tuple)) else ([plugins] if plugins else [])
+        )
+        callbacks = (
+            list(callbacks)
+            if isinstance(callbacks, (list, tuple))
+            else ([callbacks] if callbacks else [])
+        )
         flag = split_precision_flag(precision) if isinstance(precision, str) else None
         if flag is not None:
             plugins.append(PeftPrecision(*flag))
             precision = None
         has_peft_precision = any(isinstance(plugin, PeftPrecision) for plugin in plugins)
-        if has_peft_precision and not any(isinstance(callback, PeftCallback) for callback in callbacks):
+        if has_peft_precision and not any(
+            isinstance(callback, PeftCallback) for callback in callbacks
+        ):
             callbacks.append(PeftCallback())
-        super().__init__(*args, precision=precision, plugins=plugins or None, callbacks=callbacks or None, **kwargs)
+        super().__init__(
+            *args,
+            precision=precision,
+            plugins=plugins or None,
+            callbacks=callbacks or None,
+            **kwargs,
+        )

@@ -75,7 +75,11 @@ def is_quantized(layer: nn.Module) -> bool:
     linear4bit, linear8bit = _linear4bit_class(), _linear8bit_class()
     if linear4bit is not None and isinstance(layer, linear4bit):
         return True
-    return linear8bit is not None and isinstance(layer, linear8bit) and layer.weight.dtype == torch.int8
+    return (
+        linear8bit is not None
+        and isinstance(layer, linear8bit)
+        and layer.weight.dtype == torch.int8
+    )
 
 
 def in_out_features(layer: nn.Module) -> tuple[int, int]:

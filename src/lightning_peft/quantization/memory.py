@@ -47,8 +47,12 @@ class MemoryReport:
         """A markdown table: component, MiB, bits per base parameter."""
         lines = ["| component | MiB | bits/param |", "|---|---:|---:|"]
         for component in COMPONENTS:
-            lines.append(f"| {component} | {self.bytes[component] / 2**20:.3f} | {self.bits_per_parameter(component):.3f} |")
-        lines.append(f"| **total** | {self.total_bytes / 2**20:.3f} | {self.bits_per_parameter():.3f} |")
+            lines.append(
+                f"| {component} | {self.bytes[component] / 2**20:.3f} | {self.bits_per_parameter(component):.3f} |"
+            )
+        lines.append(
+            f"| **total** | {self.total_bytes / 2**20:.3f} | {self.bits_per_parameter():.3f} |"
+        )
         return "\n".join(lines)
 
 
@@ -89,7 +93,9 @@ def _quantized_weight_bytes(layer: nn.Module) -> int:
     weight = layer.weight
     total = weight.numel() * weight.element_size()
     quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None:  # 4-bit: absmax (+ nested absmax and code book), quant map, metadata
+    if (
+        quant_state is not None
+    ):  # 4-bit: absmax (+ nested absmax and code book), quant map, metadata
         for value in quant_state.as_dict(packed=True).values():
             if isinstance(value, torch.Tensor):
                 total += value.numel() * value.element_size()

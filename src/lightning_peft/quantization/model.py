@@ -101,7 +101,13 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
             continue
         in_features, out_features = in_out_features(module)
         weight = dequantize(module).to(dtype)
-        linear = nn.Linear(in_features, out_features, bias=module.bias is not None, device=weight.device, dtype=dtype)
+        linear = nn.Linear(
+            in_features,
+            out_features,
+            bias=module.bias is not None,
+            device=weight.device,
+            dtype=dtype,
+        )
         with torch.no_grad():
             linear.weight.copy_(weight)
             if module.bias is not None:

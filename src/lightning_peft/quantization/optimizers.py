@@ -32,7 +32,9 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     }[name]
 
 
-def rebuild_optimizer(optimizer: torch.optim.Optimizer, name: str, **kwargs: Any) -> torch.optim.Optimizer:
+def rebuild_optimizer(
+    optimizer: torch.optim.Optimizer, name: str, **kwargs: Any
+) -> torch.optim.Optimizer:
     """A new optimizer of kind ``name`` over ``optimizer``'s trainable parameters.
 
     Each parameter group keeps its learning rate, betas, eps and weight decay (and the
