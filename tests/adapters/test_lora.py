@@ -206,3 +206,16 @@ def test_the_wrapper_answers_for_its_base_layer_attributes():
     assert layer.weight is layer.base_layer.weight and layer.in_features == 64
     with pytest.raises(AttributeError):
         layer.no_such_attribute  # noqa: B018
+
+
+def test_under_autocast_the_input_is_cast_once_and_the_result_is_what_autocast_gives():
+    torch.manual_seed(0)
+    layer = LoRA(rank=2, alpha=4).wrap(torch.nn.Linear(16, 8))
+    torch.nn.init.normal_(layer.lora_b.weight)
+    x = torch.randn(3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        base = layer.base_layer(x)
+        update = torch.nn.functional.linear(torch.nn.functional.linear(x, layer.lora_a.weight), layer.lora_b.weight)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), (base + 2.0 * update).float(), rtol=2e-2, atol=2e-2)

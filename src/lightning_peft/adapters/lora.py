@@ -164,6 +164,7 @@ class LoRALinear(nn.Module):
         return (self.lora_b.weight @ self.lora_a.weight) * self.scaling
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        x = self._cast_once_for_autocast(x)
         out = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return out
@@ -185,6 +186,22 @@ class LoRALinear(nn.Module):
             )
         update = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * self.scaling
         return out + update.to(out.dtype)
+
+    def _cast_once_for_autocast(self, x: torch.Tensor) -> torch.Tensor:
+        """Under autocast, cast the input to the autocast dtype once, for base and adapter.
+
+        Both would cast it anyway (autocast for ``nn.Linear`` and the adapter, bitsandbytes to
+        its ``compute_dtype``): one copy instead of two, forward and backward. Only when the
+        base computes in that dtype, so the base's result is what it would have been.
+        """
+        device_type = x.device.type
+        if not torch.is_autocast_enabled(device_type) or not x.is_floating_point():
+            return x
+        dtype = torch.get_autocast_dtype(device_type)
+        base_dtype = getattr(self.base_layer, "compute_dtype", None)
+        if type(self.base_layer) is nn.Linear or base_dtype == dtype:
+            return x.to(dtype)
+        return x
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         return (
