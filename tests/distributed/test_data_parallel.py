@@ -71,54 +71,37 @@ def test_data_parallel_training_matches_one_process(runs, strategy, design, base
     assert_same_adapters(runs("--strategy", "single", *common), distributed)
 
 
+def save_at_step_3(
+    tmp_path: Path, strategy: str, *args: str
+) -> tuple[Path, subprocess.CompletedProcess]:
+    """Train 3 steps with an AdapterCheckpoint at step 3; return its path and the run."""
+    options = ("--steps", "3", "--save-every", "3", "--ckpt-dir", str(tmp_path))
+    result = run_worker(tmp_path / "first.pt", "--strategy", strategy, *args, *options)
+    return tmp_path / "step=3.ckpt", result
+
+
+def resume_to_step_6(tmp_path: Path, strategy: str, checkpoint: Path) -> dict:
+    out = tmp_path / "resumed.pt"
+    run_worker(out, "--strategy", strategy, "--steps", "6", "--resume", str(checkpoint))
+    return torch.load(out, weights_only=True)
+
+
 def test_ddp_spawn_with_the_callback_trains_in_the_workers_and_says_where_the_adapters_are(
     runs, tmp_path
 ):
-    out = tmp_path / "spawn.pt"
-    result = run_worker(
-        out,
-        "--strategy",
-        "ddp_spawn",
-        "--base",
-        "nf4",
-        "--steps",
-        "3",
-        "--save-every",
-        "3",
-        "--ckpt-dir",
-        str(tmp_path),
-    )
+    checkpoint, result = save_at_step_3(tmp_path, "ddp_spawn", "--base", "nf4")
     assert "Read them from an AdapterCheckpoint" in result.stderr
-    saved = {"adapters": torch.load(tmp_path / "step=3.ckpt", weights_only=True)["state_dict"]}
+    saved = {"adapters": torch.load(checkpoint, weights_only=True)["state_dict"]}
     assert_same_adapters(runs("--strategy", "single", "--base", "nf4", "--steps", "3"), saved)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_resume_from_an_adapter_checkpoint_is_exact(runs, strategy, tmp_path):
     straight = runs("--strategy", strategy, "--steps", "6")
-    run_worker(
-        tmp_path / "first.pt",
-        "--strategy",
-        strategy,
-        "--steps",
-        "3",
-        "--save-every",
-        "3",
-        "--ckpt-dir",
-        str(tmp_path),
-    )
-    checkpoint = torch.load(tmp_path / "step=3.ckpt", weights_only=True)
-    assert set(checkpoint["state_dict"]) == set(straight["adapters"])  # one file, adapters only
-    run_worker(
-        tmp_path / "resumed.pt",
-        "--strategy",
-        strategy,
-        "--steps",
-        "6",
-        "--resume",
-        str(tmp_path / "step=3.ckpt"),
-    )
-    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    checkpoint, _ = save_at_step_3(tmp_path, strategy)
+    saved = torch.load(checkpoint, weights_only=True)
+    assert set(saved["state_dict"]) == set(straight["adapters"])  # one file, adapters only
+    resumed = resume_to_step_6(tmp_path, strategy, checkpoint)
     assert resumed["losses"] == straight["losses"][3:]
     assert_same_adapters(straight, resumed, rtol=0, atol=0)
 
@@ -129,27 +112,8 @@ def test_resume_from_an_adapter_checkpoint_is_exact(runs, strategy, tmp_path):
 def test_checkpoints_move_between_one_process_and_data_parallel_runs(
     runs, saved_by, resumed_by, tmp_path
 ):
-    run_worker(
-        tmp_path / "first.pt",
-        "--strategy",
-        saved_by,
-        "--steps",
-        "3",
-        "--save-every",
-        "3",
-        "--ckpt-dir",
-        str(tmp_path),
-    )
-    run_worker(
-        tmp_path / "resumed.pt",
-        "--strategy",
-        resumed_by,
-        "--steps",
-        "6",
-        "--resume",
-        str(tmp_path / "step=3.ckpt"),
-    )
-    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    checkpoint, _ = save_at_step_3(tmp_path, saved_by)
+    resumed = resume_to_step_6(tmp_path, resumed_by, checkpoint)
     assert resumed["step"] == 6
     assert_same_adapters(runs("--strategy", resumed_by, "--steps", "6"), resumed)
 
