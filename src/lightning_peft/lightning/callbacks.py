@@ -15,7 +15,8 @@ from typing_extensions import override
 
 from lightning_peft.checkpoint import partial_path
 from lightning_peft.errors import AdapterConfigError
-from lightning_peft.injection import AdapterConfig, apply_adapters
+from lightning_peft.injection import AdapterConfig
+from lightning_peft.lightning.attach import as_config_list, attach_adapters_once
 from lightning_peft.lightning.checkpointing import (
     ResumeChecks,
     accept_adapter_only_loading,
@@ -23,7 +24,7 @@ from lightning_peft.lightning.checkpointing import (
 )
 from lightning_peft.lightning.distributed import check_ranks_agree
 from lightning_peft.lightning.mixin import PeftMixin
-from lightning_peft.lightning.precision import default_adapters, prepare_base_for_precision
+from lightning_peft.lightning.precision import PeftPrecision, default_adapters
 from lightning_peft.lightning.summary import use_real_parameter_counts
 
 _WEIGHTS_ONLY_REFUSED = (
@@ -111,10 +112,7 @@ class PeftCallback(_AdapterCheckpointHooks):
         name: str = "default",
     ) -> None:
         super().__init__()
-        if adapters is None:
-            configs = []
-        else:
-            configs = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters]
+        configs = [] if adapters is None else as_config_list(adapters)
         invalid = [c for c in configs if not (hasattr(c, "wrap") and hasattr(c, "target_modules"))]
         if (adapters is not None and not configs) or invalid:
             raise AdapterConfigError(
@@ -122,6 +120,9 @@ class PeftCallback(_AdapterCheckpointHooks):
             )
         self.configs = configs
         self.name = name
+
+    def _configs_for(self, plugin: PeftPrecision | None) -> list[AdapterConfig]:
+        return self.configs or [(plugin.adapters if plugin else None) or default_adapters()]
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -131,12 +132,7 @@ class PeftCallback(_AdapterCheckpointHooks):
                     f"{type(pl_module).__name__} is a PeftMixin and declares its own adapters in "
                     "configure_adapters(); the adapters given to PeftCallback are not attached."
                 )
-        elif not getattr(pl_module, "_lightning_peft_attached", False):
-            plugin = prepare_base_for_precision(trainer, pl_module)
-            configs = self.configs or [(plugin.adapters if plugin else None) or default_adapters()]
-            for config in configs:
-                apply_adapters(pl_module, config, name=self.name)
-            pl_module._lightning_peft_attached = True
+        elif attach_adapters_once(trainer, pl_module, self._configs_for, self.name):
             check_ranks_agree(trainer, pl_module)
             if type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher":
                 rank_zero_warn(_SPAWN_WARNING)

@@ -9,14 +9,14 @@ import torch
 from typing_extensions import override
 
 from lightning_peft.checkpoint import load_adapter_state_dict
-from lightning_peft.injection import AdapterConfig, apply_adapters
+from lightning_peft.injection import AdapterConfig
+from lightning_peft.lightning.attach import as_config_list, attach_adapters_once
 from lightning_peft.lightning.checkpointing import (
     ResumeChecks,
     check_if_adapter_only,
     write_adapter_only_,
 )
 from lightning_peft.lightning.distributed import check_ranks_agree
-from lightning_peft.lightning.precision import prepare_base_for_precision
 from lightning_peft.lightning.summary import use_real_parameter_counts
 
 
@@ -48,21 +48,15 @@ class PeftMixin:
             self.__dict__["_lightning_peft_resume"] = ResumeChecks()
         return self.__dict__["_lightning_peft_resume"]
 
-    def _attach_adapters_once(self) -> None:
-        if self.__dict__.get("_lightning_peft_attached", False):
-            return
-        prepare_base_for_precision(self._trainer, self)
-        configs = self.configure_adapters()
-        for config in configs if isinstance(configs, (list, tuple)) else [configs]:
-            apply_adapters(self, config)
-        self.__dict__["_lightning_peft_attached"] = True
+    def _attach_adapters_once(self) -> bool:
+        return attach_adapters_once(
+            self._trainer, self, lambda plugin: as_config_list(self.configure_adapters())
+        )
 
     @override
     def configure_model(self) -> None:
-        if not self.__dict__.get("_lightning_peft_attached", False):
-            self._attach_adapters_once()
-            if self._trainer is not None:
-                check_ranks_agree(self._trainer, self)
+        if self._attach_adapters_once() and self._trainer is not None:
+            check_ranks_agree(self._trainer, self)
         super().configure_model()
 
     @override

@@ -1,0 +1,40 @@
+"""Quantize (under ``PeftPrecision``) and attach adapters to a LightningModule, once.
+
+Shared by ``PeftCallback.setup`` and ``PeftMixin.configure_model`` / ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import nn
+
+from lightning_peft.injection import AdapterConfig, apply_adapters
+from lightning_peft.lightning.precision import PeftPrecision, prepare_base_for_precision
+
+_ATTACHED = "_lightning_peft_attached"
+
+
+def as_config_list(adapters: Any) -> list[Any]:
+    """One adapter config or a list / tuple of them, as a list."""
+    return list(adapters) if isinstance(adapters, (list, tuple)) else [adapters]
+
+
+def attach_adapters_once(
+    trainer: pl.Trainer | None,
+    module: nn.Module,
+    configs: Callable[[PeftPrecision | None], Sequence[AdapterConfig]],
+    name: str = "default",
+) -> bool:
+    """Quantize ``module``'s base if the Trainer runs ``PeftPrecision``, then attach the
+    adapters ``configs(plugin)`` returns. Does nothing if this already happened; returns
+    whether it happened now."""
+    if module.__dict__.get(_ATTACHED, False):
+        return False
+    plugin = prepare_base_for_precision(trainer, module)
+    for config in configs(plugin):
+        apply_adapters(module, config, name=name)
+    module.__dict__[_ATTACHED] = True
+    return True
