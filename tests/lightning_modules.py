@@ -26,10 +26,16 @@ class CausalLM(L.LightningModule):
     """An ordinary LightningModule: knows nothing about adapters."""
 
     def __init__(
-        self, base_seed: int = 0, nf4: bool = False, reverse_optimizer: bool = False
+        self,
+        base_seed: int = 0,
+        nf4: bool = False,
+        reverse_optimizer: bool = False,
+        bias: bool = False,
+        lr: float = 1e-2,
     ) -> None:
         super().__init__()
-        self.model = tiny_llama(base_seed).train()
+        self.lr = lr
+        self.model = tiny_llama(base_seed, bias=bias).train()
         if nf4:
             quantize_decoder(self.model)
         self.reverse_optimizer = reverse_optimizer
@@ -41,7 +47,7 @@ class CausalLM(L.LightningModule):
         params = list(self.parameters())
         if self.reverse_optimizer:
             params.reverse()
-        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        optimizer = torch.optim.AdamW(params, lr=self.lr)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
         return {
             "optimizer": optimizer,

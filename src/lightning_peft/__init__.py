@@ -2,7 +2,17 @@
 
 from typing import TYPE_CHECKING, Any
 
-from lightning_peft.adapters import LoRA, LoRALinear
+from lightning_peft.adapters import (
+    IA3,
+    BitFit,
+    BottleneckAdapter,
+    LoRA,
+    LoRALinear,
+    PrefixTuning,
+    PromptTuning,
+    Unfreeze,
+    fold_prefix_,
+)
 from lightning_peft.checkpoint import adapter_state_dict, load_adapter_state_dict
 from lightning_peft.counting import ParameterCount, count_parameters
 from lightning_peft.errors import (
@@ -14,6 +24,7 @@ from lightning_peft.errors import (
 )
 from lightning_peft.injection import adapter_parameter_names, apply_adapters
 from lightning_peft.merging import MergeReport, merge_adapters, unmerge_adapters
+from lightning_peft.tfew import RankClassificationAccuracy, tfew_losses
 
 __version__ = "0.1.0"
 
@@ -54,6 +65,9 @@ __all__ = [
     "AdapterConfigError",
     "AdapterStateError",
     "AdapterStateKeyError",
+    "BitFit",
+    "BottleneckAdapter",
+    "IA3",
     "LoRA",
     "LoRALinear",
     "MergeReport",
@@ -62,14 +76,20 @@ __all__ = [
     "PeftMixin",
     "PeftModelSummary",
     "PeftPrecision",
+    "PrefixTuning",
+    "PromptTuning",
+    "RankClassificationAccuracy",
     "TargetModulesError",
     "Trainer",
+    "Unfreeze",
     "UnsupportedLayerError",
     "adapter_parameter_names",
     "adapter_state_dict",
     "apply_adapters",
     "count_parameters",
+    "fold_prefix_",
     "load_adapter_state_dict",
     "merge_adapters",
+    "tfew_losses",
     "unmerge_adapters",
 ]

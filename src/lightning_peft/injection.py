@@ -2,79 +2,168 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Protocol, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol, TypeVar, Union
 
 from torch import nn
 
-from lightning_peft.adapters.protocol import AdapterModule, is_adapter
-from lightning_peft.errors import AdapterConfigError
+from lightning_peft.adapters.protocol import AdapterModule, is_adapter, trained_marks
+from lightning_peft.errors import AdapterConfigError, TargetModulesError
 from lightning_peft.targeting import find_targets
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
-class AdapterConfig(Protocol):
-    """What :func:`apply_adapters` needs from a method's config (``LoRA``, ...)."""
+class LayerAdapterConfig(Protocol):
+    """A method that wraps selected layers (``LoRA``, ``IA3``, ``BottleneckAdapter``)."""
 
     target_modules: str | tuple[str, ...]
     exclude_modules: str | tuple[str, ...]
 
     def can_wrap(self, module: nn.Module) -> bool: ...
 
-    def wrap(self, layer: nn.Module, adapter_name: str = "default") -> nn.Module: ...
+    def wrap(self, layer: nn.Module, adapter_name: str, module_name: str) -> nn.Module: ...
 
 
-def apply_adapters(model: ModelT, config: AdapterConfig, *, name: str = "default") -> ModelT:
-    """Wrap the layers ``config`` targets with adapters, in place, and freeze everything else.
+class ModelAdapterConfig(Protocol):
+    """A method that acts on the model as a whole (``PromptTuning``, ``BitFit``, ...)."""
 
-    Every target is resolved and checked before any module is replaced, so a bad pattern
-    leaves the model untouched. Afterwards exactly the adapter tensors require grad.
+    def check(self, model: nn.Module) -> None:
+        """Raise, without changing ``model``, if the method cannot be attached to it."""
+        ...
+
+    def attach(self, model: nn.Module, adapter_name: str) -> None: ...
+
+
+AdapterConfig = Union[LayerAdapterConfig, ModelAdapterConfig]
+
+
+def apply_adapters(
+    model: ModelT, config: AdapterConfig | Sequence[AdapterConfig], *, name: str = "default"
+) -> ModelT:
+    """Attach the adapters of ``config`` (one config or a list of them), in place, and freeze
+    everything else.
+
+    Several methods combine when they touch different parameters, e.g.
+    ``[LoRA(target_modules=["q_proj"]), BitFit()]``. Every config is checked and every
+    target resolved before any module is replaced, so a bad config leaves the model untouched.
+    Afterwards exactly the adapter tensors require grad.
 
     Returns:
         ``model`` itself, for chaining.
 
     Raises:
-        AdapterConfigError: ``name`` is not a usable adapter name.
-        TargetModulesError: a pattern selects nothing, or only excluded / adapted modules.
+        AdapterConfigError: ``name`` is not a usable adapter name, or ``config`` is not one.
+        TargetModulesError: a pattern selects nothing, or only excluded / adapted modules, or
+            two configs select the same layer.
         UnsupportedLayerError: a selected module is not a layer the method can wrap.
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise AdapterConfigError(f"adapter name must be a Python identifier, got {name!r}")
-    targets = find_targets(
-        model,
-        config.target_modules,
-        config.exclude_modules,
-        can_wrap=config.can_wrap,
-        method=type(config).__name__,
-    )
-    for target in targets:
-        parent_name, _, child_name = target.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child_name, config.wrap(getattr(parent, child_name), name))
+    configs = list(config) if isinstance(config, (list, tuple)) else [config]
+    if not configs:
+        raise AdapterConfigError("apply_adapters got an empty list of adapter configs")
+    plans: list[tuple[Any, list[str]]] = []
+    claimed: dict[str, str] = {}
+    for item in configs:
+        if _is_layer_method(item):
+            targets = find_targets(
+                model,
+                item.target_modules,
+                item.exclude_modules,
+                can_wrap=item.can_wrap,
+                method=type(item).__name__,
+            )
+            _claim(claimed, targets, type(item).__name__)
+            plans.append((item, targets))
+        elif is_adapter_config(item):
+            item.check(model)
+            plans.append((item, []))
+        else:
+            raise AdapterConfigError(
+                f"expected an adapter config (LoRA(...), IA3(...), BitFit(), ...), got {item!r}"
+            )
+    for item, targets in plans:
+        if not targets:
+            item.attach(model, name)
+        for target in targets:
+            parent_name, _, child_name = target.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child_name, item.wrap(getattr(parent, child_name), name, target))
     freeze_base_(model)
     return model
+
+
+def is_adapter_config(config: Any) -> bool:
+    """True for a method config ``apply_adapters`` accepts (``LoRA(...)``, ``BitFit()``, ...)."""
+    return _is_layer_method(config) or (
+        callable(getattr(config, "attach", None)) and callable(getattr(config, "check", None))
+    )
+
+
+def _is_layer_method(config: Any) -> bool:
+    return callable(getattr(config, "wrap", None)) and hasattr(config, "target_modules")
+
+
+def _claim(claimed: dict[str, str], targets: list[str], method: str) -> None:
+    clashes = [t for t in targets if t in claimed]
+    if clashes:
+        raise TargetModulesError(
+            f"{method} and {claimed[clashes[0]]} both select {', '.join(clashes[:5])}; a layer "
+            "takes one wrapping adapter. Narrow target_modules or use exclude_modules."
+        )
+    claimed.update(dict.fromkeys(targets, method))
 
 
 def freeze_base_(model: nn.Module) -> None:
     """Set ``requires_grad`` on exactly the adapter tensors of ``model``."""
     model.requires_grad_(False)
-    for _, module in adapter_modules(model):
-        for param_name in module.adapter_params():
-            module.get_parameter(param_name).requires_grad_(True)
+    for tensor in adapter_parameters(model).values():
+        tensor.requires_grad_(True)
 
 
 def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
-    """``(name, module)`` for each adapter in ``model``, in module order."""
+    """``(name, module)`` for each adapter module in ``model``, in module order."""
     for module_name, module in model.named_modules():
         if is_adapter(module):
             yield module_name, module
 
 
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trained tensors of ``model`` keyed by their ``model.state_dict()`` names, in module
+    order: adapter modules' own tensors and base tensors a method marked as trained (BitFit)."""
+    found: dict[int, tuple[str, nn.Parameter]] = {}
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        names = list(module.adapter_params()) if is_adapter(module) else []
+        for _, tensor_names in trained_marks(module).values():
+            names.extend(tensor_names)
+        for param_name in names:
+            param = module.get_parameter(param_name)
+            found.setdefault(id(param), (prefix + param_name, param))
+    if not found:
+        return {}
+    # A wrapper saves its base layer's tensors under the base's own names (q_proj.bias, not
+    # q_proj.base_layer.bias): name each tensor as the state dict does.
+    state_names: dict[int, str] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        state_names.setdefault(id(tensor), key)
+    return {state_names.get(key, name): param for key, (name, param) in found.items()}
+
+
 def adapter_parameter_names(model: nn.Module) -> list[str]:
     """Full names of the adapter tensors of ``model``: the keys of its adapter state dict."""
-    return [
-        f"{module_name}.{param_name}" if module_name else param_name
-        for module_name, module in adapter_modules(model)
-        for param_name in module.adapter_params()
-    ]
+    return list(adapter_parameters(model))
+
+
+def adapter_configs_attached(model: nn.Module) -> list[tuple[str, Any]]:
+    """``(adapter name, config)`` of every method attached to ``model``, each pair once."""
+    seen: dict[tuple[str, Any], tuple[str, Any]] = {}
+    for _, module in model.named_modules():
+        pairs = [(n, c) for n, (c, _) in trained_marks(module).items()]
+        config = getattr(module, "config", None) if is_adapter(module) else None
+        if config is not None:
+            pairs.append((getattr(module, "adapter_name", "default"), config))
+        for adapter_name, item in pairs:
+            seen.setdefault((adapter_name, item), (adapter_name, item))  # configs are frozen
+    return list(seen.values())

@@ -68,6 +68,7 @@ def find_targets(
     *,
     can_wrap: Callable[[nn.Module], bool] = is_linear_layer,
     method: str = "LoRA",
+    allow_adapted: bool = False,
 ) -> list[str]:
     """Names of the modules of ``model`` that ``target_modules`` selects, in model order.
 
@@ -75,6 +76,8 @@ def find_targets(
         TargetModulesError: a pattern selects no module (the closest names are listed), or
             the exclusions remove every match.
         UnsupportedLayerError: a selected module is not a layer ``method`` can wrap.
+
+    ``allow_adapted`` lets methods that wrap nothing (BitFit) select adapted layers.
     """
     modules = candidate_modules(model)
     names = [name for name in modules if name]  # "" is the model itself
@@ -97,7 +100,7 @@ def find_targets(
             f"{target_modules!r} selected ({', '.join(excluded[:5])}{', ...' if len(excluded) > 5 else ''})"
         )
     adapted = [n for n in kept if is_adapter(modules[n])]
-    if adapted:
+    if adapted and not allow_adapted:
         raise TargetModulesError(
             f"these modules already carry an adapter: {', '.join(adapted[:5])}. A layer takes "
             "one adapter; leave these out with exclude_modules or target other layers."

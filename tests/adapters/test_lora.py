@@ -216,6 +216,8 @@ def test_under_autocast_the_input_is_cast_once_and_the_result_is_what_autocast_g
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
         base = layer.base_layer(x)
-        update = torch.nn.functional.linear(torch.nn.functional.linear(x, layer.lora_a.weight), layer.lora_b.weight)
+        update = torch.nn.functional.linear(
+            torch.nn.functional.linear(x, layer.lora_a.weight), layer.lora_b.weight
+        )
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), (base + 2.0 * update).float(), rtol=2e-2, atol=2e-2)

@@ -130,7 +130,7 @@ def test_save_weights_only_is_refused_with_the_reason(tmp_path):
 def test_peft_callback_refuses_what_is_not_an_adapter_config():
     with pytest.raises(
         AdapterConfigError,
-        match=r"PeftCallback needs adapter configs such as LoRA\(\.\.\.\), got 'lora'",
+        match=r"PeftCallback needs adapter configs such as LoRA\(\.\.\.\), IA3\(\) or BitFit\(\), got .lora.",
     ):
         PeftCallback("lora")  # type: ignore[arg-type]
 

@@ -1,6 +1,28 @@
 """What is trained: one file per method, each a frozen config dataclass and its module."""
 
+from lightning_peft.adapters.bitfit import BitFit, Unfreeze
+from lightning_peft.adapters.bottleneck import BottleneckAdapter, BottleneckLinear
+from lightning_peft.adapters.ia3 import IA3, IA3Linear
 from lightning_peft.adapters.lora import LoRA, LoRALinear
+from lightning_peft.adapters.prefix import PrefixKV, PrefixTuning, fold_prefix_
+from lightning_peft.adapters.prompt import PromptTuning, SoftPrompt
 from lightning_peft.adapters.protocol import AdapterModule, MergeableAdapter, is_adapter
 
-__all__ = ["AdapterModule", "LoRA", "LoRALinear", "MergeableAdapter", "is_adapter"]
+__all__ = [
+    "AdapterModule",
+    "BitFit",
+    "BottleneckAdapter",
+    "BottleneckLinear",
+    "IA3",
+    "IA3Linear",
+    "LoRA",
+    "LoRALinear",
+    "MergeableAdapter",
+    "PrefixKV",
+    "PrefixTuning",
+    "PromptTuning",
+    "SoftPrompt",
+    "Unfreeze",
+    "fold_prefix_",
+    "is_adapter",
+]

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_peft.adapters.wrapper import BaseLayerWrapper
 from lightning_peft.errors import AdapterConfigError
 from lightning_peft.quantization import dequantize, in_out_features, is_linear_layer, write_weight_
 from lightning_peft.targeting import Patterns, normalize_patterns
@@ -88,7 +89,9 @@ class LoRA:
     def can_wrap(self, module: nn.Module) -> bool:
         return is_linear_layer(module)
 
-    def wrap(self, layer: nn.Module, adapter_name: str = "default") -> LoRALinear:
+    def wrap(
+        self, layer: nn.Module, adapter_name: str = "default", module_name: str = ""
+    ) -> LoRALinear:
         return LoRALinear(layer, self, adapter_name)
 
 
@@ -96,20 +99,17 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(BaseLayerWrapper):
     """A linear-like base layer plus one LoRA (or DoRA) update.
 
-    The wrapper's state dict uses the base layer's own key names (``q_proj.weight``, not
-    ``q_proj.base_layer.weight``), so a base model checkpoint loads into an adapted model.
-    Adapter tensors are float32 whatever the base's dtype; inputs are cast to them and the
+    Base tensors keep their own state-dict names (see :class:`BaseLayerWrapper`). Adapter tensors are float32 whatever the base's dtype; inputs are cast to them and the
     update is cast back to the base output's dtype.
     """
 
     def __init__(self, base_layer: nn.Module, config: LoRA, adapter_name: str = "default") -> None:
-        super().__init__()
+        super().__init__(base_layer)
         in_features, out_features = in_out_features(base_layer)
         device = next(base_layer.parameters()).device
-        self.base_layer = base_layer
         self.config = config
         self.adapter_name = adapter_name
         self.scaling = config.scaling
@@ -130,20 +130,6 @@ class LoRALinear(nn.Module):
             norm = torch.linalg.norm(dequantize(base_layer).float(), dim=1)
             self.lora_magnitude = nn.ParameterDict({adapter_name: nn.Parameter(norm)})
         self._merged_row_norm: torch.Tensor | None = None
-        self.register_state_dict_post_hook(_base_keys_without_wrapper)
-        self.register_load_state_dict_pre_hook(_base_keys_into_wrapper)
-
-    def __getattr__(self, name: str) -> Any:
-        # The state dict says ``q_proj.weight`` (the base's own keys), so ``q_proj.weight``
-        # must resolve too: torch.distributed.checkpoint walks attributes by key, and model
-        # code reads ``self.q_proj.weight.dtype``. Anything the wrapper lacks, the base has.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base_layer = self._modules.get("base_layer")
-            if base_layer is None:
-                raise
-            return getattr(base_layer, name)
 
     def adapter_params(self) -> list[str]:
         names = [f"lora_A.{self.adapter_name}.weight", f"lora_B.{self.adapter_name}.weight"]
@@ -266,23 +252,3 @@ class LoRALinear(nn.Module):
             f"{method}(rank={self.lora_a.out_features}, scaling={self.scaling:g}, "
             f"dropout={self.dropout_p:g}, merged={self.merged})"
         )
-
-
-def _base_keys_without_wrapper(
-    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
-) -> None:
-    """State-dict post-hook: ``<prefix>base_layer.weight`` is saved as ``<prefix>weight``."""
-    inner = prefix + "base_layer."
-    for key in [k for k in state_dict if k.startswith(prefix)]:  # keeps their relative order
-        value = state_dict.pop(key)
-        state_dict[prefix + key[len(inner) :] if key.startswith(inner) else key] = value
-
-
-def _base_keys_into_wrapper(
-    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
-) -> None:
-    """Load pre-hook: keys that are not the wrapper's own go to the base layer."""
-    own = set(module._modules) | set(module._parameters) | set(module._buffers)
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        if key[len(prefix) :].split(".", 1)[0] not in own:
-            state_dict[prefix + "base_layer." + key[len(prefix) :]] = state_dict.pop(key)

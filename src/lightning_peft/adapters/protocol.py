@@ -39,3 +39,22 @@ class MergeableAdapter(AdapterModule, Protocol):
 
 def is_adapter(module: nn.Module) -> bool:
     return isinstance(module, AdapterModule)
+
+
+# Methods that train tensors the base already has (BitFit's biases, an unfrozen head) add
+# no module; they mark the module that owns the tensors. The mark is a plain attribute in
+# the module's __dict__, so it survives deepcopy, pickling (ddp_spawn) and FSDP2's class swap.
+_TRAINED_MARK = "_lightning_peft_trained"
+
+
+def mark_trained_(
+    module: nn.Module, tensor_names: tuple[str, ...], config: object, adapter_name: str
+) -> None:
+    """Record that ``module``'s own tensors ``tensor_names`` are trained by ``config``."""
+    marks = module.__dict__.setdefault(_TRAINED_MARK, {})
+    marks[adapter_name] = (config, tuple(tensor_names))
+
+
+def trained_marks(module: nn.Module) -> dict[str, tuple[object, tuple[str, ...]]]:
+    """``{adapter_name: (config, tensor names)}`` marked on ``module`` itself."""
+    return module.__dict__.get(_TRAINED_MARK, {})

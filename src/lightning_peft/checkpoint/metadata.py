@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lightning_peft.errors import AdapterStateError
-from lightning_peft.injection import adapter_modules
+from lightning_peft.injection import adapter_configs_attached
 
 METADATA_KEY = "lightning_peft"
 FORMAT_VERSION = 1
@@ -59,17 +59,16 @@ def _hash_sample(digest: Any, name: str, tensor: torch.Tensor) -> None:
 
 def adapter_configs(model: nn.Module) -> list[dict[str, Any]]:
     """The configs of the adapters attached to ``model``, as plain dicts (one per config)."""
-    seen: dict[tuple[str, Any], dict[str, Any]] = {}
-    for _, module in adapter_modules(model):
-        config = getattr(module, "config", None)
-        name = getattr(module, "adapter_name", "default")
-        if config is None or (name, config) in seen:
-            continue
-        fields = {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
-        }
-        seen[(name, config)] = {"method": type(config).__name__, "name": name, **fields}
-    return list(seen.values())
+    return [
+        {"method": type(config).__name__, "name": name, **_plain_fields(config)}
+        for name, config in adapter_configs_attached(model)
+    ]
+
+
+def _plain_fields(config: Any) -> dict[str, Any]:
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+    }
 
 
 def package_versions() -> dict[str, str]:

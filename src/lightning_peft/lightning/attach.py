@@ -34,7 +34,6 @@ def attach_adapters_once(
     if module.__dict__.get(_ATTACHED, False):
         return False
     plugin = prepare_base_for_precision(trainer, module)
-    for config in configs(plugin):
-        apply_adapters(module, config, name=name)
+    apply_adapters(module, list(configs(plugin)), name=name)
     module.__dict__[_ATTACHED] = True
     return True

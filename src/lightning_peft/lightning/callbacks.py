@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_peft.checkpoint import partial_path
 from lightning_peft.errors import AdapterConfigError
-from lightning_peft.injection import AdapterConfig
+from lightning_peft.injection import AdapterConfig, is_adapter_config
 from lightning_peft.lightning.attach import as_config_list, attach_adapters_once
 from lightning_peft.lightning.checkpointing import (
     ResumeChecks,
@@ -113,16 +113,19 @@ class PeftCallback(_AdapterCheckpointHooks):
     ) -> None:
         super().__init__()
         configs = [] if adapters is None else as_config_list(adapters)
-        invalid = [c for c in configs if not (hasattr(c, "wrap") and hasattr(c, "target_modules"))]
+        invalid = [c for c in configs if not is_adapter_config(c)]
         if (adapters is not None and not configs) or invalid:
             raise AdapterConfigError(
-                f"PeftCallback needs adapter configs such as LoRA(...), got {adapters!r}"
+                "PeftCallback needs adapter configs such as LoRA(...), IA3() or BitFit(), got "
+                f"{adapters!r}"
             )
         self.configs = configs
         self.name = name
 
     def _configs_for(self, plugin: PeftPrecision | None) -> list[AdapterConfig]:
-        return self.configs or [(plugin.adapters if plugin else None) or default_adapters()]
+        return self.configs or as_config_list(
+            (plugin.adapters if plugin else None) or default_adapters()
+        )
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -22,7 +22,12 @@ from typing_extensions import override
 
 from lightning_peft.adapters import LoRA
 from lightning_peft.errors import AdapterConfigError
-from lightning_peft.injection import AdapterConfig, adapter_parameter_names, apply_adapters
+from lightning_peft.injection import (
+    AdapterConfig,
+    adapter_parameter_names,
+    apply_adapters,
+    is_adapter_config,
+)
 from lightning_peft.lightning.checkpointing import write_adapter_only_
 from lightning_peft.quantization import (
     OPTIMIZER_NAMES,
@@ -81,7 +86,7 @@ class PeftPrecision(MixedPrecision):
         mode: PeftMode = "nf4-lora",
         compute: Compute = "32-true",
         *,
-        adapters: AdapterConfig | None = None,
+        adapters: AdapterConfig | Sequence[AdapterConfig] | None = None,
         skip_modules: Sequence[str] = (),
         blocksize: int = 64,
         quant_storage: torch.dtype = torch.uint8,
@@ -104,9 +109,11 @@ class PeftPrecision(MixedPrecision):
             or blocksize not in (64, 128, 256, 512, 1024, 2048, 4096)
         ):
             problems.append(f"blocksize must be a power of two from 64 to 4096, got {blocksize!r}")
-        if adapters is not None and not hasattr(adapters, "wrap"):
+        configs = adapters if isinstance(adapters, (list, tuple)) else [adapters]
+        if adapters is not None and not (configs and all(map(is_adapter_config, configs))):
             problems.append(
-                f"adapters must be an adapter config such as LoRA(...), got {adapters!r}"
+                f"adapters must be an adapter config such as LoRA(...) or a list of them, got "
+                f"{adapters!r}"
             )
         if problems:
             raise AdapterConfigError("invalid PeftPrecision:\n  - " + "\n  - ".join(problems))

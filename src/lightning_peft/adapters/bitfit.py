@@ -1,0 +1,137 @@
+"""Methods that train tensors the base model already has, instead of adding new ones.
+
+``BitFit`` (Ben Zaken et al. 2021) trains only the bias terms: of every layer by default,
+LayerNorm included (§2). ``Unfreeze`` trains whole modules, typically a freshly initialised
+task head (a classifier) next to adapters elsewhere; Hugging Face PEFT calls this
+``modules_to_save``.
+
+Neither adds a module: they mark the modules that own the tensors (see
+:func:`lightning_peft.adapters.protocol.mark_trained_`), so state-dict keys do not change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from lightning_peft.adapters.protocol import is_adapter, mark_trained_
+from lightning_peft.errors import AdapterConfigError, TargetModulesError
+from lightning_peft.targeting import Patterns, candidate_modules, find_targets, normalize_patterns
+
+
+@dataclass(frozen=True)
+class BitFit:
+    """Train the bias terms only.
+
+    Args:
+        target_modules: a regex over module names whose biases train (default: all), or a
+            list of name suffixes.
+        exclude_modules: patterns whose biases stay frozen.
+
+    Raises:
+        AdapterConfigError: an invalid pattern (with the value received).
+    """
+
+    target_modules: Patterns = ".*"
+    exclude_modules: Patterns = ()
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        targets = normalize_patterns(self.target_modules, "target_modules", problems)
+        excludes = normalize_patterns(self.exclude_modules, "exclude_modules", problems)
+        if problems:
+            raise AdapterConfigError("invalid BitFit config:\n  - " + "\n  - ".join(problems))
+        object.__setattr__(self, "target_modules", targets)
+        object.__setattr__(self, "exclude_modules", excludes)
+
+    def check(self, model: nn.Module) -> None:
+        self._biased_modules(model)
+
+    def attach(self, model: nn.Module, adapter_name: str) -> None:
+        for module in self._biased_modules(model):
+            mark_trained_(module, ("bias",), self, adapter_name)
+
+    def _biased_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Modules selected by the patterns that own a bias ``nn.Parameter``."""
+        selected = find_targets(
+            model,
+            self.target_modules,
+            self.exclude_modules,
+            can_wrap=lambda module: True,
+            method="BitFit",
+            allow_adapted=True,
+        )
+        owners = {name: module for name, module in _bias_owners(model)}
+        chosen = [owners[name] for name in selected if name in owners]
+        if not chosen:
+            raise TargetModulesError(
+                f"BitFit found no bias to train in the modules target_modules="
+                f"{self.target_modules!r} selects in {type(model).__name__}: its layers were "
+                "built without bias terms (Llama-style models have none). Pick a model with "
+                "biases, or another method such as LoRA or IA3."
+            )
+        return chosen
+
+
+def _bias_owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` for modules with a bias parameter, an adapter's base layer named as
+    its wrapper (that is the name users and state dicts see)."""
+    owners = []
+    for name, module in candidate_modules(model).items():
+        owner = (
+            module.base_layer if is_adapter(module) and hasattr(module, "base_layer") else module
+        )
+        if isinstance(owner._parameters.get("bias"), nn.Parameter):
+            owners.append((name, owner))
+    return owners
+
+
+@dataclass(frozen=True)
+class Unfreeze:
+    """Train every tensor of the selected modules, e.g. a new classification head.
+
+    Args:
+        target_modules: module-name suffixes (``["classifier"]``) or a regex.
+        exclude_modules: patterns left frozen.
+
+    Raises:
+        AdapterConfigError: an invalid or empty pattern (with the value received).
+    """
+
+    target_modules: Patterns = ()
+    exclude_modules: Patterns = ()
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        targets = normalize_patterns(self.target_modules, "target_modules", problems)
+        excludes = normalize_patterns(self.exclude_modules, "exclude_modules", problems)
+        if targets == () and not problems:
+            problems.append(
+                "target_modules must name the modules to train, e.g. ['classifier'], got ()"
+            )
+        if problems:
+            raise AdapterConfigError("invalid Unfreeze config:\n  - " + "\n  - ".join(problems))
+        object.__setattr__(self, "target_modules", targets)
+        object.__setattr__(self, "exclude_modules", excludes)
+
+    def check(self, model: nn.Module) -> None:
+        self._selected(model)
+
+    def attach(self, model: nn.Module, adapter_name: str) -> None:
+        for module in self._selected(model):
+            names = tuple(name for name, _ in module.named_parameters())
+            mark_trained_(module, names, self, adapter_name)
+
+    def _selected(self, model: nn.Module) -> list[nn.Module]:
+        selected = find_targets(
+            model,
+            self.target_modules,
+            self.exclude_modules,
+            can_wrap=lambda module: True,
+            method="Unfreeze",
+            allow_adapted=True,
+        )
+        # A selected module's children are covered by the module itself.
+        tops = [n for n in selected if not any(n.startswith(p + ".") for p in selected)]
+        return [model.get_submodule(name) for name in tops]

@@ -1,0 +1,66 @@
+"""How prompt and prefix tuning reach a transformers model: hooks on its forward inputs.
+
+Both methods add virtual tokens the caller never sees. A forward pre-hook on the outermost
+transformers model (the one taking ``input_ids``, ``attention_mask``, ``labels``) rewrites
+its keyword arguments; the caller's tensors keep their shapes, also inside ``generate``,
+which calls the same forward step by step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_peft.errors import UnsupportedLayerError
+
+HOOKED_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "past_key_values")
+
+
+def find_transformers_model(model: nn.Module, method: str) -> nn.Module:
+    """The outermost module of ``model`` that is a transformers model with input embeddings.
+
+    Raises:
+        UnsupportedLayerError: ``model`` contains none.
+    """
+    for _, module in model.named_modules():
+        if hasattr(module, "config") and callable(getattr(module, "get_input_embeddings", None)):
+            if isinstance(module.get_input_embeddings(), nn.Embedding):
+                return module
+    raise UnsupportedLayerError(
+        f"{method} needs a transformers model (one with get_input_embeddings() and a config) "
+        f"inside {type(model).__name__}, and found none; wrap a model from "
+        "transformers.AutoModelFor... or use a layer method such as LoRA."
+    )
+
+
+def as_keyword_arguments(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``model.forward``'s positional ``args`` folded into ``kwargs`` by parameter name."""
+    if not args:
+        return dict(kwargs)
+    names = [
+        p.name
+        for p in inspect.signature(model.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return {**dict(zip(names, args, strict=False)), **kwargs}
+
+
+def prepend_ones(mask: torch.Tensor | None, count: int) -> torch.Tensor | None:
+    """A 2D ``(batch, length)`` attention mask with ``count`` attended positions in front."""
+    if mask is None or mask.dim() != 2:
+        return mask
+    return torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
+
+
+def cache_length(past_key_values: Any) -> int:
+    if past_key_values is None:
+        return 0
+    return int(past_key_values.get_seq_length())
+
+
+def text_config(model: nn.Module) -> Any:
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config

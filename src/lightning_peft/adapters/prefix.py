@@ -1,0 +1,231 @@
+"""Prefix tuning (Li & Liang 2021): trainable keys and values in front of every layer's.
+
+Each attention layer ``i`` attends to ``n`` extra positions whose keys and values are
+trained directly, while all weights stay frozen (§4.1)::
+
+    head_i = Attention(x W_q, [P_k^i ; x W_k], [P_v^i ; x W_v])
+
+Optimising ``P`` directly is unstable, so during training it is produced by an MLP from a
+smaller matrix (§4.3, reparametrization); after training only its output is needed, and
+:func:`fold_prefix_` replaces the MLP by that output. The prefix enters the model as a
+filled key/value cache (transformers' ``DynamicCache``), so it works wherever the model
+accepts ``past_key_values``, in training and in ``generate``. Inputs take the positions
+after the prefix, as if ``n`` tokens came first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_peft.adapters.inputs import (
+    as_keyword_arguments,
+    cache_length,
+    find_transformers_model,
+    prepend_ones,
+    text_config,
+)
+from lightning_peft.errors import AdapterConfigError, AdapterStateError, UnsupportedLayerError
+
+CHILD_NAME = "prefix_tuning"
+
+
+@dataclass(frozen=True)
+class PrefixTuning:
+    """Configuration of per-layer key/value prefixes.
+
+    Args:
+        num_virtual_tokens: prefix length ``n``.
+        reparametrize: train the prefix through an MLP (Li & Liang §4.3); fold it away after
+            training with :func:`fold_prefix_`.
+        encoder_hidden_size: the MLP's hidden width (default: the model's hidden size).
+
+    Raises:
+        AdapterConfigError: listing every invalid field with the value received.
+    """
+
+    num_virtual_tokens: int = 20
+    reparametrize: bool = True
+    encoder_hidden_size: int | None = None
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        n = self.num_virtual_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            problems.append(f"num_virtual_tokens must be a positive int, got {n!r}")
+        if not isinstance(self.reparametrize, bool):
+            problems.append(f"reparametrize must be True or False, got {self.reparametrize!r}")
+        width = self.encoder_hidden_size
+        if width is not None and (
+            isinstance(width, bool) or not isinstance(width, int) or width <= 0
+        ):
+            problems.append(f"encoder_hidden_size must be a positive int or None, got {width!r}")
+        if problems:
+            raise AdapterConfigError("invalid PrefixTuning config:\n  - " + "\n  - ".join(problems))
+
+    def check(self, model: nn.Module) -> None:
+        host = find_transformers_model(model, "PrefixTuning")
+        if CHILD_NAME in host._modules:
+            raise AdapterConfigError(
+                f"{type(host).__name__} already has a prefix; a model takes one PrefixTuning"
+            )
+        cache_shape(host)
+        if getattr(host.config, "is_encoder_decoder", False):
+            raise UnsupportedLayerError(
+                f"PrefixTuning supports decoder-only models; {type(host).__name__} is an "
+                "encoder-decoder model"
+            )
+
+    def attach(self, model: nn.Module, adapter_name: str) -> None:
+        host = find_transformers_model(model, "PrefixTuning")
+        prefix = PrefixKV(self, cache_shape(host), adapter_name, host.config)
+        prefix.to(host.get_input_embeddings().weight.device)
+        host.add_module(CHILD_NAME, prefix)
+        host.register_forward_pre_hook(prefix.before_forward, with_kwargs=True)
+
+
+def cache_shape(host: nn.Module) -> tuple[int, int, int, int]:
+    """``(layers, kv_heads, head_dim, hidden)`` of a transformers decoder's attention.
+
+    Raises:
+        UnsupportedLayerError: the config does not say.
+    """
+    config = text_config(host)
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not (layers and heads and hidden):
+        raise UnsupportedLayerError(
+            f"PrefixTuning reads num_hidden_layers, num_attention_heads and hidden_size from the "
+            f"model config, and {type(config).__name__} lacks one of them"
+        )
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return layers, kv_heads, head_dim, hidden
+
+
+class PrefixKV(nn.Module):
+    """The trainable prefix of a model, and the hook that puts it into the key/value cache.
+
+    The prefix is one ``(n, layers · 2 · kv_heads · head_dim)`` matrix, laid out as Hugging
+    Face PEFT lays out its ``past_key_values``: per layer a key block then a value block.
+    """
+
+    def __init__(
+        self,
+        config: PrefixTuning,
+        shape: tuple[int, int, int, int],
+        adapter_name: str,
+        model_config: Any,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.adapter_name = adapter_name
+        self.layers, self.kv_heads, self.head_dim, hidden = shape
+        self.model_config = model_config
+        n = config.num_virtual_tokens
+        width = self.layers * 2 * self.kv_heads * self.head_dim
+        self.folded = not config.reparametrize
+        if config.reparametrize:
+            inner = config.encoder_hidden_size or hidden
+            self.embedding = nn.ParameterDict({adapter_name: nn.Parameter(torch.randn(n, hidden))})
+            self.mlp = nn.ModuleDict(
+                {
+                    adapter_name: nn.Sequential(
+                        nn.Linear(hidden, inner), nn.Tanh(), nn.Linear(inner, width)
+                    )
+                }
+            )
+        else:
+            self.prefix = nn.ParameterDict({adapter_name: nn.Parameter(torch.randn(n, width))})
+
+    def adapter_params(self) -> list[str]:
+        name = self.adapter_name
+        if self.folded:
+            return [f"prefix.{name}"]
+        return [
+            f"embedding.{name}",
+            *(f"mlp.{name}.{p}" for p, _ in self.mlp[name].named_parameters()),
+        ]
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.config.num_virtual_tokens
+
+    def flat_prefix(self) -> torch.Tensor:
+        """``(n, layers · 2 · kv_heads · head_dim)``: the prefix the model attends to."""
+        if self.folded:
+            return self.prefix[self.adapter_name]
+        return self.mlp[self.adapter_name](self.embedding[self.adapter_name])
+
+    def key_values(self, batch: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, keys and values of shape ``(batch, kv_heads, n, head_dim)``."""
+        n = self.num_virtual_tokens
+        blocks = self.flat_prefix().to(dtype).view(n, self.layers * 2, self.kv_heads, self.head_dim)
+        blocks = blocks.permute(1, 2, 0, 3)  # (layers · 2, kv_heads, n, head_dim)
+        return [
+            (blocks[2 * i].expand(batch, -1, -1, -1), blocks[2 * i + 1].expand(batch, -1, -1, -1))
+            for i in range(self.layers)
+        ]
+
+    def before_forward(self, host: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        kwargs = as_keyword_arguments(host, args, kwargs)
+        n = self.num_virtual_tokens
+        kwargs["attention_mask"] = prepend_ones(kwargs.get("attention_mask"), n)
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + n
+        cache = kwargs.get("past_key_values")
+        if cache_length(cache) == 0:
+            kwargs["past_key_values"] = self.filled_cache(cache, kwargs, host)
+        return (), kwargs
+
+    def filled_cache(self, cache: Any, kwargs: dict[str, Any], host: nn.Module) -> Any:
+        """``cache`` (or a new ``DynamicCache``) holding the prefix of every layer."""
+        from transformers import DynamicCache
+
+        reference = kwargs.get("input_ids")
+        if reference is None:
+            reference = kwargs["inputs_embeds"]
+        dtype = host.get_input_embeddings().weight.dtype
+        if cache is None:
+            cache = DynamicCache(config=self.model_config)
+        for layer, (keys, values) in enumerate(self.key_values(reference.shape[0], dtype)):
+            cache.update(keys, values, layer)
+        return cache
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Replace the reparametrization MLP by the prefix it produces (inference, export)."""
+        if self.folded:
+            return
+        prefix = self.flat_prefix().detach().clone()
+        del self.embedding, self.mlp
+        self.prefix = nn.ParameterDict({self.adapter_name: nn.Parameter(prefix)})
+        self.folded = True
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_virtual_tokens={self.num_virtual_tokens}, layers={self.layers}, "
+            f"folded={self.folded}"
+        )
+
+
+def fold_prefix_(model: nn.Module) -> int:
+    """Fold the reparametrization MLP of every prefix in ``model`` into the prefix itself, in
+    place. Afterwards only the prefix tensors are adapter tensors; returns how many folded.
+
+    Raises:
+        AdapterStateError: ``model`` has no prefix.
+    """
+    prefixes = [m for m in model.modules() if isinstance(m, PrefixKV)]
+    if not prefixes:
+        raise AdapterStateError(f"{type(model).__name__} has no PrefixTuning prefix to fold")
+    folded = 0
+    for prefix in prefixes:
+        folded += not prefix.folded
+        prefix.fold()
+        prefix.prefix[prefix.adapter_name].requires_grad_(True)
+    return folded

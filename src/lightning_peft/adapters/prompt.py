@@ -1,0 +1,171 @@
+"""Prompt tuning (Lester et al. 2021): trainable soft-prompt embeddings before the input.
+
+::
+
+    input_ids ──► embed ──► [P_1 ... P_n | e(x_1) ... e(x_T)] ──► frozen transformer
+
+Only the ``n × d`` prompt ``P`` trains (§2). The attention mask gets ``n`` ones in front and
+token labels ``n`` ignored positions (-100), so the model's own loss scores every real token
+(the first one predicted from the prompt's last position, as in Hugging Face PEFT); the
+logits of the prompt positions are dropped again, so outputs line up with ``input_ids``.
+Initialising ``P`` from the embeddings of a text (§3.2, "class label" / vocabulary init)
+makes the adapted model compute exactly what the base computes with that text in front.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lightning_peft.adapters.inputs import (
+    as_keyword_arguments,
+    cache_length,
+    find_transformers_model,
+    prepend_ones,
+)
+from lightning_peft.errors import AdapterConfigError
+
+PromptInit = Literal["random", "text"]
+CHILD_NAME = "prompt_tuning"
+
+
+@dataclass(frozen=True)
+class PromptTuning:
+    """Configuration of a soft prompt.
+
+    Args:
+        num_virtual_tokens: prompt length ``n``.
+        init: ``"random"``: embeddings of ``n`` vocabulary tokens drawn at random (Lester §3.2
+            found this beats uniform noise); ``"text"``: the embeddings of ``init_text``,
+            repeated or cut to ``n`` tokens.
+        init_text: the text for ``init="text"``, e.g. ``"Classify the review as positive or
+            negative:"``.
+        tokenizer_name_or_path: where to load the tokenizer for ``init_text`` from (a local
+            folder; nothing is downloaded when ``HF_HUB_OFFLINE=1``).
+
+    Raises:
+        AdapterConfigError: listing every invalid field with the value received.
+    """
+
+    num_virtual_tokens: int = 20
+    init: PromptInit = "random"
+    init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        n = self.num_virtual_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            problems.append(f"num_virtual_tokens must be a positive int, got {n!r}")
+        if self.init not in ("random", "text"):
+            problems.append(f"init must be 'random' or 'text', got {self.init!r}")
+        if self.init == "text" and not (self.init_text and self.tokenizer_name_or_path):
+            problems.append(
+                "init='text' needs init_text and tokenizer_name_or_path, got "
+                f"init_text={self.init_text!r}, "
+                f"tokenizer_name_or_path={self.tokenizer_name_or_path!r}"
+            )
+        if problems:
+            raise AdapterConfigError("invalid PromptTuning config:\n  - " + "\n  - ".join(problems))
+
+    def check(self, model: nn.Module) -> None:
+        host = find_transformers_model(model, "PromptTuning")
+        if CHILD_NAME in host._modules:
+            raise AdapterConfigError(
+                f"{type(host).__name__} already has a soft prompt; a model takes one PromptTuning"
+            )
+
+    def attach(self, model: nn.Module, adapter_name: str) -> None:
+        host = find_transformers_model(model, "PromptTuning")
+        embedding = host.get_input_embeddings()
+        prompt = SoftPrompt(self, self.initial_prompt(embedding), adapter_name)
+        host.add_module(CHILD_NAME, prompt)
+        host.register_forward_pre_hook(prompt.before_forward, with_kwargs=True)
+        host.register_forward_hook(prompt.after_forward, with_kwargs=True)
+
+    @torch.no_grad()
+    def initial_prompt(self, embedding: nn.Embedding) -> torch.Tensor:
+        """The ``(n, d)`` float32 starting prompt, from ``embedding``'s rows."""
+        n = self.num_virtual_tokens
+        if self.init == "text":
+            token_ids = _text_token_ids(self.init_text, self.tokenizer_name_or_path)
+            ids = torch.tensor((token_ids * (n // len(token_ids) + 1))[:n])
+        else:
+            ids = torch.randint(0, embedding.num_embeddings, (n,))
+        return embedding.weight[ids.to(embedding.weight.device)].float().clone()
+
+
+def _text_token_ids(text: str, tokenizer_name_or_path: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    token_ids = AutoTokenizer.from_pretrained(tokenizer_name_or_path)(
+        text, add_special_tokens=False
+    )["input_ids"]
+    if not token_ids:
+        raise AdapterConfigError(f"init_text {text!r} has no tokens")
+    return token_ids
+
+
+class SoftPrompt(nn.Module):
+    """The trainable prompt of a model and the hooks that put it in front of the input."""
+
+    def __init__(self, config: PromptTuning, prompt: torch.Tensor, adapter_name: str) -> None:
+        super().__init__()
+        self.config = config
+        self.adapter_name = adapter_name
+        self.prompt = nn.ParameterDict({adapter_name: nn.Parameter(prompt)})
+        self._prompted_length = 0  # n + T while a forward with the prompt in front runs
+
+    def adapter_params(self) -> list[str]:
+        return [f"prompt.{self.adapter_name}"]
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.prompt[self.adapter_name].shape[0]
+
+    def before_forward(self, host: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        kwargs = as_keyword_arguments(host, args, kwargs)
+        n = self.num_virtual_tokens
+        kwargs["attention_mask"] = prepend_ones(kwargs.get("attention_mask"), n)
+        self._prompted_length = 0
+        if cache_length(kwargs.get("past_key_values")) > 0:
+            # A later generate step: the prompt is in the cache already.
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = kwargs["position_ids"] + n
+            return (), kwargs
+        embeds = kwargs.pop("inputs_embeds", None)
+        input_ids = kwargs.pop("input_ids", None)
+        if embeds is None:
+            embeds = host.get_input_embeddings()(input_ids)  # (B, T, d)
+        batch, length = embeds.shape[:2]
+        self._prompted_length = n + length
+        prompt = self.prompt[self.adapter_name].to(embeds.dtype).expand(batch, n, -1)
+        kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)  # (B, n + T, d)
+        labels = kwargs.get("labels")
+        if isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] == length:
+            kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
+        positions = kwargs.get("position_ids")
+        if positions is not None:
+            front = torch.arange(n, device=positions.device).expand(positions.shape[0], n)
+            kwargs["position_ids"] = torch.cat([front, positions + n], dim=1)
+        token_types = kwargs.get("token_type_ids")
+        if token_types is not None:
+            kwargs["token_type_ids"] = torch.cat([token_types[:, :1].expand(-1, n), token_types], 1)
+        return (), kwargs
+
+    def after_forward(self, host: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        logits = getattr(output, "logits", None)
+        # Only when every position has logits: generate asks for the last one only.
+        if (
+            isinstance(logits, torch.Tensor)
+            and logits.dim() == 3
+            and self._prompted_length == logits.shape[1]
+        ):
+            output.logits = logits[:, self.num_virtual_tokens :]
+        return output
+
+    def extra_repr(self) -> str:
+        return f"num_virtual_tokens={self.num_virtual_tokens}, init={self.config.init!r}"

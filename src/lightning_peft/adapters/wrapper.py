@@ -1,0 +1,53 @@
+"""What every layer-wrapping adapter shares: the base layer's state-dict keys and attributes.
+
+A wrapper saves its base layer's tensors under the base's own names (``q_proj.weight``, not
+``q_proj.base_layer.weight``), so a base checkpoint loads into an adapted model and an
+adapter-only checkpoint names tensors as the plain model does. Attributes the wrapper lacks
+resolve on the base: model code reads ``self.q_proj.weight.dtype``, and
+torch.distributed.checkpoint walks attributes by state-dict key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+class BaseLayerWrapper(nn.Module):
+    """An ``nn.Module`` holding ``base_layer`` and presenting it as itself to the outside."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.register_state_dict_post_hook(_base_keys_without_wrapper)
+        self.register_load_state_dict_pre_hook(_base_keys_into_wrapper)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base_layer = self._modules.get("base_layer")
+            if base_layer is None:
+                raise
+            return getattr(base_layer, name)
+
+
+def _base_keys_without_wrapper(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    """State-dict post-hook: ``<prefix>base_layer.weight`` is saved as ``<prefix>weight``."""
+    inner = prefix + "base_layer."
+    for key in [k for k in state_dict if k.startswith(prefix)]:  # keeps their relative order
+        value = state_dict.pop(key)
+        state_dict[prefix + key[len(inner) :] if key.startswith(inner) else key] = value
+
+
+def _base_keys_into_wrapper(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """Load pre-hook: keys that are not the wrapper's own go to the base layer."""
+    own = set(module._modules) | set(module._parameters) | set(module._buffers)
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        if key[len(prefix) :].split(".", 1)[0] not in own:
+            state_dict[prefix + "base_layer." + key[len(prefix) :]] = state_dict.pop(key)
