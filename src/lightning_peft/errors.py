@@ -29,3 +29,7 @@ class AdapterStateKeyError(AdapterStateError, KeyError):
     def __str__(self) -> str:
         # KeyError quotes its message; a readable multi-line error is worth more here.
         return str(self.args[0]) if self.args else ""
+
+
+class MissingAssetError(ModuleNotFoundError):
+    """A model or dataset package used by the examples and benchmarks is not installed."""

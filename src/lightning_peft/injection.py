@@ -73,7 +73,9 @@ def apply_adapters(
                 item.exclude_modules,
                 can_wrap=item.can_wrap,
                 method=type(item).__name__,
+                allow_adapted=True,
             )
+            targets = _joinable(model, targets, item, name)
             _claim(claimed, targets, type(item).__name__)
             plans.append((item, targets))
         elif is_adapter_config(item):
@@ -103,6 +105,39 @@ def is_adapter_config(config: Any) -> bool:
 
 def _is_layer_method(config: Any) -> bool:
     return callable(getattr(config, "wrap", None)) and hasattr(config, "target_modules")
+
+
+def _joinable(model: nn.Module, targets: list[str], config: Any, name: str) -> list[str]:
+    """``targets`` minus adapted layers that already hold ``name`` (when ``"all-linear"``
+    selected them); raises for adapted layers the config cannot join."""
+    kept = []
+    for target in targets:
+        module = model.get_submodule(target)
+        if not is_adapter(module):
+            kept.append(target)
+            continue
+        configs = getattr(module, "configs", {})
+        if not (hasattr(module, "add_adapter") and configs) or not isinstance(
+            config, type(next(iter(configs.values())))
+        ):
+            raise TargetModulesError(
+                f"{target} already carries a {type(module).__name__}; a layer takes adapters of "
+                f"one method, and {type(config).__name__} cannot join it. Leave it out with "
+                "exclude_modules or target other layers."
+            )
+        if name not in configs:
+            kept.append(target)
+        elif config.target_modules != "all-linear":
+            raise TargetModulesError(
+                f"{target} already carries an adapter named {name!r}; attach this one under "
+                "another name (apply_adapters(..., name='...')) or delete_adapter first"
+            )
+    if targets and not kept:
+        raise TargetModulesError(
+            f"every layer {type(config).__name__} selects already carries an adapter named "
+            f"{name!r}; attach under another name"
+        )
+    return kept
 
 
 def _claim(claimed: dict[str, str], targets: list[str], method: str) -> None:
@@ -161,9 +196,11 @@ def adapter_configs_attached(model: nn.Module) -> list[tuple[str, Any]]:
     seen: dict[tuple[str, Any], tuple[str, Any]] = {}
     for _, module in model.named_modules():
         pairs = [(n, c) for n, (c, _) in trained_marks(module).items()]
-        config = getattr(module, "config", None) if is_adapter(module) else None
-        if config is not None:
-            pairs.append((getattr(module, "adapter_name", "default"), config))
+        if is_adapter(module):
+            configs = getattr(module, "configs", None)
+            if configs is None and getattr(module, "config", None) is not None:
+                configs = {module.adapter_name: module.config}
+            pairs.extend((configs or {}).items())
         for adapter_name, item in pairs:
             seen.setdefault((adapter_name, item), (adapter_name, item))  # configs are frozen
     return list(seen.values())

@@ -77,13 +77,22 @@ def find_targets(
             the exclusions remove every match.
         UnsupportedLayerError: a selected module is not a layer ``method`` can wrap.
 
-    ``allow_adapted`` lets methods that wrap nothing (BitFit) select adapted layers.
+    ``allow_adapted`` selects adapted layers too (judged by the layer they wrap): BitFit
+    trains their biases, and a second named adapter of the same method joins them.
     """
     modules = candidate_modules(model)
     names = [name for name in modules if name]  # "" is the model itself
     if target_modules == ALL_LINEAR:
         heads = output_head_names(modules)
-        selected = [n for n in names if is_linear_layer(modules[n]) and n not in heads]
+        selected = [
+            n
+            for n in names
+            if n not in heads
+            and (
+                is_linear_layer(modules[n])
+                or (allow_adapted and is_linear_layer(_inner(modules[n])))
+            )
+        ]
         if not selected:
             raise TargetModulesError(
                 f"target_modules='all-linear' found no linear layer besides the output head "
@@ -105,10 +114,15 @@ def find_targets(
             f"these modules already carry an adapter: {', '.join(adapted[:5])}. A layer takes "
             "one adapter; leave these out with exclude_modules or target other layers."
         )
-    unsupported = [n for n in kept if not can_wrap(modules[n])]
+    unsupported = [n for n in kept if not can_wrap(_inner(modules[n]))]
     if unsupported:
         raise UnsupportedLayerError(_unsupported_message(unsupported, modules, method))
     return kept
+
+
+def _inner(module: nn.Module) -> nn.Module:
+    """The layer an adapter wraps (the module itself if it wraps none)."""
+    return getattr(module, "base_layer", module) if is_adapter(module) else module
 
 
 def _check_every_pattern_matched(target_modules: str | tuple[str, ...], names: list[str]) -> None:

@@ -8,7 +8,8 @@ import re
 
 import pytest
 import torch
-from lightning_modules import CausalLM, counting_data, fit
+import lightning_peft
+from lightning_modules import CausalLM, MixinLM, counting_data, fit
 from tiny_models import VOCAB, tiny_llama
 
 from lightning_peft import (
@@ -18,6 +19,7 @@ from lightning_peft import (
     BottleneckAdapter,
     LoRA,
     PeftCallback,
+    PeftPrecision,
     PrefixTuning,
     PromptTuning,
     adapter_parameter_names,
@@ -210,3 +212,26 @@ def test_lightning_resumes_exactly_from_an_adapter_checkpoint(method, base, tmp_
     assert [a["method"] for a in saved["lightning_peft"]["adapters"]] == [
         type(c).__name__ for c in (config if isinstance(config, list) else [config])
     ]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_mixin_under_qlora_precision_resumes_exactly(method, tmp_path):
+    """The mixin declares the method; PeftPrecision quantizes the base to NF4 first and
+    rebuilds the optimizer as paged 8-bit AdamW."""
+    data = lambda: counting_data(n=48)  # noqa: E731
+    module = lambda: MixinLM(adapters=METHODS[method], bias=True)  # noqa: E731
+    options = lambda: dict(  # noqa: E731
+        trainer_class=lightning_peft.Trainer,
+        plugins=[PeftPrecision("nf4-lora", optimizer="paged_adamw_8bit")],
+    )
+    straight = fit(module(), tmp_path / "a", 6, [], data=data(), **options())
+    saver = AdapterCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    fit(module(), tmp_path / "b", 3, [saver], data=data(), **options())
+    checkpoint = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
+    resumed = module()
+    second = fit(
+        resumed, tmp_path / "c", 6, [], data=data(), ckpt_path=str(checkpoint), **options()
+    )
+    assert second.losses == straight.losses[3:]
+    quantized = [m for m in resumed.modules() if type(m).__name__ == "Linear4bit"]
+    assert len(quantized) == 2 * 7  # every linear layer of both blocks, under any adapter

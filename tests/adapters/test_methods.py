@@ -158,7 +158,9 @@ def test_prompt_tuning_extends_labels_so_the_loss_covers_the_real_tokens(input_i
     torch.testing.assert_close(out.logits, expected.logits[:, 5:])
 
 
-def test_prompt_tuning_text_init_uses_the_texts_token_embeddings(tmp_path):
+@pytest.fixture
+def word_tokenizer(tmp_path) -> str:
+    """A saved word-level tokenizer: classify -> 7, the -> 9, review -> 11."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -166,11 +168,15 @@ def test_prompt_tuning_text_init_uses_the_texts_token_embeddings(tmp_path):
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+def test_prompt_tuning_text_init_uses_the_texts_token_embeddings(word_tokenizer):
     config = PromptTuning(
         num_virtual_tokens=5,
         init="text",
         init_text="classify the review",
-        tokenizer_name_or_path=str(tmp_path),
+        tokenizer_name_or_path=word_tokenizer,
     )
     model = apply_adapters(tiny_llama(), config)
     rows = torch.tensor([7, 9, 11, 7, 9])  # repeated to fill 5 virtual tokens
@@ -217,3 +223,24 @@ def test_prefix_over_gpt2_equals_its_tokens_in_front_and_folding_keeps_outputs(i
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(AdapterStateError, match="has no PrefixTuning prefix to fold"):
         fold_prefix_(tiny_gpt2())
+
+
+def test_prefix_text_init_starts_as_the_base_with_that_text_in_front(word_tokenizer, input_ids):
+    base = tiny_llama()
+    config = PrefixTuning(
+        num_virtual_tokens=4,
+        reparametrize=False,
+        init="text",
+        init_text="classify the review",
+        tokenizer_name_or_path=word_tokenizer,
+    )
+    model = apply_adapters(tiny_llama(), config)
+    front = torch.tensor([[7, 9, 11, 7]]).expand(2, -1)
+    with torch.no_grad():
+        expected = base(input_ids=torch.cat([front, input_ids], 1)).logits[:, 4:]
+        torch.testing.assert_close(model(input_ids=input_ids).logits, expected)
+    with pytest.raises(
+        AdapterConfigError,
+        match="init='text' sets the prefix itself, so it needs reparametrize=False",
+    ):
+        PrefixTuning(init="text", init_text="x", tokenizer_name_or_path=word_tokenizer)

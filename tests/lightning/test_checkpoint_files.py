@@ -102,3 +102,31 @@ def test_mixin_counts_and_keeps_working_over_an_nf4_base(tmp_path):
     quantize_decoder(module.model)
     fit(module, tmp_path, 2, [])
     assert count_parameters(module).trainable == 1792
+
+
+def test_export_peft_writes_a_peft_folder_beside_each_kept_checkpoint(tmp_path):
+    from peft import PeftModel
+    from tiny_models import tiny_llama
+
+    saver = AdapterCheckpoint(
+        dirpath=tmp_path,
+        every_n_train_steps=2,
+        save_top_k=1,
+        monitor="step",
+        mode="max",
+        export_peft=True,
+        base_model_name_or_path="tiny-llama",
+    )
+    module = CausalLM()
+    fit(module, tmp_path, 6, [PeftCallback(QV_LORA), saver])
+    folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert folders == ["epoch=1-step=6-peft"]  # the removed checkpoints took theirs along
+    assert (tmp_path / "epoch=1-step=6.ckpt").exists()
+
+    theirs = PeftModel.from_pretrained(tiny_llama(), tmp_path / "epoch=1-step=6-peft")
+    tokens = torch.randint(0, 256, (2, 8))
+    module.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            theirs(input_ids=tokens).logits, module.model(input_ids=tokens).logits
+        )

@@ -128,6 +128,7 @@ class BottleneckLinear(BaseLayerWrapper):
         nn.init.zeros_(up.bias)
         self.adapter_down = nn.ModuleDict({adapter_name: down})
         self.adapter_up = nn.ModuleDict({adapter_name: up})
+        self.disabled = False
 
     def adapter_params(self) -> list[str]:
         name = self.adapter_name
@@ -140,6 +141,8 @@ class BottleneckLinear(BaseLayerWrapper):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return out
         down = self.adapter_down[self.adapter_name]
         up = self.adapter_up[self.adapter_name]
         update = up(self.activation(down(out.to(down.weight.dtype))))

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from lightning_peft.adapters.wrapper import BaseLayerWrapper
-from lightning_peft.errors import AdapterConfigError
+from lightning_peft.adapters.routing import Routing
+from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.quantization import dequantize, in_out_features, is_linear_layer, write_weight_
 from lightning_peft.targeting import Patterns, matches, normalize_patterns
 
@@ -74,12 +75,17 @@ class IA3:
         feedforward = bool(self.feedforward_modules) and matches(
             module_name, self.feedforward_modules
         )
+        if isinstance(layer, IA3Linear):  # another named adapter on an adapted layer
+            layer.add_adapter(self, adapter_name, feedforward=feedforward)
+            return layer
         return IA3Linear(layer, self, adapter_name, feedforward=feedforward)
 
 
 class IA3Linear(BaseLayerWrapper):
     """A linear-like base layer whose output (or, for a feed-forward layer, input) is rescaled
-    by a learned vector ``ia3_l``. State-dict keys of the base stay as they were."""
+    by learned vectors ``ia3_l``, one per named adapter. State-dict keys of the base stay as
+    they were. Active adapters' vectors multiply; under :func:`lightning_peft.mixed_batch`
+    each row gets its own adapter's vector."""
 
     def __init__(
         self,
@@ -90,35 +96,97 @@ class IA3Linear(BaseLayerWrapper):
         feedforward: bool,
     ) -> None:
         super().__init__(base_layer)
-        in_features, out_features = in_out_features(base_layer)
-        device = next(base_layer.parameters()).device
-        shape = (1, in_features) if feedforward else (out_features, 1)
-        self.config = config
-        self.adapter_name = adapter_name
-        self.feedforward = feedforward
+        self.ia3_l = nn.ParameterDict()
+        self.configs: dict[str, IA3] = {}
+        self.feedforward: dict[str, bool] = {}
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.routing: Routing | None = None
         self.merged = False
-        self.ia3_l = nn.ParameterDict(
-            {adapter_name: nn.Parameter(torch.ones(shape, device=device))}
-        )
+        self.add_adapter(config, adapter_name, feedforward=feedforward)
+
+    def add_adapter(self, config: IA3, adapter_name: str, *, feedforward: bool) -> None:
+        """Attach another vector under ``adapter_name`` (initialised to ones); it becomes active."""
+        if self.merged:
+            raise AdapterStateError("unmerge the layer before adding adapters to it")
+        in_features, out_features = in_out_features(self.base_layer)
+        device = next(self.base_layer.parameters()).device
+        shape = (1, in_features) if feedforward else (out_features, 1)
+        self.ia3_l[adapter_name] = nn.Parameter(torch.ones(shape, device=device))
+        self.configs[adapter_name] = config
+        self.feedforward[adapter_name] = feedforward
+        self.active_adapters.append(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        del self.ia3_l[adapter_name]
+        self.configs.pop(adapter_name)
+        self.feedforward.pop(adapter_name)
+        if adapter_name in self.active_adapters:
+            self.active_adapters.remove(adapter_name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.configs)
 
     def adapter_params(self) -> list[str]:
-        return [f"ia3_l.{self.adapter_name}"]
+        return [f"ia3_l.{name}" for name in self.configs]
+
+    @property
+    def adapter_name(self) -> str:
+        if len(self.active_adapters) != 1:
+            raise AdapterStateError(
+                f"this operation needs exactly one active adapter, the layer has "
+                f"{self.active_adapters}; choose one with set_active_adapters(model, [name])"
+            )
+        return self.active_adapters[0]
+
+    @property
+    def config(self) -> IA3:
+        return self.configs[self.adapter_name]
 
     @property
     def vector(self) -> torch.Tensor:
         return self.ia3_l[self.adapter_name]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.merged:
+        if self.merged or self.disabled:
             return self.base_layer(x, *args, **kwargs)
-        if self.feedforward:
-            return self.base_layer(x * self.vector.flatten().to(x.dtype), *args, **kwargs)
+        if self.routing is not None:
+            return self._routed_forward(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if self.feedforward[name]:
+                x = x * self.ia3_l[name].flatten().to(x.dtype)
         out = self.base_layer(x, *args, **kwargs)
-        return out * self.vector.flatten().to(out.dtype)
+        for name in self.active_adapters:
+            if not self.feedforward[name]:
+                out = out * self.ia3_l[name].flatten().to(out.dtype)
+        return out
+
+    def _routed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each row scaled by its own adapter's vectors (ones for adapters the layer lacks)."""
+        routing = self.routing
+        if x.shape[0] != routing.index.shape[0]:
+            raise AdapterStateError(
+                f"mixed_batch was given {routing.index.shape[0]} row adapters, the layer got a "
+                f"batch of {x.shape[0]} rows"
+            )
+        in_features, out_features = in_out_features(self.base_layer)
+        inputs, outputs = [], []
+        for name in routing.names:
+            vector = self.ia3_l[name].flatten() if name in self.configs else None
+            feedforward = self.feedforward.get(name, False)
+            ones_in, ones_out = x.new_ones(in_features), x.new_ones(out_features)
+            inputs.append(vector if vector is not None and feedforward else ones_in)
+            outputs.append(vector if vector is not None and not feedforward else ones_out)
+        index = routing.index.to(x.device)
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)  # (B, 1, ..., features)
+        x = x * torch.stack(inputs)[index].view(shape).to(x.dtype)
+        out = self.base_layer(x, *args, **kwargs)
+        return out * torch.stack(outputs)[index].view(shape).to(out.dtype)
 
     @torch.no_grad()
     def merge(self) -> float:
-        """Fold the vector into the weight (rows and bias, or columns); a no-op if merged."""
+        """Fold the active vector into the weight (rows and bias, or columns); a no-op if merged."""
         if self.merged:
             return 0.0
         error = self._scale_weight_(self.vector.float())
@@ -136,7 +204,7 @@ class IA3Linear(BaseLayerWrapper):
 
     def _scale_weight_(self, factor: torch.Tensor) -> float:
         weight = dequantize(self.base_layer).float()  # (out, in)
-        if self.feedforward:
+        if self.feedforward[self.adapter_name]:
             return write_weight_(self.base_layer, weight * factor.view(1, -1))
         bias = getattr(self.base_layer, "bias", None)
         if bias is not None:
@@ -144,5 +212,8 @@ class IA3Linear(BaseLayerWrapper):
         return write_weight_(self.base_layer, weight * factor.view(-1, 1))
 
     def extra_repr(self) -> str:
-        scaled = "input" if self.feedforward else "output"
-        return f"IA3(scales={scaled}, size={self.vector.numel()}, merged={self.merged})"
+        parts = [
+            f"{name}: scales {'input' if self.feedforward[name] else 'output'}"
+            for name in self.configs
+        ]
+        return f"IA3({', '.join(parts)}, active={self.active_adapters}, merged={self.merged})"

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.errors import UnsupportedLayerError
+from lightning_peft.errors import AdapterConfigError, UnsupportedLayerError
 
 HOOKED_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "past_key_values")
 
@@ -64,3 +64,18 @@ def cache_length(past_key_values: Any) -> int:
 def text_config(model: nn.Module) -> Any:
     config = model.config
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def text_token_ids(text: str, tokenizer_name_or_path: str, count: int) -> torch.Tensor:
+    """The token ids of ``text``, repeated or cut to ``count`` (a text-initialised prompt).
+
+    Raises:
+        AdapterConfigError: the text has no tokens.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path)
+    token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not token_ids:
+        raise AdapterConfigError(f"init_text {text!r} has no tokens")
+    return torch.tensor((token_ids * (count // len(token_ids) + 1))[:count])

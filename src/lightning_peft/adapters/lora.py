@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft.adapters.wrapper import BaseLayerWrapper
-from lightning_peft.errors import AdapterConfigError
+from lightning_peft.adapters.routing import Routing
+from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.quantization import dequantize, in_out_features, is_linear_layer, write_weight_
 from lightning_peft.targeting import Patterns, normalize_patterns
 
@@ -92,6 +93,11 @@ class LoRA:
     def wrap(
         self, layer: nn.Module, adapter_name: str = "default", module_name: str = ""
     ) -> LoRALinear:
+        """A new wrapper around ``layer``, or ``layer`` itself with this adapter added when it
+        is a ``LoRALinear`` already (named adapters)."""
+        if isinstance(layer, LoRALinear):
+            layer.add_adapter(self, adapter_name)
+            return layer
         return LoRALinear(layer, self, adapter_name)
 
 
@@ -100,21 +106,34 @@ def _is_number(value: Any) -> bool:
 
 
 class LoRALinear(BaseLayerWrapper):
-    """A linear-like base layer plus one LoRA (or DoRA) update.
+    """A linear-like base layer plus one or more named LoRA (or DoRA) updates.
 
-    Base tensors keep their own state-dict names (see :class:`BaseLayerWrapper`). Adapter tensors are float32 whatever the base's dtype; inputs are cast to them and the
-    update is cast back to the base output's dtype.
+    Base tensors keep their own state-dict names (see :class:`BaseLayerWrapper`). Adapter tensors
+    are float32 whatever the base's dtype; inputs are cast to them and the update is cast back
+    to the base output's dtype. Several adapters may share the layer (``add_adapter``); the
+    forward adds the active ones' updates, or, under :func:`lightning_peft.mixed_batch`,
+    each row's own adapter's update.
     """
 
     def __init__(self, base_layer: nn.Module, config: LoRA, adapter_name: str = "default") -> None:
         super().__init__(base_layer)
-        in_features, out_features = in_out_features(base_layer)
-        device = next(base_layer.parameters()).device
-        self.config = config
-        self.adapter_name = adapter_name
-        self.scaling = config.scaling
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_magnitude = nn.ParameterDict()  # DoRA adapters only
+        self.configs: dict[str, LoRA] = {}
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.routing: Routing | None = None
         self.merged = False
-        self.dropout_p = config.dropout
+        self._merged_row_norm: torch.Tensor | None = None
+        self.add_adapter(config, adapter_name)
+
+    def add_adapter(self, config: LoRA, adapter_name: str) -> None:
+        """Attach another adapter under ``adapter_name``; it becomes active too."""
+        if self.merged:
+            raise AdapterStateError("unmerge the layer before adding adapters to it")
+        in_features, out_features = in_out_features(self.base_layer)
+        device = next(self.base_layer.parameters()).device
         lora_a = nn.Linear(in_features, config.rank, bias=False, device=device)
         lora_b = nn.Linear(config.rank, out_features, bias=False, device=device)
         if config.init == "gaussian":
@@ -122,20 +141,57 @@ class LoRALinear(BaseLayerWrapper):
         else:
             nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
         nn.init.zeros_(lora_b.weight)
-        self.lora_A = nn.ModuleDict({adapter_name: lora_a})
-        self.lora_B = nn.ModuleDict({adapter_name: lora_b})
-        self.lora_magnitude: nn.ParameterDict | None = None
+        self.lora_A[adapter_name] = lora_a
+        self.lora_B[adapter_name] = lora_b
         if config.use_dora:
             # B = 0 at init, so ||W0 + sBA|| = ||W0||: the layer starts equal to the base.
-            norm = torch.linalg.norm(dequantize(base_layer).float(), dim=1)
-            self.lora_magnitude = nn.ParameterDict({adapter_name: nn.Parameter(norm)})
-        self._merged_row_norm: torch.Tensor | None = None
+            norm = torch.linalg.norm(dequantize(self.base_layer).float(), dim=1)
+            self.lora_magnitude[adapter_name] = nn.Parameter(norm)
+        self.configs[adapter_name] = config
+        self.active_adapters.append(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for holder in (self.lora_A, self.lora_B, self.lora_magnitude):
+            if adapter_name in holder:
+                del holder[adapter_name]
+        self.configs.pop(adapter_name)
+        if adapter_name in self.active_adapters:
+            self.active_adapters.remove(adapter_name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.configs)
 
     def adapter_params(self) -> list[str]:
-        names = [f"lora_A.{self.adapter_name}.weight", f"lora_B.{self.adapter_name}.weight"]
-        if self.lora_magnitude is not None:
-            names.append(f"lora_magnitude.{self.adapter_name}")
+        names = []
+        for name in self.configs:
+            names += [f"lora_A.{name}.weight", f"lora_B.{name}.weight"]
+            if name in self.lora_magnitude:
+                names.append(f"lora_magnitude.{name}")
         return names
+
+    @property
+    def adapter_name(self) -> str:
+        """The adapter a single-adapter operation (merge, ``lora_a``) acts on: the only
+        active one."""
+        if len(self.active_adapters) != 1:
+            raise AdapterStateError(
+                f"this operation needs exactly one active adapter, the layer has "
+                f"{self.active_adapters}; choose one with set_active_adapters(model, [name])"
+            )
+        return self.active_adapters[0]
+
+    @property
+    def config(self) -> LoRA:
+        return self.configs[self.adapter_name]
+
+    @property
+    def scaling(self) -> float:
+        return self.config.scaling
+
+    @property
+    def dropout_p(self) -> float:
+        return self.config.dropout
 
     @property
     def lora_a(self) -> nn.Linear:
@@ -145,20 +201,31 @@ class LoRALinear(BaseLayerWrapper):
     def lora_b(self) -> nn.Linear:
         return self.lora_B[self.adapter_name]
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
         """The update ``s · B A`` in ``(out, in)`` orientation, float32."""
-        return (self.lora_b.weight @ self.lora_a.weight) * self.scaling
+        name = adapter_name or self.adapter_name
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+        return (lora_b @ lora_a) * self.configs[name].scaling
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         x = self._cast_once_for_autocast(x)
         out = self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        if self.merged or self.disabled:
             return out
-        lora_a = self.lora_A[self.adapter_name].weight  # (rank, in)
-        lora_b = self.lora_B[self.adapter_name].weight  # (out, rank)
-        if self.lora_magnitude is not None:
-            return out + self._dora_update(x.to(lora_a.dtype), out).to(out.dtype)
-        x = self._dropout(x)
+        if self.routing is not None:
+            return out + self._routed_update(x, out).to(out.dtype)
+        for name in self.active_adapters:
+            out = self._add_update(x, out, name)
+        return out
+
+    def _add_update(self, x: torch.Tensor, out: torch.Tensor, name: str) -> torch.Tensor:
+        """``out`` plus adapter ``name``'s update of ``x``."""
+        config = self.configs[name]
+        lora_a = self.lora_A[name].weight  # (rank, in)
+        lora_b = self.lora_B[name].weight  # (out, rank)
+        if name in self.lora_magnitude:
+            return out + self._dora_update(x.to(lora_a.dtype), out, name).to(out.dtype)
+        x = self._dropout(x, config.dropout)
         if torch.is_autocast_enabled(x.device.type) or x.dtype == lora_a.dtype == out.dtype:
             # Fast path: out + s * (x A^T) B^T as one addmm, so scaling and the residual add
             # ride on the matmul. On small models each extra elementwise op costs a kernel
@@ -167,11 +234,52 @@ class LoRALinear(BaseLayerWrapper):
             hidden = F.linear(x, lora_a)  # (..., rank)
             flat_out = out.reshape(-1, out.shape[-1])  # (tokens, out)
             flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (tokens, rank)
-            return torch.addmm(flat_out, flat_hidden, lora_b.t(), alpha=self.scaling).view(
+            return torch.addmm(flat_out, flat_hidden, lora_b.t(), alpha=config.scaling).view(
                 out.shape
             )
-        update = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * self.scaling
+        update = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * config.scaling
         return out + update.to(out.dtype)
+
+    def _routed_update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Each row's own adapter's update, for all rows at once: the rows' ``A`` and ``B``
+        are gathered from stacks of every routed adapter (ranks zero-padded to the largest),
+        so one batched matmul serves the batch and each adapter's gradient comes only from
+        its rows. Rows routed to an adapter this layer lacks get no update."""
+        routing = self.routing
+        present = [n for n in routing.names if n in self.configs]
+        if any(n in self.lora_magnitude for n in present):
+            raise AdapterStateError("mixed batches do not support DoRA adapters")
+        rows = x.shape[0]
+        if rows != routing.index.shape[0]:
+            raise AdapterStateError(
+                f"mixed_batch was given {routing.index.shape[0]} row adapters, the layer got a "
+                f"batch of {rows} rows"
+            )
+        rank = max((self.configs[n].rank for n in present), default=1)
+        dtype = next(iter(self.lora_A.values())).weight.dtype
+        zeros_a = x.new_zeros((rank, x.shape[-1]), dtype=dtype)
+        zeros_b = x.new_zeros((out.shape[-1], rank), dtype=dtype)
+        stack_a, stack_b, slot = [], [], []
+        for name in routing.names:
+            if name in self.configs:
+                a, b = self.lora_A[name].weight, self.lora_B[name].weight
+                pad = rank - a.shape[0]
+                stack_a.append(F.pad(a, (0, 0, 0, pad)))
+                stack_b.append(F.pad(b * self.configs[name].scaling, (0, pad)))
+                slot.append(self.configs[name].dropout)
+            else:
+                stack_a.append(zeros_a)
+                stack_b.append(zeros_b)
+                slot.append(0.0)
+        index = routing.index.to(x.device)
+        rows_a = torch.stack(stack_a)[index]  # (B, rank, in)
+        rows_b = torch.stack(stack_b)[index]  # (B, out, rank)
+        inputs = x.to(dtype).reshape(rows, -1, x.shape[-1])  # (B, T, in)
+        if self.training and any(slot):
+            keep = 1 - torch.tensor(slot, device=x.device)[index].view(rows, 1, 1)
+            inputs = inputs * torch.bernoulli(keep.expand_as(inputs)) / keep
+        hidden = torch.bmm(inputs, rows_a.transpose(1, 2))  # (B, T, rank)
+        return torch.bmm(hidden, rows_b.transpose(1, 2)).view(out.shape)
 
     def _cast_once_for_autocast(self, x: torch.Tensor) -> torch.Tensor:
         """Under autocast, cast the input to the autocast dtype once, for base and adapter.
@@ -189,17 +297,17 @@ class LoRALinear(BaseLayerWrapper):
             return x.to(dtype)
         return x
 
-    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
-        return (
-            F.dropout(x, self.dropout_p, training=True) if self.dropout_p and self.training else x
-        )
+    def _dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        return F.dropout(x, p, training=True) if p and self.training else x
 
-    def _dora_update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _dora_update(self, x: torch.Tensor, out: torch.Tensor, name: str) -> torch.Tensor:
         """``m/||W'|| · (W0 x + s B A x) - W0 x``: what DoRA adds to the base output."""
+        config = self.configs[name]
         weight = dequantize(self.base_layer).to(x.dtype)
-        row_norm = torch.linalg.norm(weight + self.delta_weight().detach(), dim=1).detach()
-        scale = (self.lora_magnitude[self.adapter_name] / row_norm).view(1, -1)  # (1, out)
-        if not (self.dropout_p and self.training):
+        delta = self.delta_weight(name).detach()
+        row_norm = torch.linalg.norm(weight + delta, dim=1).detach()
+        scale = (self.lora_magnitude[name] / row_norm).view(1, -1)  # (1, out)
+        if not (config.dropout and self.training):
             base = out.to(x.dtype)
             bias = getattr(self.base_layer, "bias", None)
             if bias is not None:
@@ -207,26 +315,27 @@ class LoRALinear(BaseLayerWrapper):
         else:
             # With dropout active, the magnitude rescales W0 applied to the dropped-out input,
             # as in the reference implementation (Hugging Face PEFT).
-            x = self._dropout(x)
+            x = self._dropout(x, config.dropout)
             base = F.linear(x, weight)
-        update = F.linear(F.linear(x, self.lora_a.weight), self.lora_b.weight) * self.scaling
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+        update = F.linear(F.linear(x, lora_a), lora_b) * config.scaling
         return (scale - 1) * base + scale * update
 
     @torch.no_grad()
     def merge(self) -> float:
-        """``W0 <- W0 + s B A`` (DoRA: ``m · (W0 + s B A) / ||W0 + s B A||``); a no-op if merged.
+        """``W0 <- W0 + s B A`` (DoRA: ``m · (W0 + s B A) / ||W0 + s B A||``) for the active
+        adapter; a no-op if merged.
 
         Returns the largest absolute error the base layer's storage introduced: 0.0 for a
         float32 base, the re-quantization error for a 4-bit or 8-bit one.
         """
         if self.merged:
             return 0.0
-        weight = dequantize(self.base_layer).float() + self.delta_weight()
-        if self.lora_magnitude is not None:
+        name = self.adapter_name
+        weight = dequantize(self.base_layer).float() + self.delta_weight(name)
+        if name in self.lora_magnitude:
             self._merged_row_norm = torch.linalg.norm(weight, dim=1)
-            weight = weight * (self.lora_magnitude[self.adapter_name] / self._merged_row_norm).view(
-                -1, 1
-            )
+            weight = weight * (self.lora_magnitude[name] / self._merged_row_norm).view(-1, 1)
         error = write_weight_(self.base_layer, weight)
         self.merged = True
         return error
@@ -236,19 +345,18 @@ class LoRALinear(BaseLayerWrapper):
         """Undo :meth:`merge`; a no-op if not merged. Returns the storage error as merge does."""
         if not self.merged:
             return 0.0
+        name = self.adapter_name
         weight = dequantize(self.base_layer).float()
-        if self.lora_magnitude is not None:
-            weight = weight * (self._merged_row_norm / self.lora_magnitude[self.adapter_name]).view(
-                -1, 1
-            )
-        error = write_weight_(self.base_layer, weight - self.delta_weight())
+        if name in self.lora_magnitude:
+            weight = weight * (self._merged_row_norm / self.lora_magnitude[name]).view(-1, 1)
+        error = write_weight_(self.base_layer, weight - self.delta_weight(name))
         self.merged = False
         self._merged_row_norm = None
         return error
 
     def extra_repr(self) -> str:
-        method = "DoRA" if self.lora_magnitude is not None else "LoRA"
-        return (
-            f"{method}(rank={self.lora_a.out_features}, scaling={self.scaling:g}, "
-            f"dropout={self.dropout_p:g}, merged={self.merged})"
-        )
+        parts = []
+        for name, config in self.configs.items():
+            method = "DoRA" if name in self.lora_magnitude else "LoRA"
+            parts.append(f"{name}: {method}(rank={config.rank}, scaling={config.scaling:g})")
+        return f"{', '.join(parts)}, active={self.active_adapters}, merged={self.merged}"

@@ -5,9 +5,11 @@ trained directly, while all weights stay frozen (§4.1)::
 
     head_i = Attention(x W_q, [P_k^i ; x W_k], [P_v^i ; x W_v])
 
-Optimising ``P`` directly is unstable, so during training it is produced by an MLP from a
-smaller matrix (§4.3, reparametrization); after training only its output is needed, and
-:func:`fold_prefix_` replaces the MLP by that output. The prefix enters the model as a
+Optimising a randomly initialised ``P`` directly is unstable, so during training it is
+produced by an MLP from a smaller matrix (§4.3, reparametrization); after training only its
+output is needed, and :func:`fold_prefix_` replaces the MLP by that output. Initialising
+``P`` with the keys and values the frozen model computes for real words (§7.2) starts from
+"that text in front" and trains well without the MLP. The prefix enters the model as a
 filled key/value cache (transformers' ``DynamicCache``), so it works wherever the model
 accepts ``past_key_values``, in training and in ``generate``. Inputs take the positions
 after the prefix, as if ``n`` tokens came first.
@@ -16,7 +18,7 @@ after the prefix, as if ``n`` tokens came first.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -27,6 +29,7 @@ from lightning_peft.adapters.inputs import (
     find_transformers_model,
     prepend_ones,
     text_config,
+    text_token_ids,
 )
 from lightning_peft.errors import AdapterConfigError, AdapterStateError, UnsupportedLayerError
 
@@ -42,6 +45,12 @@ class PrefixTuning:
         reparametrize: train the prefix through an MLP (Li & Liang §4.3); fold it away after
             training with :func:`fold_prefix_`.
         encoder_hidden_size: the MLP's hidden width (default: the model's hidden size).
+        init: ``"random"`` (Gaussian, as Hugging Face PEFT) or ``"text"``: the frozen model's
+            own keys and values for ``init_text`` (repeated or cut to ``n`` tokens), so the
+            adapted model starts as the base with that text in front. Needs
+            ``reparametrize=False``.
+        init_text: the text for ``init="text"``.
+        tokenizer_name_or_path: where to load the tokenizer for ``init_text`` from.
 
     Raises:
         AdapterConfigError: listing every invalid field with the value received.
@@ -50,6 +59,9 @@ class PrefixTuning:
     num_virtual_tokens: int = 20
     reparametrize: bool = True
     encoder_hidden_size: int | None = None
+    init: Literal["random", "text"] = "random"
+    init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -63,6 +75,19 @@ class PrefixTuning:
             isinstance(width, bool) or not isinstance(width, int) or width <= 0
         ):
             problems.append(f"encoder_hidden_size must be a positive int or None, got {width!r}")
+        if self.init not in ("random", "text"):
+            problems.append(f"init must be 'random' or 'text', got {self.init!r}")
+        if self.init == "text" and not (self.init_text and self.tokenizer_name_or_path):
+            problems.append(
+                "init='text' needs init_text and tokenizer_name_or_path, got "
+                f"init_text={self.init_text!r}, "
+                f"tokenizer_name_or_path={self.tokenizer_name_or_path!r}"
+            )
+        if self.init == "text" and self.reparametrize:
+            problems.append(
+                "init='text' sets the prefix itself, so it needs reparametrize=False, got "
+                "reparametrize=True"
+            )
         if problems:
             raise AdapterConfigError("invalid PrefixTuning config:\n  - " + "\n  - ".join(problems))
 
@@ -83,8 +108,28 @@ class PrefixTuning:
         host = find_transformers_model(model, "PrefixTuning")
         prefix = PrefixKV(self, cache_shape(host), adapter_name, host.config)
         prefix.to(host.get_input_embeddings().weight.device)
+        if self.init == "text":
+            ids = text_token_ids(
+                self.init_text, self.tokenizer_name_or_path, self.num_virtual_tokens
+            )
+            with torch.no_grad():
+                prefix.prefix[adapter_name].copy_(prefix_of_tokens(host, ids))
         host.add_module(CHILD_NAME, prefix)
         host.register_forward_pre_hook(prefix.before_forward, with_kwargs=True)
+
+
+@torch.no_grad()
+def prefix_of_tokens(host: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
+    """``(n, layers · 2 · kv_heads · head_dim)``: the keys and values ``host`` computes for
+    ``token_ids`` (``(n,)``), in :class:`PrefixKV`'s layout."""
+    was_training = host.training
+    host.eval()  # no dropout in the keys and values
+    device = host.get_input_embeddings().weight.device
+    cache = host(input_ids=token_ids[None].to(device), use_cache=True).past_key_values
+    host.train(was_training)
+    blocks = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+    # (layers, 2, kv_heads, n, head_dim) -> (n, layers, 2, kv_heads, head_dim)
+    return blocks.permute(3, 0, 1, 2, 4).reshape(len(token_ids), -1).float()
 
 
 def cache_shape(host: nn.Module) -> tuple[int, int, int, int]:
@@ -129,6 +174,7 @@ class PrefixKV(nn.Module):
         n = config.num_virtual_tokens
         width = self.layers * 2 * self.kv_heads * self.head_dim
         self.folded = not config.reparametrize
+        self.disabled = False
         if config.reparametrize:
             inner = config.encoder_hidden_size or hidden
             self.embedding = nn.ParameterDict({adapter_name: nn.Parameter(torch.randn(n, hidden))})
@@ -172,6 +218,8 @@ class PrefixKV(nn.Module):
         ]
 
     def before_forward(self, host: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        if self.disabled:
+            return None
         kwargs = as_keyword_arguments(host, args, kwargs)
         n = self.num_virtual_tokens
         kwargs["attention_mask"] = prepend_ones(kwargs.get("attention_mask"), n)

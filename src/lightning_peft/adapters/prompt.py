@@ -25,6 +25,7 @@ from lightning_peft.adapters.inputs import (
     cache_length,
     find_transformers_model,
     prepend_ones,
+    text_token_ids,
 )
 from lightning_peft.errors import AdapterConfigError
 
@@ -91,22 +92,10 @@ class PromptTuning:
         """The ``(n, d)`` float32 starting prompt, from ``embedding``'s rows."""
         n = self.num_virtual_tokens
         if self.init == "text":
-            token_ids = _text_token_ids(self.init_text, self.tokenizer_name_or_path)
-            ids = torch.tensor((token_ids * (n // len(token_ids) + 1))[:n])
+            ids = text_token_ids(self.init_text, self.tokenizer_name_or_path, n)
         else:
             ids = torch.randint(0, embedding.num_embeddings, (n,))
         return embedding.weight[ids.to(embedding.weight.device)].float().clone()
-
-
-def _text_token_ids(text: str, tokenizer_name_or_path: str) -> list[int]:
-    from transformers import AutoTokenizer
-
-    token_ids = AutoTokenizer.from_pretrained(tokenizer_name_or_path)(
-        text, add_special_tokens=False
-    )["input_ids"]
-    if not token_ids:
-        raise AdapterConfigError(f"init_text {text!r} has no tokens")
-    return token_ids
 
 
 class SoftPrompt(nn.Module):
@@ -118,6 +107,7 @@ class SoftPrompt(nn.Module):
         self.adapter_name = adapter_name
         self.prompt = nn.ParameterDict({adapter_name: nn.Parameter(prompt)})
         self._prompted_length = 0  # n + T while a forward with the prompt in front runs
+        self.disabled = False
 
     def adapter_params(self) -> list[str]:
         return [f"prompt.{self.adapter_name}"]
@@ -127,10 +117,12 @@ class SoftPrompt(nn.Module):
         return self.prompt[self.adapter_name].shape[0]
 
     def before_forward(self, host: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        self._prompted_length = 0
+        if self.disabled:
+            return None
         kwargs = as_keyword_arguments(host, args, kwargs)
         n = self.num_virtual_tokens
         kwargs["attention_mask"] = prepend_ones(kwargs.get("attention_mask"), n)
-        self._prompted_length = 0
         if cache_length(kwargs.get("past_key_values")) > 0:
             # A later generate step: the prompt is in the cache already.
             if kwargs.get("position_ids") is not None:

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 from weakref import proxy
 
@@ -14,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_peft.checkpoint import partial_path
+from lightning_peft.checkpoint.peft_format import save_peft
 from lightning_peft.errors import AdapterConfigError
 from lightning_peft.injection import AdapterConfig, is_adapter_config
 from lightning_peft.lightning.attach import as_config_list, attach_adapters_once
@@ -150,14 +153,34 @@ class AdapterCheckpoint(_AdapterCheckpointHooks, ModelCheckpoint):
     the frozen base, package versions). Files are written atomically: to a hidden temporary
     file first, then renamed, so an interrupted save leaves the previous file intact.
 
+    Args:
+        export_peft: also write each checkpoint's adapter in the Hugging Face PEFT format, in
+            a folder beside it (``epoch=0-step=100-peft/``), removed with its checkpoint.
+        base_model_name_or_path: recorded in those folders' ``adapter_config.json``.
+        *args, **kwargs: as for ``ModelCheckpoint``.
+
     Raises:
         AdapterConfigError: ``save_weights_only=True`` (it would save the frozen base).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        export_peft: bool = False,
+        base_model_name_or_path: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         if kwargs.get("save_weights_only"):
             raise AdapterConfigError(f"AdapterCheckpoint: {_WEIGHTS_ONLY_REFUSED}")
         super().__init__(*args, **kwargs)
+        self.export_peft = export_peft
+        self.base_model_name_or_path = base_model_name_or_path
+
+    @staticmethod
+    def peft_directory(filepath: str) -> Path:
+        """Where the PEFT export of checkpoint ``filepath`` goes."""
+        path = Path(filepath)
+        return path.with_name(f"{path.stem}-peft")
 
     @override
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
@@ -169,6 +192,12 @@ class AdapterCheckpoint(_AdapterCheckpointHooks, ModelCheckpoint):
         finally:
             if trainer.is_global_zero:
                 temporary.unlink(missing_ok=True)
+        if self.export_peft and trainer.is_global_zero:
+            save_peft(
+                trainer.lightning_module,
+                self.peft_directory(filepath),
+                base_model_name_or_path=self.base_model_name_or_path,
+            )
         # Deliberately the same bookkeeping as ModelCheckpoint._save_checkpoint, after the
         # rename so that loggers which upload checkpoints find the final file.
         self._last_global_step_saved = trainer.global_step
@@ -176,3 +205,9 @@ class AdapterCheckpoint(_AdapterCheckpointHooks, ModelCheckpoint):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
+
+    @override
+    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._remove_checkpoint(trainer, filepath)
+        if self.export_peft and trainer.is_global_zero:
+            shutil.rmtree(self.peft_directory(filepath), ignore_errors=True)

@@ -1,0 +1,112 @@
+"""A merged, standalone export: the adapted model as a plain transformers checkpoint.
+
+The copy is dequantized to full precision, each LoRA / IA3 update is folded into its weight,
+the wrappers are removed, and ``save_pretrained`` writes it: ``AutoModelFor...from_pretrained``
+loads the result with no trace of this package. The model passed in is left as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightning_peft.adapters.ia3 import IA3Linear
+from lightning_peft.adapters.inputs import find_transformers_model
+from lightning_peft.adapters.lora import LoRALinear
+from lightning_peft.errors import AdapterConfigError, AdapterStateError
+from lightning_peft.injection import adapter_modules
+from lightning_peft.merging import MergeReport
+from lightning_peft.quantization import dequantize_model
+
+
+def merge_and_export(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    adapter_name: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> MergeReport:
+    """Save ``model`` with its adapters merged, as an ordinary transformers checkpoint.
+
+    Args:
+        directory: written whole or not at all (a sibling folder renamed into place; an
+            existing ``directory`` is replaced only once the new one is complete).
+        adapter_name: which adapter to merge when layers hold several (default: the active
+            ones, one per layer).
+        dtype: the weights' dtype in the export.
+
+    Returns:
+        The merge report of the copy (errors 0.0: the copy is full precision).
+
+    Raises:
+        AdapterConfigError: an attached method cannot be merged into weights (prompt or
+            prefix tuning, bottleneck adapters): save it with ``save_peft`` instead.
+        AdapterStateError: the model has no adapters.
+    """
+    host = find_transformers_model(model, "merge_and_export")
+    adapters = list(adapter_modules(host))
+    if not adapters:
+        raise AdapterStateError(f"{type(host).__name__} has no adapters to merge")
+    unmergeable = sorted(
+        {type(m).__name__ for _, m in adapters if not isinstance(m, (LoRALinear, IA3Linear))}
+    )
+    if unmergeable:
+        raise AdapterConfigError(
+            f"{', '.join(unmergeable)} cannot be merged into the weights; save those adapters "
+            "with save_peft (or adapter_state_dict) and load them on the base instead"
+        )
+    exported = copy.deepcopy(host)
+    dequantize_model(exported, dtype=torch.float32)
+    errors: dict[str, float] = {}
+    for name, wrapper in list(adapter_modules(exported)):
+        if adapter_name is not None:
+            if adapter_name not in wrapper.configs:
+                _unwrap(exported, name, wrapper)
+                continue
+            wrapper.active_adapters = [adapter_name]
+        wrapper.disabled = False
+        errors[name] = wrapper.merge()
+        _unwrap(exported, name, wrapper)
+    exported.to(dtype)
+    _forget_quantization(exported)
+    _save_whole(exported, Path(directory))
+    return MergeReport(len(errors), 0, errors)
+
+
+def _unwrap(model: nn.Module, name: str, wrapper: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    layer = wrapper.base_layer
+    layer.requires_grad_(True)  # an ordinary checkpoint: nothing frozen by us
+    setattr(model.get_submodule(parent_name), child_name, layer)
+
+
+def _forget_quantization(model: nn.Module) -> None:
+    for attribute in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, attribute, False):
+            setattr(model, attribute, False)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+
+
+def _save_whole(model: nn.Module, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(old)
+            staging.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,348 @@
+"""The Hugging Face PEFT file format, both ways: ``adapter_config.json`` plus
+``adapter_model.safetensors`` in one directory per adapter.
+
+As PEFT 0.21 writes them (notes: lightning-internals.md §5): tensor keys are the module
+path under ``base_model.model.`` with the adapter name left out
+(``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``; IA3 ``...k_proj.ia3_l``;
+DoRA ``...q_proj.lora_magnitude_vector``); prompt and prefix tuning store one
+``prompt_embeddings`` tensor (prefix tuning: the prefix itself, the MLP folded away). The
+config names the method in ``peft_type``. Loading reads tensors with safetensors, so a file
+never runs code, and tolerates config fields it does not know (PEFT adds some each release).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_peft.adapters.bitfit import BitFit, Unfreeze
+from lightning_peft.adapters.ia3 import IA3, IA3Linear
+from lightning_peft.adapters.inputs import find_transformers_model
+from lightning_peft.adapters.lora import LoRA, LoRALinear
+from lightning_peft.adapters.prefix import PrefixKV, PrefixTuning, cache_shape
+from lightning_peft.adapters.prompt import PromptTuning, SoftPrompt
+from lightning_peft.checkpoint.io import atomic_path
+from lightning_peft.errors import AdapterConfigError, AdapterStateError, UnsupportedLayerError
+from lightning_peft.injection import adapter_configs_attached, adapter_modules, apply_adapters
+from lightning_peft.quantization import is_linear_layer
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_TASK_TYPES = {
+    "ForCausalLM": "CAUSAL_LM",
+    "LMHeadModel": "CAUSAL_LM",
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+    "ForConditionalGeneration": "SEQ_2_SEQ_LM",
+}
+
+
+def save_peft(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    base_model_name_or_path: str | None = None,
+    *,
+    adapter_name: str = "default",
+) -> Path:
+    """Write adapter ``adapter_name`` of ``model`` as Hugging Face PEFT does, so
+    ``peft.PeftModel.from_pretrained(base, directory)`` loads it.
+
+    LoRA (with rsLoRA, DoRA), IA3, prompt tuning and prefix tuning have PEFT equivalents;
+    each file written is complete or absent (temporary file, then rename).
+
+    Returns:
+        ``directory`` as a ``Path``.
+
+    Raises:
+        AdapterStateError: no adapter of that name, or several methods under it.
+        AdapterConfigError: the method has no PEFT equivalent (bottleneck adapters, BitFit).
+    """
+    host, _ = _host(model)
+    config = _single_config(model, adapter_name)
+    tensors = _peft_tensors(host, config, adapter_name)
+    fields = _peft_config(host, config, tensors)
+    fields.update(
+        base_model_name_or_path=base_model_name_or_path,
+        task_type=_task_type(host),
+        inference_mode=True,
+    )
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    with atomic_path(target / WEIGHTS_FILE) as path:
+        contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(contiguous, str(path), metadata={"format": "pt"})
+    with atomic_path(target / CONFIG_FILE) as path:
+        path.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+    return target
+
+
+def load_peft(
+    model: nn.Module, directory: str | os.PathLike[str], *, adapter_name: str = "default"
+) -> nn.Module:
+    """Read a PEFT adapter directory (written by :func:`save_peft` or by PEFT itself) into
+    ``model`` under ``adapter_name``: attaches the adapter from its config unless the model
+    already has one of that name, then copies the tensors after checking every key and shape.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        FileNotFoundError: the directory lacks ``adapter_config.json`` or the weights.
+        AdapterConfigError: a PEFT type or option this package does not implement.
+        AdapterStateError: the tensors do not fit the model (missing/unexpected keys, shapes).
+    """
+    folder = Path(directory)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} has no {name}: not a PEFT adapter directory")
+    fields = json.loads((folder / CONFIG_FILE).read_text())
+    config = config_from_peft(fields)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    _host(model)  # fail early on a model prompt/prefix tuning cannot use
+    if adapter_name not in _names(model):
+        apply_adapters(model, config, name=adapter_name)
+    host, _ = _host(model)
+    targets = _model_tensors(host, config, adapter_name)
+    expected = {_file_key(key, config): key for key in targets}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterStateError(
+            f"{folder / WEIGHTS_FILE} does not fit the model's {type(config).__name__} adapter "
+            f"{adapter_name!r}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    shapes = [
+        f"{k}: file {tuple(tensors[k].shape)}, model {tuple(targets[v].shape)}"
+        for k, v in expected.items()
+        if tensors[k].shape != targets[v].shape
+    ]
+    if shapes:
+        raise AdapterStateError(
+            "PEFT tensor shapes differ from the model's:\n  " + "\n  ".join(shapes[:8])
+        )
+    with torch.no_grad():
+        for file_key, key in expected.items():
+            targets[key].copy_(tensors[file_key])
+    return model
+
+
+# -- configs ---------------------------------------------------------------------------------
+
+
+def _peft_config(host: nn.Module, config: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    if isinstance(config, LoRA):
+        return {
+            "peft_type": "LORA",
+            "r": config.rank,
+            "lora_alpha": config.alpha,
+            "lora_dropout": config.dropout,
+            "target_modules": _patterns(config.target_modules),
+            "exclude_modules": _patterns(config.exclude_modules) or None,
+            "use_rslora": config.use_rslora,
+            "use_dora": config.use_dora,
+            "init_lora_weights": True if config.init == "kaiming" else "gaussian",
+            "bias": "none",
+            "fan_in_fan_out": _uses_conv1d(host),
+            "modules_to_save": None,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        }
+    if isinstance(config, IA3):
+        return {
+            "peft_type": "IA3",
+            "target_modules": _patterns(config.target_modules),
+            "feedforward_modules": _patterns(config.feedforward_modules),
+            "exclude_modules": _patterns(config.exclude_modules) or None,
+            "init_ia3_weights": True,
+            "fan_in_fan_out": _uses_conv1d(host),
+            "modules_to_save": None,
+        }
+    layers, kv_heads, head_dim, hidden = cache_shape(host)
+    common = {"num_virtual_tokens": config.num_virtual_tokens, "num_transformer_submodules": 1}
+    if isinstance(config, PromptTuning):
+        return {
+            **common,
+            "peft_type": "PROMPT_TUNING",
+            "token_dim": hidden,
+            "num_attention_heads": host.config.num_attention_heads,
+            "num_layers": layers,
+            "prompt_tuning_init": config.init.upper(),
+            "prompt_tuning_init_text": config.init_text,
+            "tokenizer_name_or_path": config.tokenizer_name_or_path,
+        }
+    return {
+        **common,
+        "peft_type": "PREFIX_TUNING",
+        "token_dim": kv_heads * head_dim,
+        "num_attention_heads": kv_heads,
+        "num_layers": layers,
+        "encoder_hidden_size": config.encoder_hidden_size or hidden,
+        "prefix_projection": config.reparametrize,
+    }
+
+
+def config_from_peft(fields: dict[str, Any]) -> Any:
+    """This package's config for a PEFT ``adapter_config.json`` (as a dict).
+
+    Raises:
+        AdapterConfigError: a PEFT type or option not implemented here (each one named).
+    """
+    peft_type = fields.get("peft_type")
+    unsupported = [
+        f"{key}={fields[key]!r}"
+        for key, inert in _INERT.items()
+        if key in fields and fields[key] not in inert
+    ]
+    if peft_type == "LORA" and fields.get("bias", "none") != "none":
+        unsupported.append(f"bias={fields['bias']!r}")
+    if unsupported:
+        raise AdapterConfigError(
+            f"this PEFT {peft_type} adapter uses options lightning_peft does not implement: "
+            f"{', '.join(unsupported)}"
+        )
+    if peft_type == "LORA":
+        init = fields.get("init_lora_weights", True)
+        return LoRA(
+            rank=fields["r"],
+            alpha=float(fields.get("lora_alpha", 8)),
+            dropout=float(fields.get("lora_dropout", 0.0)),
+            target_modules=_our_patterns(fields.get("target_modules")) or "all-linear",
+            exclude_modules=_our_patterns(fields.get("exclude_modules")),
+            use_rslora=bool(fields.get("use_rslora", False)),
+            use_dora=bool(fields.get("use_dora", False)),
+            init="gaussian" if init == "gaussian" else "kaiming",
+        )
+    if peft_type == "IA3":
+        return IA3(
+            target_modules=_our_patterns(fields.get("target_modules")),
+            feedforward_modules=_our_patterns(fields.get("feedforward_modules")),
+            exclude_modules=_our_patterns(fields.get("exclude_modules")),
+        )
+    if peft_type == "PROMPT_TUNING":
+        return PromptTuning(num_virtual_tokens=fields["num_virtual_tokens"])
+    if peft_type == "PREFIX_TUNING":  # the file holds the prefix itself (MLP folded)
+        return PrefixTuning(num_virtual_tokens=fields["num_virtual_tokens"], reparametrize=False)
+    raise AdapterConfigError(
+        f"PEFT type {peft_type!r} is not supported; lightning_peft reads LORA, IA3, "
+        "PROMPT_TUNING and PREFIX_TUNING"
+    )
+
+
+# Options PEFT writes whose values here must be the inert ones (anything else changes the
+# maths, and loading would silently compute something else).
+_INERT: dict[str, tuple[Any, ...]] = {
+    "rank_pattern": ({}, None),
+    "alpha_pattern": ({}, None),
+    "layers_to_transform": (None,),
+    "layers_pattern": (None, [], ""),
+    "modules_to_save": (None, []),
+    "use_qalora": (False, None),
+    "layer_replication": (None,),
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None,),
+    "lora_bias": (False, None),
+    "num_transformer_submodules": (1, None),
+}
+
+
+def _patterns(value: str | tuple[str, ...]) -> str | list[str]:
+    return value if isinstance(value, str) else list(value)
+
+
+def _our_patterns(value: Any) -> str | tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return value
+    return tuple(sorted(value))  # PEFT may write a set as a list in any order
+
+
+def _task_type(host: nn.Module) -> str | None:
+    name = type(host).__name__
+    return next((task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix)), None)
+
+
+def _uses_conv1d(host: nn.Module) -> bool:
+    return any(type(m).__name__ == "Conv1D" and is_linear_layer(m) for m in host.modules())
+
+
+# -- tensors ---------------------------------------------------------------------------------
+
+
+def _host(model: nn.Module) -> tuple[nn.Module, str]:
+    """The transformers model inside ``model`` (PEFT's ``base_model.model``) and its prefix."""
+    try:
+        host = find_transformers_model(model, "The PEFT format")
+    except UnsupportedLayerError:
+        return model, ""
+    name = next(n for n, m in model.named_modules() if m is host)
+    return host, f"{name}." if name else ""
+
+
+def _names(model: nn.Module) -> set[str]:
+    return {name for name, _ in adapter_configs_attached(model)}
+
+
+def _single_config(model: nn.Module, adapter_name: str) -> Any:
+    configs = [c for n, c in adapter_configs_attached(model) if n == adapter_name]
+    if not configs:
+        raise AdapterStateError(
+            f"the model has no adapter named {adapter_name!r} (it has {sorted(_names(model))})"
+        )
+    methods = {type(c) for c in configs}
+    if len(configs) > 1:
+        raise AdapterStateError(
+            f"adapter {adapter_name!r} combines {len(configs)} configs "
+            f"({', '.join(type(c).__name__ for c in configs)}); a PEFT directory holds one"
+        )
+    if methods & {BitFit, Unfreeze} or not methods <= {LoRA, IA3, PromptTuning, PrefixTuning}:
+        raise AdapterConfigError(
+            f"{type(configs[0]).__name__} has no Hugging Face PEFT equivalent; save it with "
+            "adapter_state_dict or AdapterCheckpoint instead"
+        )
+    return configs[0]
+
+
+def _model_tensors(host: nn.Module, config: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors in ``host``, keyed by module path and PEFT's tensor name."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path, module in adapter_modules(host):
+        if isinstance(module, LoRALinear) and adapter_name in module.configs:
+            tensors[f"{path}.lora_A.weight"] = module.lora_A[adapter_name].weight
+            tensors[f"{path}.lora_B.weight"] = module.lora_B[adapter_name].weight
+            if adapter_name in module.lora_magnitude:
+                tensors[f"{path}.lora_magnitude_vector"] = module.lora_magnitude[adapter_name]
+        elif isinstance(module, IA3Linear) and adapter_name in module.configs:
+            tensors[f"{path}.ia3_l"] = module.ia3_l[adapter_name]
+        elif isinstance(module, SoftPrompt) and module.adapter_name == adapter_name:
+            tensors["prompt_embeddings"] = module.prompt[adapter_name]
+        elif isinstance(module, PrefixKV) and module.adapter_name == adapter_name:
+            module.fold()  # PEFT stores the prefix itself
+            tensors["prompt_embeddings"] = module.prefix[adapter_name]
+    if not tensors:
+        raise AdapterStateError(f"no {type(config).__name__} tensors named {adapter_name!r} found")
+    return tensors
+
+
+def _peft_tensors(host: nn.Module, config: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+    if isinstance(config, PrefixTuning):
+        prefix = next(m for m in host.modules() if isinstance(m, PrefixKV))
+        return {"prompt_embeddings": prefix.flat_prefix().detach()}
+    tensors = _model_tensors(host, config, adapter_name)
+    return {_file_key(k, config): v for k, v in tensors.items()}
+
+
+def _file_key(key: str, config: Any) -> str:
+    return key if key == "prompt_embeddings" else PREFIX + key

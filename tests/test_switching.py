@@ -1,0 +1,165 @@
+"""Named adapters on one model: switching, disabling, deleting, and mixed-task batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import VOCAB, tiny_llama
+
+from lightning_peft import (
+    IA3,
+    AdapterStateError,
+    BitFit,
+    LoRA,
+    TargetModulesError,
+    adapter_names,
+    adapter_parameter_names,
+    adapter_state_dict,
+    apply_adapters,
+    delete_adapter,
+    disable_adapters,
+    mixed_batch,
+    set_active_adapters,
+)
+
+CONFIGS = {
+    "lora": (
+        LoRA(rank=4, target_modules=["q_proj", "v_proj"]),
+        LoRA(rank=2, target_modules=["v_proj", "down_proj"]),
+    ),
+    "ia3": (IA3(), IA3(target_modules=["k_proj", "up_proj"], feedforward_modules=["up_proj"])),
+}
+
+
+def two_adapters(method: str) -> torch.nn.Module:
+    """A tiny Llama with adapters "a" and "b" (different layers, ranks) moved off their init."""
+    model = tiny_llama(init_std=0.3)
+    first, second = CONFIGS[method]
+    apply_adapters(model, first, name="a")
+    apply_adapters(model, second, name="b")
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name in adapter_parameter_names(model):
+            param = model.get_parameter(name)
+            param.add_(0.2 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def only(method: str, name: str, source: torch.nn.Module) -> torch.nn.Module:
+    """A fresh model carrying just adapter ``name``, with ``source``'s tensors for it."""
+    model = tiny_llama(init_std=0.3)
+    apply_adapters(model, CONFIGS[method]["ab".index(name)], name=name)
+    state = {k: v for k, v in adapter_state_dict(source).items() if f".{name}" in k}
+    model.load_state_dict(state, strict=False)
+    assert set(state) == set(adapter_parameter_names(model))
+    return model
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (4, 9), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("method", CONFIGS)
+def test_each_named_adapter_alone_and_the_base_are_one_switch_away(method, tokens):
+    model = two_adapters(method)
+    assert adapter_names(model) == ["a", "b"]
+    with torch.no_grad():
+        for name in "ab":
+            set_active_adapters(model, name)
+            torch.testing.assert_close(
+                model(input_ids=tokens).logits, only(method, name, model)(input_ids=tokens).logits
+            )
+        with disable_adapters(model):
+            torch.testing.assert_close(
+                model(input_ids=tokens).logits, tiny_llama(init_std=0.3)(input_ids=tokens).logits
+            )
+        set_active_adapters(model, ["a", "b"])
+        both = model(input_ids=tokens).logits
+        assert not torch.allclose(both, only(method, "a", model)(input_ids=tokens).logits)
+
+
+@pytest.mark.parametrize("method", CONFIGS)
+def test_deleting_adapters_leaves_the_others_and_finally_the_plain_base(method, tokens):
+    model = two_adapters(method)
+    reference = only(method, "b", model)
+    delete_adapter(model, "a")
+    assert adapter_names(model) == ["b"]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=tokens).logits, reference(input_ids=tokens).logits
+        )
+    delete_adapter(model, "b")
+    assert (
+        adapter_names(model) == []
+        and type(model.model.layers[0].self_attn.v_proj) is torch.nn.Linear
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=tokens).logits, tiny_llama(init_std=0.3)(input_ids=tokens).logits
+        )
+
+
+@pytest.mark.parametrize("method", CONFIGS)
+def test_a_mixed_batch_gives_each_row_its_own_adapters_output_and_gradient(method, tokens):
+    model = two_adapters(method)
+    params = [model.get_parameter(n) for n in adapter_parameter_names(model)]
+    rows = ["a", "b", "b", "a"]
+    with mixed_batch(model, rows):
+        mixed = model(input_ids=tokens, labels=tokens)
+    for i, name in enumerate(rows):
+        with torch.no_grad():
+            alone = only(method, name, model)(input_ids=tokens[i : i + 1]).logits
+        torch.testing.assert_close(mixed.logits[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+
+    # The same gradients as two separate batches, one per adapter (equal halves: the
+    # mixed mean loss is the mean of the two batches' losses).
+    routed = torch.autograd.grad(mixed.loss, params)
+    set_active_adapters(model, "a")
+    loss_a = model(input_ids=tokens[[0, 3]], labels=tokens[[0, 3]]).loss
+    set_active_adapters(model, "b")
+    loss_b = model(input_ids=tokens[[1, 2]], labels=tokens[[1, 2]]).loss
+    separate = torch.autograd.grad((loss_a + loss_b) / 2, params, allow_unused=True)
+    for name, r, s in zip(adapter_parameter_names(model), routed, separate, strict=True):
+        assert s is not None, name
+        torch.testing.assert_close(r, s, rtol=1e-4, atol=1e-6)
+
+
+def test_rows_routed_by_index_tensor_and_bad_routes_refused(tokens):
+    model = two_adapters("lora")
+    with torch.no_grad(), mixed_batch(model, torch.tensor([1, 1, 0, 0]), names=["a", "b"]):
+        by_index = model(input_ids=tokens).logits
+    with torch.no_grad(), mixed_batch(model, ["b", "b", "a", "a"]):
+        torch.testing.assert_close(model(input_ids=tokens).logits, by_index)
+    with pytest.raises(
+        AdapterStateError, match=r"no adapter named \['c'\] in the model; it has \['a', 'b'\]"
+    ):
+        with mixed_batch(model, ["a", "c"]):
+            pass
+    with pytest.raises(AdapterStateError, match=r"row indices must lie in \[0, 2\), got \[0, 2\]"):
+        with mixed_batch(model, torch.tensor([0, 2]), names=["a", "b"]):
+            pass
+    with pytest.raises(
+        AdapterStateError, match="given 2 row adapters, the layer got a batch of 4 rows"
+    ):
+        with mixed_batch(model, ["a", "b"]):
+            model(input_ids=tokens)
+
+
+def test_a_second_name_joins_only_layers_of_the_same_method():
+    model = apply_adapters(tiny_llama(), LoRA(target_modules=["q_proj"]), name="a")
+    with pytest.raises(
+        TargetModulesError, match="q_proj already carries a LoRALinear; .*IA3 cannot join it"
+    ):
+        apply_adapters(model, IA3(target_modules=["q_proj"], feedforward_modules=[]), name="b")
+    with pytest.raises(TargetModulesError, match="already carries an adapter named 'a'"):
+        apply_adapters(model, LoRA(target_modules=["q_proj"]), name="a")
+
+
+def test_disabling_refuses_methods_that_train_base_tensors():
+    model = apply_adapters(tiny_llama(bias=True), BitFit())
+    with pytest.raises(
+        AdapterStateError, match="BitFit and Unfreeze train the base model's own tensors"
+    ):
+        with disable_adapters(model):
+            pass
