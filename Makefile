@@ -21,7 +21,7 @@ $(BIN)/.installed: pyproject.toml requirements-assets.txt
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/python examples/demo.py
 
 test: install
 	$(BIN)/python -m pytest

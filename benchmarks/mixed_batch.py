@@ -67,7 +67,9 @@ def timed(step, device: str, repeats: int) -> float:
 
 def measure(method: str, adapters: int, args: argparse.Namespace) -> dict[str, float]:
     model = build(method, adapters, args.device)
-    ids = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)
+    )
     ids = ids.to(args.device)
     rows = [NAMES[i % adapters] for i in range(args.batch)]
 

@@ -83,7 +83,7 @@ def main() -> None:
     trainer.fit(HeadlineClassifier(model, args.lr), loader(tokenizer, train_rows, 16, shuffle=True))
     after = accuracy(model, tokenizer, test_rows)
     counts = count_parameters(model)
-    print(f"\nBitFit + new head on all-MiniLM-L6-v2, BBC News headlines (5 topics, 400 held out)")
+    print("\nBitFit + new head on all-MiniLM-L6-v2, BBC News headlines (5 topics, 400 held out)")
     print(f"  accuracy before: {before:.3f}   (an untrained head: chance is 0.2)")
     print(f"  accuracy after:  {after:.3f}   ({epochs} epochs of {train_size} headlines)")
     print(

@@ -11,12 +11,13 @@ a length-normalized loss over the choices; predictions are rank classification.
 from __future__ import annotations
 
 import torch
-from common import SentimentLM, parse_args, run
+from common import parse_args, run
 
 from lightning_peft import IA3, RankClassificationAccuracy, tfew_losses
+from lightning_peft.lightning.tasks import ReviewSentiment
 
 
-class TFewSentimentLM(SentimentLM):
+class TFewSentimentLM(ReviewSentiment):
     """Scores every review with both answers appended, and trains on the T-Few losses."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -45,6 +46,6 @@ class TFewSentimentLM(SentimentLM):
 
 
 if __name__ == "__main__":
-    args = parse_args(__doc__.splitlines()[0], steps=120, lr=1e-2)
+    args = parse_args(__doc__.splitlines()[0], steps=60, lr=1e-2)
     # SmolLM2 is a Llama: keys, values and the second feed-forward projection.
     run("(IA)^3 + T-Few losses", IA3(), args, module_class=TFewSentimentLM)

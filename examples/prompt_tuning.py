@@ -15,7 +15,7 @@ from lightning_peft import PromptTuning
 from lightning_peft.data import smollm2_path
 
 if __name__ == "__main__":
-    args = parse_args(__doc__.splitlines()[0], steps=120, lr=3e-2)
+    args = parse_args(__doc__.splitlines()[0], steps=120, lr=3e-3)
     prompt = PromptTuning(
         num_virtual_tokens=12,
         init="text",

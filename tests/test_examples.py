@@ -67,3 +67,30 @@ def test_bitfit_example_learns_topics_with_biases_and_a_head(capsys):
     out = run_example("bitfit.py", capsys, "--fast")
     assert accuracy("accuracy after", out) > accuracy("accuracy before", out) + 0.15
     assert re.search(r"trainable: +28,037 of 22,715,141", out)
+
+
+@pytest.mark.slow
+def test_demo_fine_tunes_smollm2_in_nf4_and_reports(capsys, tmp_path):
+    out = run_example("demo.py", capsys, "--steps", "2", "--eval-size", "8", "--out", str(tmp_path))
+    assert 0.4 < accuracy("accuracy before", out) <= 1 and 0 < accuracy("accuracy after", out) <= 1
+    assert re.search(r"bits/parameter: +4\.1[0-9]+ for the 4-bit weights", out)
+    assert (tmp_path / "checkpoints" / "sentiment.ckpt").exists()
+    assert (tmp_path / "checkpoints" / "sentiment-peft" / "adapter_model.safetensors").exists()
+    assert "where the time went" in out and "train" in out
+
+
+def test_multi_adapter_example_trains_two_tasks_in_mixed_batches(capsys):
+    out = run_example("multi_adapter.py", capsys)
+    scores = re.findall(r"counting up ([0-9.]+), counting down ([0-9.]+)", out)
+    (base_up, base_down), (up_up, up_down), (down_up, down_down) = [
+        tuple(map(float, s)) for s in scores
+    ]
+    assert base_up < 0.2 and base_down < 0.2
+    assert up_up > 0.9 and up_down < 0.2 and down_down > 0.9 and down_up < 0.2
+    assert accuracy("mixed batch", out) > 0.9
+
+
+def test_mixin_example_reloads_an_adapter_checkpoint_exactly(capsys):
+    out = run_example("mixin.py", capsys)
+    assert "reloaded logits equal the trained module's: True" in out
+    assert accuracy("next-token accuracy of the reloaded module", out) > 0.5

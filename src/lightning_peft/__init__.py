@@ -26,6 +26,7 @@ from lightning_peft.errors import (
 )
 from lightning_peft.injection import adapter_parameter_names, apply_adapters
 from lightning_peft.merging import MergeReport, merge_adapters, unmerge_adapters
+from lightning_peft.quantization.estimate import estimate_memory
 from lightning_peft.switching import (
     adapter_names,
     delete_adapter,
@@ -99,6 +100,7 @@ __all__ = [
     "count_parameters",
     "delete_adapter",
     "disable_adapters",
+    "estimate_memory",
     "fold_prefix_",
     "load_adapter_state_dict",
     "load_peft",

@@ -1,5 +1,7 @@
 """What is trained: one file per method, each a frozen config dataclass and its module."""
 
+from typing import Union
+
 from lightning_peft.adapters.bitfit import BitFit, Unfreeze
 from lightning_peft.adapters.bottleneck import BottleneckAdapter, BottleneckLinear
 from lightning_peft.adapters.ia3 import IA3, IA3Linear
@@ -7,6 +9,10 @@ from lightning_peft.adapters.lora import LoRA, LoRALinear
 from lightning_peft.adapters.prefix import PrefixKV, PrefixTuning, fold_prefix_
 from lightning_peft.adapters.prompt import PromptTuning, SoftPrompt
 from lightning_peft.adapters.protocol import AdapterModule, MergeableAdapter, is_adapter
+
+# The methods this package ships: the type the CLI (jsonargparse) offers for ``adapters``.
+# Anything with the shape of ``lightning_peft.injection.AdapterConfig`` works in code too.
+MethodConfig = Union[LoRA, IA3, PromptTuning, PrefixTuning, BottleneckAdapter, BitFit, Unfreeze]
 
 __all__ = [
     "AdapterModule",
@@ -18,6 +24,7 @@ __all__ = [
     "LoRA",
     "LoRALinear",
     "MergeableAdapter",
+    "MethodConfig",
     "PrefixKV",
     "PrefixTuning",
     "PromptTuning",

@@ -16,8 +16,6 @@ from torch import nn
 
 from lightning_peft.errors import AdapterConfigError, UnsupportedLayerError
 
-HOOKED_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "past_key_values")
-
 
 def find_transformers_model(model: nn.Module, method: str) -> nn.Module:
     """The outermost module of ``model`` that is a transformers model with input embeddings.

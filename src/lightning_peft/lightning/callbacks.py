@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_peft.adapters import MethodConfig
 from lightning_peft.checkpoint import partial_path
 from lightning_peft.checkpoint.peft_format import save_peft
 from lightning_peft.errors import AdapterConfigError
@@ -110,7 +111,7 @@ class PeftCallback(_AdapterCheckpointHooks):
 
     def __init__(
         self,
-        adapters: AdapterConfig | Sequence[AdapterConfig] | None = None,
+        adapters: MethodConfig | Sequence[MethodConfig] | None = None,
         *,
         name: str = "default",
     ) -> None:

@@ -20,10 +20,9 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from typing_extensions import override
 
-from lightning_peft.adapters import LoRA
+from lightning_peft.adapters import LoRA, MethodConfig
 from lightning_peft.errors import AdapterConfigError
 from lightning_peft.injection import (
-    AdapterConfig,
     adapter_parameter_names,
     apply_adapters,
     is_adapter_config,
@@ -86,7 +85,7 @@ class PeftPrecision(MixedPrecision):
         mode: PeftMode = "nf4-lora",
         compute: Compute = "32-true",
         *,
-        adapters: AdapterConfig | Sequence[AdapterConfig] | None = None,
+        adapters: MethodConfig | Sequence[MethodConfig] | None = None,
         skip_modules: Sequence[str] = (),
         blocksize: int = 64,
         quant_storage: torch.dtype = torch.uint8,

@@ -1,0 +1,151 @@
+"""``lightning-peft``: the command line.
+
+    lightning-peft fit --config examples/configs/smollm2-rt-qlora.yaml [--trainer.max_steps 10]
+    lightning-peft validate --config ... --ckpt_path runs/cli/checkpoints/sentiment.ckpt
+    lightning-peft export --config ... --ckpt runs/.../sentiment.ckpt --peft-dir out/ [--merged-dir out2/]
+    lightning-peft memory 70B --gpu 48
+
+``fit``, ``validate``, ``test`` and ``predict`` are Lightning's ``LightningCLI`` with this
+package's ``Trainer`` (so ``--trainer.precision nf4-lora`` works); the adapter method,
+precision mode, optimizer and checkpointing come from the YAML or from flags, and
+``--help`` documents them all. ``export`` rebuilds the model from the same YAML, attaches
+the checkpoint's adapters and writes them in the PEFT format and/or merged into the base.
+``memory`` prints the QLoRA paper's memory arithmetic for a model size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+import lightning_peft
+from lightning_peft.checkpoint import (
+    check_adapter_state_dict,
+    check_base_fingerprint,
+    read_metadata,
+)
+from lightning_peft.checkpoint.export import merge_and_export
+from lightning_peft.checkpoint.peft_format import save_peft
+from lightning_peft.errors import AdapterStateError
+from lightning_peft.lightning.attach import attach_adapters_once
+from lightning_peft.lightning.trainer import Trainer
+from lightning_peft.quantization.estimate import METHODS, estimate_memory
+
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*([kKmMbBtT]?)\s*$")
+_SCALE = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+
+
+class PeftCLI(LightningCLI):
+    """``LightningCLI`` with ``lightning_peft.Trainer``; any LightningModule / DataModule."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            trainer_class=Trainer,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            # The YAML given is the record of the run; do not litter the working directory
+            # (with logger: false Lightning would write config.yaml there).
+            save_config_callback=None,
+            args=args,
+            run=run,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "export":
+        export(argv[1:])
+    elif argv and argv[0] == "memory":
+        memory(argv[1:])
+    else:
+        PeftCLI(args=argv)
+
+
+def export(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="lightning-peft export",
+        description="Write a checkpoint's adapters in the Hugging Face PEFT format and/or "
+        "merged into a standalone transformers model.",
+    )
+    parser.add_argument("--config", required=True, help="the YAML the adapters were trained with")
+    parser.add_argument("--ckpt", required=True, help="an adapter checkpoint (.ckpt)")
+    parser.add_argument(
+        "--peft-dir", help="write adapter_config.json + adapter_model.safetensors here"
+    )
+    parser.add_argument("--merged-dir", help="write the merged model (save_pretrained) here")
+    parser.add_argument("--base-model-name-or-path", help="recorded in adapter_config.json")
+    args = parser.parse_args(argv)
+    if not (args.peft_dir or args.merged_dir):
+        parser.error("give --peft-dir, --merged-dir or both")
+    module = load_adapter_checkpoint(args.config, args.ckpt)
+    if args.peft_dir:
+        names = sorted({a["name"] for a in read_metadata(_load(args.ckpt))["adapters"]})
+        save_peft(module, args.peft_dir, args.base_model_name_or_path, adapter_name=names[0])
+        print(f"PEFT adapter written to {args.peft_dir}")
+    if args.merged_dir:
+        merge_and_export(module, args.merged_dir)
+        print(f"merged model written to {args.merged_dir}")
+
+
+def load_adapter_checkpoint(config: str, ckpt: str) -> Any:
+    """The LightningModule of ``config`` with the adapters of ``ckpt`` attached and loaded
+    (its base quantized first when the config trains under ``PeftPrecision``)."""
+    cli = PeftCLI(args=["--config", config], run=False)
+    checkpoint = _load(ckpt)
+    metadata = read_metadata(checkpoint, ckpt)
+    configs = [config_from_metadata(entry) for entry in metadata["adapters"]]
+    names = {entry["name"] for entry in metadata["adapters"]}
+    if len(names) != 1:
+        raise AdapterStateError(f"{ckpt} holds adapters named {sorted(names)}; export takes one")
+    module = cli.model
+    attach_adapters_once(cli.trainer, module, lambda plugin: configs, name=names.pop())
+    state = checkpoint["state_dict"]
+    check_adapter_state_dict(module, state)
+    check_base_fingerprint(metadata, module, ckpt)
+    module.load_state_dict(state, strict=False)
+    return module
+
+
+def config_from_metadata(entry: dict[str, Any]) -> Any:
+    """An adapter config rebuilt from a checkpoint's metadata entry."""
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}
+    method = getattr(lightning_peft, fields.pop("method"))
+    fields.pop("name")
+    return method(**fields)
+
+
+def _load(ckpt: str) -> dict[str, Any]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)
+
+
+def memory(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="lightning-peft memory",
+        description="Memory to fine-tune a model of a given size (QLoRA paper's arithmetic; "
+        "activations not included).",
+    )
+    parser.add_argument("size", help="parameters, e.g. 70B, 7b, 135M or 134515008")
+    parser.add_argument("--method", choices=[*METHODS, "all"], default="all")
+    parser.add_argument("--gpu", type=float, help="GPU memory in GB: say whether it fits")
+    parser.add_argument("--adapter-fraction", type=float, default=0.012)
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "sgd"])
+    args = parser.parse_args(argv)
+    match = _SIZE.match(args.size)
+    if not match:
+        parser.error(f"size must be a number with an optional K/M/B/T suffix, got {args.size!r}")
+    num_params = float(match.group(1)) * _SCALE[match.group(2).lower()]
+    for method in METHODS if args.method == "all" else [args.method]:
+        estimate = estimate_memory(
+            num_params, method, adapter_fraction=args.adapter_fraction, optimizer=args.optimizer
+        )
+        print(estimate.table(gpu_gb=args.gpu) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The lightning-peft command: fit from the YAML, export, memory."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lightning_peft.lightning.cli import load_adapter_checkpoint, main
+from lightning_peft.lightning.tasks import encode, rotten_tomatoes
+
+CONFIG = "examples/configs/smollm2-rt-qlora.yaml"
+
+
+def test_memory_prints_the_papers_table_for_a_size(capsys):
+    main(["memory", "70B", "--gpu", "48"])
+    out = capsys.readouterr().out
+    assert "| **total** | **840.0** | **96.00** |" in out  # full fine-tuning
+    assert "| **total** | **46.2** | **5.28** |" in out  # QLoRA
+    assert out.count("does not fit in 48 GB") == 2 and out.count("\nfits in 48 GB") == 1
+    with pytest.raises(SystemExit):
+        main(["memory", "seventy"])
+    assert (
+        "size must be a number with an optional K/M/B/T suffix, got 'seventy'"
+        in capsys.readouterr().err
+    )
+
+
+@pytest.mark.slow
+def test_fit_from_the_yaml_then_export_peft_and_merged(tmp_path, monkeypatch, capsys):
+    root = os.getcwd()
+    monkeypatch.chdir(tmp_path)  # the YAML writes under runs/
+    config = os.path.join(root, CONFIG)
+    main(
+        [
+            "fit",
+            "--config",
+            config,
+            "--trainer.max_steps",
+            "2",
+            "--data.init_args.train_size",
+            "16",
+            "--data.init_args.eval_size",
+            "8",
+        ]
+    )
+    ckpt = tmp_path / "runs/cli/checkpoints/sentiment.ckpt"
+    assert (
+        ckpt.exists()
+        and (tmp_path / "runs/cli/checkpoints/sentiment-peft/adapter_config.json").exists()
+    )
+
+    main(
+        [
+            "export",
+            "--config",
+            config,
+            "--ckpt",
+            str(ckpt),
+            "--peft-dir",
+            "peft",
+            "--merged-dir",
+            "merged",
+        ]
+    )
+    assert "PEFT adapter written to peft" in capsys.readouterr().out
+    adapted = load_adapter_checkpoint(config, str(ckpt)).model.eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    batch = encode(adapted_tokenizer(), rotten_tomatoes()[:2])
+    with torch.no_grad():
+        expected = adapted(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+        got = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+
+
+def adapted_tokenizer():
+    from transformers import AutoTokenizer
+
+    from lightning_peft.data import smollm2_path
+
+    return AutoTokenizer.from_pretrained(smollm2_path(), padding_side="left")
