@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import qlora_speed  # noqa: E402 - the SmolLM2-135M architecture both benchmarks use
 
 from lightning_peft import IA3, LoRA, apply_adapters, mixed_batch, set_active_adapters
 
@@ -31,19 +35,10 @@ NAMES = ("a", "b", "c", "d")
 
 
 def build(method: str, adapters: int, device: str) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config).to(device)
+    model = LlamaForCausalLM(qlora_speed.smollm2_config()).to(device)
     for name in NAMES[:adapters]:
         config = LoRA(rank=8, target_modules=["q_proj", "v_proj"]) if method == "lora" else IA3()
         apply_adapters(model, config, name=name)

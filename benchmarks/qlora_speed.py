@@ -123,6 +123,16 @@ def run_variant(variant: str, device: str, steps: int, batch: int, seq: int) -> 
     }
 
 
+def run_child(variant: str, args: argparse.Namespace) -> dict:
+    """``run_variant`` in a fresh process (so peak memory is the variant's own)."""
+    command = [sys.executable, __file__, "--variant", variant, "--device", args.device]
+    command += ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+    child = subprocess.run(command, capture_output=True, text=True, check=False)
+    if child.returncode != 0:
+        sys.exit(f"variant {variant} failed:\n{child.stderr}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def table(rows: dict[str, dict], args: argparse.Namespace, device_name: str) -> str:
     ours, peft, floor = rows["ours"], rows["peft"], rows["floor"]
     lines = [
@@ -187,24 +197,7 @@ def main() -> None:
     for round_index in range(args.rounds):
         order = VARIANTS[round_index % 3 :] + VARIANTS[: round_index % 3]
         for variant in order:
-            command = [
-                sys.executable,
-                __file__,
-                "--variant",
-                variant,
-                "--device",
-                args.device,
-                "--steps",
-                str(args.steps),
-                "--batch",
-                str(args.batch),
-                "--seq",
-                str(args.seq),
-            ]
-            child = subprocess.run(command, capture_output=True, text=True)
-            if child.returncode != 0:
-                sys.exit(f"variant {variant} failed:\n{child.stderr}")
-            runs[variant].append(json.loads(child.stdout.strip().splitlines()[-1]))
+            runs[variant].append(run_child(variant, args))
             print(
                 f"round {round_index + 1} {variant}: {runs[variant][-1]['median_s']:.4f} s/step",
                 file=sys.stderr,

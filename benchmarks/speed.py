@@ -14,9 +14,7 @@ better for us). Writes benchmarks/results/speed-<device>.md and speed-<device>.p
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,27 +26,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import qlora_speed  # noqa: E402 - the training-step half of this comparison
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def training_step(variant: str, args: argparse.Namespace) -> dict:
-    command = [
-        sys.executable,
-        qlora_speed.__file__,
-        "--variant",
-        variant,
-        "--device",
-        args.device,
-        "--steps",
-        str(args.steps),
-        "--batch",
-        str(args.batch),
-        "--seq",
-        str(args.seq),
-    ]
-    child = subprocess.run(command, capture_output=True, text=True, check=False)
-    if child.returncode != 0:
-        sys.exit(f"{variant} failed:\n{child.stderr}")
-    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def latency(model: torch.nn.Module, ids: torch.Tensor, device: str, repeats: int) -> float:
@@ -104,7 +81,10 @@ def main() -> None:
     args = parser.parse_args()
     rows = {}
     for variant in ("ours", "peft"):
-        rows[variant] = {**training_step(variant, args), **inference_and_files(variant, args)}
+        rows[variant] = {
+            **qlora_speed.run_child(variant, args),
+            **inference_and_files(variant, args),
+        }
         print(f"{variant}: {rows[variant]}", file=sys.stderr)
     ours, peft = rows["ours"], rows["peft"]
     measures = [

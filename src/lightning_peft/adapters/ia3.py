@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.adapters.wrapper import BaseLayerWrapper
+from lightning_peft.adapters.wrapper import BaseLayerWrapper, NamedAdapters
 from lightning_peft.adapters.routing import Routing
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.quantization import dequantize, in_out_features, is_linear_layer, write_weight_
@@ -81,7 +81,7 @@ class IA3:
         return IA3Linear(layer, self, adapter_name, feedforward=feedforward)
 
 
-class IA3Linear(BaseLayerWrapper):
+class IA3Linear(NamedAdapters, BaseLayerWrapper):
     """A linear-like base layer whose output (or, for a feed-forward layer, input) is rescaled
     by learned vectors ``ia3_l``, one per named adapter. State-dict keys of the base stay as
     they were. Active adapters' vectors multiply; under :func:`lightning_peft.mixed_batch`
@@ -124,25 +124,8 @@ class IA3Linear(BaseLayerWrapper):
         if adapter_name in self.active_adapters:
             self.active_adapters.remove(adapter_name)
 
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.configs)
-
     def adapter_params(self) -> list[str]:
         return [f"ia3_l.{name}" for name in self.configs]
-
-    @property
-    def adapter_name(self) -> str:
-        if len(self.active_adapters) != 1:
-            raise AdapterStateError(
-                f"this operation needs exactly one active adapter, the layer has "
-                f"{self.active_adapters}; choose one with set_active_adapters(model, [name])"
-            )
-        return self.active_adapters[0]
-
-    @property
-    def config(self) -> IA3:
-        return self.configs[self.adapter_name]
 
     @property
     def vector(self) -> torch.Tensor:

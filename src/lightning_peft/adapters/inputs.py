@@ -77,3 +77,21 @@ def text_token_ids(text: str, tokenizer_name_or_path: str, count: int) -> torch.
     if not token_ids:
         raise AdapterConfigError(f"init_text {text!r} has no tokens")
     return torch.tensor((token_ids * (count // len(token_ids) + 1))[:count])
+
+
+def virtual_token_problems(config: Any) -> list[str]:
+    """What is wrong with the fields prompt and prefix tuning share: ``num_virtual_tokens``,
+    ``init``, ``init_text`` and ``tokenizer_name_or_path``."""
+    problems = []
+    n = config.num_virtual_tokens
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        problems.append(f"num_virtual_tokens must be a positive int, got {n!r}")
+    if config.init not in ("random", "text"):
+        problems.append(f"init must be 'random' or 'text', got {config.init!r}")
+    if config.init == "text" and not (config.init_text and config.tokenizer_name_or_path):
+        problems.append(
+            "init='text' needs init_text and tokenizer_name_or_path, got "
+            f"init_text={config.init_text!r}, "
+            f"tokenizer_name_or_path={config.tokenizer_name_or_path!r}"
+        )
+    return problems

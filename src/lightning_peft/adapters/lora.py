@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.adapters.wrapper import BaseLayerWrapper
+from lightning_peft.adapters.wrapper import BaseLayerWrapper, NamedAdapters
 from lightning_peft.adapters.routing import Routing
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.quantization import dequantize, in_out_features, is_linear_layer, write_weight_
@@ -105,7 +105,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-class LoRALinear(BaseLayerWrapper):
+class LoRALinear(NamedAdapters, BaseLayerWrapper):
     """A linear-like base layer plus one or more named LoRA (or DoRA) updates.
 
     Base tensors keep their own state-dict names (see :class:`BaseLayerWrapper`). Adapter tensors
@@ -158,10 +158,6 @@ class LoRALinear(BaseLayerWrapper):
         if adapter_name in self.active_adapters:
             self.active_adapters.remove(adapter_name)
 
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.configs)
-
     def adapter_params(self) -> list[str]:
         names = []
         for name in self.configs:
@@ -169,21 +165,6 @@ class LoRALinear(BaseLayerWrapper):
             if name in self.lora_magnitude:
                 names.append(f"lora_magnitude.{name}")
         return names
-
-    @property
-    def adapter_name(self) -> str:
-        """The adapter a single-adapter operation (merge, ``lora_a``) acts on: the only
-        active one."""
-        if len(self.active_adapters) != 1:
-            raise AdapterStateError(
-                f"this operation needs exactly one active adapter, the layer has "
-                f"{self.active_adapters}; choose one with set_active_adapters(model, [name])"
-            )
-        return self.active_adapters[0]
-
-    @property
-    def config(self) -> LoRA:
-        return self.configs[self.adapter_name]
 
     @property
     def scaling(self) -> float:

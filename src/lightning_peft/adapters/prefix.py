@@ -30,6 +30,7 @@ from lightning_peft.adapters.inputs import (
     prepend_ones,
     text_config,
     text_token_ids,
+    virtual_token_problems,
 )
 from lightning_peft.errors import AdapterConfigError, AdapterStateError, UnsupportedLayerError
 
@@ -64,10 +65,7 @@ class PrefixTuning:
     tokenizer_name_or_path: str | None = None
 
     def __post_init__(self) -> None:
-        problems: list[str] = []
-        n = self.num_virtual_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            problems.append(f"num_virtual_tokens must be a positive int, got {n!r}")
+        problems = virtual_token_problems(self)
         if not isinstance(self.reparametrize, bool):
             problems.append(f"reparametrize must be True or False, got {self.reparametrize!r}")
         width = self.encoder_hidden_size
@@ -75,14 +73,6 @@ class PrefixTuning:
             isinstance(width, bool) or not isinstance(width, int) or width <= 0
         ):
             problems.append(f"encoder_hidden_size must be a positive int or None, got {width!r}")
-        if self.init not in ("random", "text"):
-            problems.append(f"init must be 'random' or 'text', got {self.init!r}")
-        if self.init == "text" and not (self.init_text and self.tokenizer_name_or_path):
-            problems.append(
-                "init='text' needs init_text and tokenizer_name_or_path, got "
-                f"init_text={self.init_text!r}, "
-                f"tokenizer_name_or_path={self.tokenizer_name_or_path!r}"
-            )
         if self.init == "text" and self.reparametrize:
             problems.append(
                 "init='text' sets the prefix itself, so it needs reparametrize=False, got "

@@ -26,6 +26,7 @@ from lightning_peft.adapters.inputs import (
     find_transformers_model,
     prepend_ones,
     text_token_ids,
+    virtual_token_problems,
 )
 from lightning_peft.errors import AdapterConfigError
 
@@ -57,18 +58,7 @@ class PromptTuning:
     tokenizer_name_or_path: str | None = None
 
     def __post_init__(self) -> None:
-        problems: list[str] = []
-        n = self.num_virtual_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            problems.append(f"num_virtual_tokens must be a positive int, got {n!r}")
-        if self.init not in ("random", "text"):
-            problems.append(f"init must be 'random' or 'text', got {self.init!r}")
-        if self.init == "text" and not (self.init_text and self.tokenizer_name_or_path):
-            problems.append(
-                "init='text' needs init_text and tokenizer_name_or_path, got "
-                f"init_text={self.init_text!r}, "
-                f"tokenizer_name_or_path={self.tokenizer_name_or_path!r}"
-            )
+        problems = virtual_token_problems(self)
         if problems:
             raise AdapterConfigError("invalid PromptTuning config:\n  - " + "\n  - ".join(problems))
 

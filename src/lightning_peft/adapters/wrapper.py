@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from lightning_peft.errors import AdapterStateError
+
 
 class BaseLayerWrapper(nn.Module):
     """An ``nn.Module`` holding ``base_layer`` and presenting it as itself to the outside."""
@@ -31,6 +33,33 @@ class BaseLayerWrapper(nn.Module):
             if base_layer is None:
                 raise
             return getattr(base_layer, name)
+
+
+class NamedAdapters:
+    """What wrappers holding several named adapters share (LoRA, IA3): their ``configs``
+    (name -> config) and the ``active_adapters`` the forward applies."""
+
+    configs: dict[str, Any]
+    active_adapters: list[str]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.configs)
+
+    @property
+    def adapter_name(self) -> str:
+        """The adapter a single-adapter operation (merge, ``lora_a``) acts on: the only
+        active one."""
+        if len(self.active_adapters) != 1:
+            raise AdapterStateError(
+                f"this operation needs exactly one active adapter, the layer has "
+                f"{self.active_adapters}; choose one with set_active_adapters(model, [name])"
+            )
+        return self.active_adapters[0]
+
+    @property
+    def config(self) -> Any:
+        return self.configs[self.adapter_name]
 
 
 def _base_keys_without_wrapper(
