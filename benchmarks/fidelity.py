@@ -6,21 +6,25 @@ and an NF4 base with double quantization comes close to a 16/32-bit one (Dettmer
 2023, Table 3). Every method trains on the same split with the same budget, several seeds.
 
     bbc  all-MiniLM-L6-v2 + a new head, BBC News headlines (5 topics): 800 train, 400 test,
-         3 epochs; every method also trains the head (Unfreeze(["classifier"])).
+         3 epochs; every method also trains the head (Unfreeze(["classifier"])), and the
+         head alone on the frozen encoder (a linear probe) is the reference row.
     rt   SmolLM2-135M-Instruct, Rotten Tomatoes as "Review: ...\\nSentiment:" -> positive /
-         negative (rank classification): 640 balanced train, 200 test, 80 steps.
+         negative (rank classification): 640 balanced train, 200 test, 80 steps; the
+         untrained model's zero-shot accuracy is the reference row.
 
 Writes benchmarks/results/fidelity-<task>.md (accuracy mean ± std over seeds, trainable
-parameters, adapter checkpoint size) and a PNG plot of accuracy against trainable parameters.
+parameters, adapter checkpoint size), a PNG plot of accuracy against trainable parameters,
+and the raw numbers as fidelity-<task>.json (``--replot`` redraws from them).
 
-    python benchmarks/fidelity.py --task bbc --seeds 0 1 2      # about 10 minutes on 2 cores
-    python benchmarks/fidelity.py --task rt --seeds 0           # about 15 minutes
+    python benchmarks/fidelity.py --task bbc --seeds 0 1 2      # about 6 minutes on 2 cores
+    python benchmarks/fidelity.py --task rt --seeds 0 1 2       # about 50 minutes
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +36,7 @@ from lightning_peft import (
     BitFit,
     BottleneckAdapter,
     LoRA,
+    PrefixTuning,
     PromptTuning,
     Unfreeze,
     adapter_state_dict,
@@ -42,9 +47,13 @@ from lightning_peft.quantization import quantize_model
 
 RESULTS = Path(__file__).parent / "results"
 HEAD = Unfreeze(["classifier"])
+ZERO_SHOT = "zero-shot (no training)"
 
 # method: (adapters or None for full fine-tuning, quantize to NF4 first, learning rate)
 BBC_METHODS = {
+    # The reference: what the adapters add to the head. A probe needs a higher rate than the
+    # methods' 1e-3, which left it at 0.55 after these 150 steps.
+    "head only (linear probe)": ([HEAD], False, 1e-2),
     "full fine-tuning": (None, False, 1e-4),
     "LoRA r=8 (q, v)": (
         [LoRA(rank=8, alpha=16, target_modules=["query", "value"]), HEAD],
@@ -74,16 +83,41 @@ BBC_METHODS = {
     "BitFit": ([BitFit(), HEAD], False, 3e-3),
     "prompt tuning (20)": ([PromptTuning(num_virtual_tokens=20), HEAD], False, 3e-2),
 }
-RT_METHODS = {
-    "full fine-tuning": (None, False, 1e-5),
-    "LoRA r=8 (q, v)": (LoRA(rank=8, alpha=16, target_modules=["q_proj", "v_proj"]), False, 3e-4),
-    "QLoRA: NF4 + LoRA r=8 (q, v)": (
-        LoRA(rank=8, alpha=16, target_modules=["q_proj", "v_proj"]),
-        True,
-        3e-4,
-    ),
-    "(IA)^3": (IA3(), False, 1e-2),
-}
+
+
+def rt_methods() -> dict:
+    """SmolLM2's methods; learning rates are the examples' (tuned by hand on a different seed).
+    Built on call: the text-initialized prompt and prefix need the converted SmolLM2 tokenizer."""
+    from lightning_peft.data import smollm2_path
+
+    instruction = {
+        "init": "text",
+        "init_text": "Is this movie review positive or negative?",
+        "tokenizer_name_or_path": str(smollm2_path()),
+    }
+    lora = LoRA(rank=8, alpha=16, target_modules=["q_proj", "v_proj"])
+    return {
+        ZERO_SHOT: (None, False, None),
+        "full fine-tuning": (None, False, 1e-5),
+        "LoRA r=8 (q, v)": (lora, False, 3e-4),
+        "QLoRA: NF4 + LoRA r=8 (q, v)": (lora, True, 3e-4),
+        "(IA)^3": (IA3(), False, 1e-2),
+        "bottleneck (Pfeiffer, /16)": (
+            BottleneckAdapter(reduction_factor=16, placement="pfeiffer", activation="silu"),
+            False,
+            3e-4,
+        ),
+        "prompt tuning (12, text init)": (
+            PromptTuning(num_virtual_tokens=12, **instruction),
+            False,
+            3e-3,
+        ),
+        "prefix tuning (10, text init)": (
+            PrefixTuning(num_virtual_tokens=10, reparametrize=False, **instruction),
+            False,
+            1e-3,
+        ),
+    }
 
 
 def checkpoint_bytes(model: torch.nn.Module, full: bool) -> int:
@@ -149,11 +183,14 @@ def run_rt(method: str, seed: int) -> dict:
         review_split,
     )
 
-    adapters, nf4, lr = RT_METHODS[method]
+    adapters, nf4, lr = rt_methods()[method]
     torch.manual_seed(seed)
     model, tokenizer = load_smollm2()
-    model = prepare(model, adapters, nf4).train()
     train, test = review_split(640, 200, seed=0)
+    if method == ZERO_SHOT:  # the reference: the model as shipped, nothing trained or saved
+        acc = accuracy(model.requires_grad_(False), tokenizer, test)
+        return {"accuracy": acc, "trainable": 0, "checkpoint_bytes": 0}
+    model = prepare(model, adapters, nf4).train()
     answers = answer_ids(tokenizer)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     for batch in review_loader(tokenizer, train, 8, shuffle=True):
@@ -174,13 +211,15 @@ def result(model: torch.nn.Module, adapters, acc: float) -> dict:
     }
 
 
-def write(task: str, rows: dict[str, list[dict]], seeds: list[int], seconds: float) -> str:
+def write(
+    task: str, rows: dict[str, list[dict]], seeds: list[int], seconds: float, threads: int
+) -> str:
     title = {
         "bbc": "all-MiniLM-L6-v2 (22.7M), BBC News headlines, 5 topics: 800 train / 400 test, 3 epochs",
         "rt": "SmolLM2-135M-Instruct, Rotten Tomatoes: 640 balanced train / 200 test, 80 steps of 8",
     }[task]
     lines = [
-        f"Fidelity, {title}; seeds {seeds}; {seconds / 60:.0f} min on {torch.get_num_threads()} CPU threads.",
+        f"Fidelity, {title}; seeds {seeds}; {seconds / 60:.0f} min on {threads} CPU threads.",
         "",
         "| method | accuracy (mean ± std) | trainable params | % of full | checkpoint |",
         "|---|---:|---:|---:|---:|",
@@ -191,9 +230,11 @@ def write(task: str, rows: dict[str, list[dict]], seeds: list[int], seconds: flo
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         trainable = runs[0]["trainable"]
         share = f"{100 * trainable / full:.2f}%" if full else "-"
+        size = runs[0]["checkpoint_bytes"]
+        size = f"{size / 2**20:.2f} MiB" if size else "-"
         lines.append(
             f"| {method} | {statistics.mean(accs):.3f} ± {std:.3f} | {trainable:,} | {share} | "
-            f"{runs[0]['checkpoint_bytes'] / 2**20:.2f} MiB |"
+            f"{size} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -204,9 +245,12 @@ def plot(task: str, rows: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6.4, 4))
+    figure, axes = plt.subplots(figsize=(8.4, 4))
     for method, runs in rows.items():
         accs = [r["accuracy"] for r in runs]
+        if method == ZERO_SHOT:  # nothing trained: a reference line, not a point on a log axis
+            axes.axhline(statistics.mean(accs), color="gray", linestyle="--", label=method)
+            continue
         axes.errorbar(
             runs[0]["trainable"],
             statistics.mean(accs),
@@ -218,8 +262,10 @@ def plot(task: str, rows: dict[str, list[dict]], path: Path) -> None:
     axes.set_xscale("log")
     axes.set_xlabel("trainable parameters")
     axes.set_ylabel("held-out accuracy")
-    axes.set_title(f"fidelity: {task}")
-    axes.legend(fontsize=7, loc="lower right")
+    seeds = max(len(runs) for runs in rows.values())
+    name = {"bbc": "MiniLM + BBC headlines", "rt": "SmolLM2-135M + Rotten Tomatoes"}[task]
+    axes.set_title(f"{name}: mean ± std over {seeds} seeds")
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -229,22 +275,46 @@ def main() -> None:
     parser.add_argument("--task", choices=["bbc", "rt"], default="bbc")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="*", help="a subset of the method names")
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="rewrite the table and plot from the saved results/fidelity-<task>.json; trains nothing",
+    )
     args = parser.parse_args()
-    methods, run = (BBC_METHODS, run_bbc) if args.task == "bbc" else (RT_METHODS, run_rt)
-    chosen = args.methods or list(methods)
+    raw = RESULTS / f"fidelity-{args.task}.json"
+    if args.replot:
+        if not raw.exists():
+            parser.error(f"--replot reads {raw}, which does not exist: run without --replot first")
+        saved = json.loads(raw.read_text())
+    else:
+        saved = measure(parser, args)
+        RESULTS.mkdir(exist_ok=True)
+        raw.write_text(json.dumps(saved, indent=1) + "\n")
+    text = write(args.task, **saved)
+    print("\n" + text)
+    (RESULTS / f"fidelity-{args.task}.md").write_text(text)
+    plot(args.task, saved["rows"], RESULTS / f"fidelity-{args.task}.png")
+
+
+def measure(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    methods, run = (BBC_METHODS, run_bbc) if args.task == "bbc" else (rt_methods(), run_rt)
+    unknown = sorted(set(args.methods or ()) - set(methods))
+    if unknown:
+        parser.error(f"unknown --methods {unknown}; the {args.task} methods are {list(methods)}")
     started = time.perf_counter()
     rows: dict[str, list[dict]] = {}
-    for method in chosen:
+    for method in args.methods or methods:
         for seed in args.seeds:
             rows.setdefault(method, []).append(run(method, seed))
             print(
                 f"{method:<32} seed {seed}: accuracy {rows[method][-1]['accuracy']:.3f}", flush=True
             )
-    text = write(args.task, rows, args.seeds, time.perf_counter() - started)
-    print("\n" + text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"fidelity-{args.task}.md").write_text(text)
-    plot(args.task, rows, RESULTS / f"fidelity-{args.task}.png")
+    return {
+        "rows": rows,
+        "seeds": args.seeds,
+        "seconds": time.perf_counter() - started,
+        "threads": torch.get_num_threads(),
+    }
 
 
 if __name__ == "__main__":

@@ -1,0 +1,56 @@
+"""The fidelity tables in the README are what the saved raw numbers say (no training here:
+the runs take minutes to an hour; `benchmarks/fidelity.py --replot` rewrites the tables)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+@pytest.fixture(scope="module")
+def fidelity():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import fidelity
+
+        yield fidelity
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+@pytest.mark.parametrize("task", ["bbc", "rt"])
+def test_fidelity_tables_match_their_raw_numbers_and_the_readme(fidelity, task):
+    saved = json.loads((RESULTS / f"fidelity-{task}.json").read_text())
+    table = fidelity.write(task, **saved)
+    assert table == (RESULTS / f"fidelity-{task}.md").read_text()
+    assert table.strip() in (ROOT / "README.md").read_text()
+    assert len(saved["seeds"]) >= 3
+    assert all(len(runs) == len(saved["seeds"]) for runs in saved["rows"].values())
+
+
+def test_fidelity_table_reports_mean_and_spread(fidelity):
+    runs = [{"accuracy": a, "trainable": 10, "checkpoint_bytes": 2**20} for a in (0.8, 0.9)]
+    full = [{"accuracy": 0.85, "trainable": 1000, "checkpoint_bytes": 2**21}]
+    none = [{"accuracy": 0.5, "trainable": 0, "checkpoint_bytes": 0}]
+    table = fidelity.write(
+        "bbc", {"full fine-tuning": full, "x": runs, "zero": none}, [0, 1], 120, 2
+    )
+    assert "seeds [0, 1]; 2 min on 2 CPU threads" in table
+    assert "| full fine-tuning | 0.850 ± 0.000 | 1,000 | 100.00% | 2.00 MiB |" in table
+    assert "| x | 0.850 ± 0.071 | 10 | 1.00% | 1.00 MiB |" in table
+    assert "| zero | 0.500 ± 0.000 | 0 | 0.00% | - |" in table
+
+
+def test_fidelity_refuses_an_unknown_method_before_training(fidelity, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["fidelity.py", "--task", "bbc", "--methods", "LoRA"])
+    with pytest.raises(SystemExit):
+        fidelity.main()
+    error = capsys.readouterr().err
+    assert "unknown --methods ['LoRA']; the bbc methods are" in error
+    assert "'LoRA r=8 (q, v)'" in error
