@@ -16,9 +16,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_peft import IA3, AdapterCheckpoint, LoRA, PeftMixin
+
+from counting import counting_rows, tiny_llama
 
 VOCAB, SEQ = 64, 12
 
@@ -28,16 +29,7 @@ class Counter(PeftMixin, L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         torch.manual_seed(0)  # the same base every time: the checkpoint holds adapters only
-        config = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            initializer_range=0.1,
-        )
-        self.model = LlamaForCausalLM(config)
+        self.model = tiny_llama(VOCAB)
 
     def configure_adapters(self):
         return [LoRA(rank=8, alpha=16, target_modules=["q_proj"]), IA3()]
@@ -51,11 +43,6 @@ class Counter(PeftMixin, L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
 
 
-def counting_rows(count: int, seed: int) -> torch.Tensor:
-    start = torch.randint(0, VOCAB, (count, 1), generator=torch.Generator().manual_seed(seed))
-    return (start + torch.arange(SEQ)) % VOCAB
-
-
 def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="lightning_peft_mixin_"))
     L.seed_everything(0, verbose=False)
@@ -67,11 +54,14 @@ def main() -> None:
         enable_model_summary=False,
         callbacks=[AdapterCheckpoint(dirpath=workdir, filename="counter")],
     )
-    trainer.fit(module, DataLoader(list(counting_rows(1024, 0)), batch_size=32, shuffle=True))
+    trainer.fit(
+        module,
+        DataLoader(list(counting_rows(1024, SEQ, VOCAB, seed=0)), batch_size=32, shuffle=True),
+    )
 
     checkpoint = workdir / "counter.ckpt"
     restored = Counter.load_from_checkpoint(checkpoint)
-    held_out = counting_rows(64, seed=99)
+    held_out = counting_rows(64, SEQ, VOCAB, seed=99)
     module.eval()
     restored.eval()
     with torch.no_grad():

@@ -14,37 +14,22 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_peft import LoRA, apply_adapters, disable_adapters, mixed_batch, set_active_adapters
+
+from counting import counting_rows, next_token_accuracy, tiny_llama
 
 VOCAB, SEQ, STEPS = 64, 12, 150
 
 
 def rows(task: str, count: int, seed: int) -> torch.Tensor:
-    start = torch.randint(0, VOCAB, (count, 1), generator=torch.Generator().manual_seed(seed))
-    step = 1 if task == "up" else -1
-    return (start + step * torch.arange(SEQ)) % VOCAB
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, batch: torch.Tensor) -> float:
-    predictions = model(input_ids=batch).logits[:, :-1].argmax(-1)
-    return (predictions == batch[:, 1:]).float().mean().item()
+    """Rows of one task: "up" counts 17, 18, 19, ...; "down" counts 17, 16, 15, ..."""
+    return counting_rows(count, SEQ, VOCAB, seed, step=1 if task == "up" else -1)
 
 
 def main() -> None:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        initializer_range=0.1,
-    )
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(VOCAB)
     for task in ("up", "down"):
         apply_adapters(model, LoRA(rank=8, alpha=16, target_modules="all-linear"), name=task)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -67,16 +52,16 @@ def main() -> None:
     model.eval()
     held_out = {task: rows(task, 64, seed=99) for task in ("up", "down")}
     with disable_adapters(model):
-        base = {task: accuracy(model, held_out[task]) for task in held_out}
+        base = {task: next_token_accuracy(model, held_out[task]) for task in held_out}
     print(f"base model:      counting up {base['up']:.2f}, counting down {base['down']:.2f}")
     for adapter in ("up", "down"):
         set_active_adapters(model, adapter)
-        scores = {task: accuracy(model, held_out[task]) for task in held_out}
+        scores = {task: next_token_accuracy(model, held_out[task]) for task in held_out}
         print(
             f"adapter {adapter!r:<6}:  counting up {scores['up']:.2f}, counting down {scores['down']:.2f}"
         )
     with mixed_batch(model, ["up"] * 64 + ["down"] * 64):
-        both = accuracy(model, torch.cat([held_out["up"], held_out["down"]]))
+        both = next_token_accuracy(model, torch.cat([held_out["up"], held_out["down"]]))
     print(f"mixed batch:     {both:.2f} on both tasks at once")
 
 

@@ -13,7 +13,6 @@ import io
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_peft import (
     LoRA,
@@ -24,42 +23,19 @@ from lightning_peft import (
 )
 from lightning_peft.quantization import quantize_model
 
+from counting import counting_rows, next_token_accuracy, tiny_llama
+
 VOCAB, SEQ, BATCH, STEPS = 128, 16, 32, 120
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        initializer_range=0.1,  # wider than the default 0.02, so the frozen head can be confident
-    )
-    return LlamaForCausalLM(config)
-
-
-def batch(generator: torch.Generator) -> torch.Tensor:
-    """Rows that count up by one from a random start: 17, 18, 19, ... (mod VOCAB)."""
-    start = torch.randint(0, VOCAB, (BATCH, 1), generator=generator)
-    return (start + torch.arange(SEQ)) % VOCAB
-
-
-@torch.no_grad()
-def next_token_accuracy(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
-    predictions = model(input_ids=input_ids).logits[:, :-1].argmax(-1)
-    return (predictions == input_ids[:, 1:]).float().mean().item()
 
 
 def main() -> None:
     torch.manual_seed(0)
-    model = tiny_llama()
+    model = tiny_llama(VOCAB)
     quantize_model(model, "nf4")  # every linear layer but the head, double-quantized
     apply_adapters(model, LoRA(rank=16, alpha=32, target_modules="all-linear"))
     print(f"parameters: {count_parameters(model)}")
 
-    held_out = batch(torch.Generator().manual_seed(1234))
+    held_out = counting_rows(BATCH, SEQ, VOCAB, seed=1234)
     print(f"next-token accuracy before: {next_token_accuracy(model, held_out):.2f}")
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -67,7 +43,7 @@ def main() -> None:
     started = time.perf_counter()
     model.train()
     for step in range(1, STEPS + 1):
-        input_ids = batch(generator)
+        input_ids = counting_rows(BATCH, SEQ, VOCAB, seed=generator)
         loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
         optimizer.step()

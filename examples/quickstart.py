@@ -18,10 +18,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_peft import AdapterCheckpoint, LoRA, PeftCallback, count_parameters
 from lightning_peft.quantization import quantize_model
+
+from counting import counting_rows, next_token_accuracy, tiny_llama
 
 VOCAB, SEQ, STEPS = 128, 16, 120
 
@@ -32,16 +33,7 @@ class CountingLM(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        config = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            initializer_range=0.1,  # wider than the default, so the frozen head can be confident
-        )
-        self.model = quantize_model(LlamaForCausalLM(config), "nf4")  # the QLoRA base
+        self.model = quantize_model(tiny_llama(VOCAB), "nf4")  # the QLoRA base
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.model(input_ids=batch, labels=batch).loss
@@ -50,20 +42,6 @@ class CountingLM(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=1e-2)  # frozen tensors are dropped
-
-
-def counting_rows(count: int, seed: int) -> torch.Tensor:
-    """Rows that count up by one from a random start: 17, 18, 19, ... (mod VOCAB)."""
-    start = torch.randint(0, VOCAB, (count, 1), generator=torch.Generator().manual_seed(seed))
-    return (start + torch.arange(SEQ)) % VOCAB
-
-
-@torch.no_grad()
-def next_token_accuracy(module: CountingLM, rows: torch.Tensor) -> float:
-    module.eval()
-    predictions = module.model(input_ids=rows).logits[:, :-1].argmax(-1)
-    module.train()
-    return (predictions == rows[:, 1:]).float().mean().item()
 
 
 def train(
@@ -82,22 +60,26 @@ def train(
             AdapterCheckpoint(dirpath=workdir, every_n_train_steps=STEPS // 2, save_top_k=-1),
         ],
     )
-    data = DataLoader(list(counting_rows(STEPS // 2 * 32, seed=0)), batch_size=32, shuffle=True)
+    data = DataLoader(
+        list(counting_rows(STEPS // 2 * 32, SEQ, VOCAB, seed=0)), batch_size=32, shuffle=True
+    )
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return module, trainer
 
 
 def main() -> None:
-    held_out = counting_rows(64, seed=1234)
+    held_out = counting_rows(64, SEQ, VOCAB, seed=1234)
     workdir = Path(tempfile.mkdtemp(prefix="lightning_peft_quickstart_"))
-    print(f"next-token accuracy of the NF4 base: {next_token_accuracy(CountingLM(), held_out):.2f}")
+    print(
+        f"next-token accuracy of the NF4 base: {next_token_accuracy(CountingLM().model, held_out):.2f}"
+    )
 
     started = time.perf_counter()
     module, trainer = train(workdir, STEPS)
     print(
         f"trained {STEPS} steps in {time.perf_counter() - started:.1f} s; parameters: {count_parameters(module)}"
     )
-    print(f"next-token accuracy after:  {next_token_accuracy(module, held_out):.2f}")
+    print(f"next-token accuracy after:  {next_token_accuracy(module.model, held_out):.2f}")
     final_loss = trainer.callback_metrics["loss"].item()
 
     halfway = workdir / f"epoch=0-step={STEPS // 2}.ckpt"
