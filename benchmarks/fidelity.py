@@ -23,6 +23,7 @@ and the raw numbers as fidelity-<task>.json (``--replot`` redraws from them).
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import statistics
@@ -85,9 +86,11 @@ BBC_METHODS = {
 }
 
 
+@functools.cache
 def rt_methods() -> dict:
     """SmolLM2's methods; learning rates are the examples' (tuned by hand on a different seed).
-    Built on call: the text-initialized prompt and prefix need the converted SmolLM2 tokenizer."""
+    Built on first call, not at import: the text-initialized prompt and prefix need the
+    converted SmolLM2 tokenizer, which --task bbc does not."""
     from lightning_peft.data import smollm2_path
 
     instruction = {
