@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import cpu_paths
 import pytest
 import torch
 from tiny_models import VOCAB
+
+
+# Before any test builds a 4-bit layer: the layer reads the answer in its __init__.
+CPU_PATH = cpu_paths.apply_from_environment()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"bitsandbytes AVX512-BF16 CPU path: {CPU_PATH}"
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -9,6 +9,7 @@ from torch import nn
 
 from lightning_peft.adapters.protocol import AdapterModule, is_adapter, trained_marks
 from lightning_peft.errors import AdapterConfigError, TargetModulesError
+from lightning_peft.quantization import keep_4bit_storage_exact_
 from lightning_peft.targeting import find_targets
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -85,6 +86,7 @@ def apply_adapters(
             raise AdapterConfigError(
                 f"expected an adapter config (LoRA(...), IA3(...), BitFit(), ...), got {item!r}"
             )
+    keep_4bit_storage_exact_(model)  # an eval pass must not repack a frozen 4-bit base
     for item, targets in plans:
         if not targets:
             item.attach(model, name)

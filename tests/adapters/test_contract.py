@@ -29,6 +29,7 @@ from lightning_peft import (
     fold_prefix_,
     load_adapter_state_dict,
 )
+from lightning_peft.adapters.inputs import cache_argument
 
 METHODS = {
     "lora": LoRA(rank=4, alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -135,12 +136,21 @@ def test_virtual_tokens_made_from_real_tokens_equal_those_tokens_in_front(method
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
     # generate: greedy continuation equals the base's with the tokens in front.
+    seen: list[set[str]] = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(set(kwargs)), with_kwargs=True
+    )  # runs after the method's own hook: sees what the model's forward receives
     with torch.no_grad():
         ours = model.generate(tokens, attention_mask=mask, max_new_tokens=4, do_sample=False)
         theirs = base.generate(
             torch.cat([front.expand(2, -1), tokens], 1), max_new_tokens=4, do_sample=False
         )
     assert torch.equal(ours[:, 10:], theirs[:, 10 + n :])
+    # The cache goes in under the name this transformers release takes (``cache`` from 5.24;
+    # ``past_key_values`` there is deprecated), never both.
+    current = cache_argument(model)
+    assert seen and all(len(keys & {"cache", "past_key_values"}) <= 1 for keys in seen)
+    assert not any(keys & ({"cache", "past_key_values"} - {current}) for keys in seen)
 
 
 @pytest.mark.parametrize("method", METHODS)

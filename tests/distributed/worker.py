@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared test modules
 
+import cpu_paths  # noqa: E402
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from lightning_modules import CausalLM, LossRecorder, MixinLM  # noqa: E402
@@ -31,6 +32,8 @@ from lightning_peft import (  # noqa: E402
     PeftCallback,
     adapter_state_dict,
 )
+
+cpu_paths.apply_from_environment()
 
 LORA = LoRA(rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
 GLOBAL_BATCH = 4

@@ -53,10 +53,35 @@ def prepend_ones(mask: torch.Tensor | None, count: int) -> torch.Tensor | None:
     return torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
 
 
-def cache_length(past_key_values: Any) -> int:
-    if past_key_values is None:
+# transformers 5.24 renamed the key/value cache argument ``past_key_values`` to ``cache``
+# (the old name warns and goes away in 5.40); earlier releases know only the old name.
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which ``model.forward`` takes its key/value cache."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def given_cache(kwargs: dict[str, Any]) -> Any:
+    """The key/value cache among a forward's keyword arguments, under either name, or None."""
+    for name in CACHE_ARGUMENTS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def output_cache(output: Any) -> Any:
+    """The key/value cache a transformers forward returned, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def cache_length(cache: Any) -> int:
+    if cache is None:
         return 0
-    return int(past_key_values.get_seq_length())
+    return int(cache.get_seq_length())
 
 
 def text_config(model: nn.Module) -> Any:

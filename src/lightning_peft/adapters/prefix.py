@@ -11,7 +11,7 @@ output is needed, and :func:`fold_prefix_` replaces the MLP by that output. Init
 ``P`` with the keys and values the frozen model computes for real words (§7.2) starts from
 "that text in front" and trains well without the MLP. The prefix enters the model as a
 filled key/value cache (transformers' ``DynamicCache``), so it works wherever the model
-accepts ``past_key_values``, in training and in ``generate``. Inputs take the positions
+accepts a key/value cache (``cache``; ``past_key_values`` before transformers 5.24), in training and in ``generate``. Inputs take the positions
 after the prefix, as if ``n`` tokens came first.
 """
 
@@ -24,9 +24,13 @@ import torch
 from torch import nn
 
 from lightning_peft.adapters.inputs import (
+    CACHE_ARGUMENTS,
     as_keyword_arguments,
+    cache_argument,
     cache_length,
     find_transformers_model,
+    given_cache,
+    output_cache,
     prepend_ones,
     text_config,
     text_token_ids,
@@ -115,7 +119,7 @@ def prefix_of_tokens(host: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
     was_training = host.training
     host.eval()  # no dropout in the keys and values
     device = host.get_input_embeddings().weight.device
-    cache = host(input_ids=token_ids[None].to(device), use_cache=True).past_key_values
+    cache = output_cache(host(input_ids=token_ids[None].to(device), use_cache=True))
     host.train(was_training)
     blocks = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
     # (layers, 2, kv_heads, n, head_dim) -> (n, layers, 2, kv_heads, head_dim)
@@ -215,9 +219,11 @@ class PrefixKV(nn.Module):
         kwargs["attention_mask"] = prepend_ones(kwargs.get("attention_mask"), n)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + n
-        cache = kwargs.get("past_key_values")
+        cache = given_cache(kwargs)
         if cache_length(cache) == 0:
-            kwargs["past_key_values"] = self.filled_cache(cache, kwargs, host)
+            for name in CACHE_ARGUMENTS:
+                kwargs.pop(name, None)
+            kwargs[cache_argument(host)] = self.filled_cache(cache, kwargs, host)
         return (), kwargs
 
     def filled_cache(self, cache: Any, kwargs: dict[str, Any], host: nn.Module) -> Any:

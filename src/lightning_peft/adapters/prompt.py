@@ -24,6 +24,7 @@ from lightning_peft.adapters.inputs import (
     as_keyword_arguments,
     cache_length,
     find_transformers_model,
+    given_cache,
     prepend_ones,
     text_token_ids,
     virtual_token_problems,
@@ -113,7 +114,7 @@ class SoftPrompt(nn.Module):
         kwargs = as_keyword_arguments(host, args, kwargs)
         n = self.num_virtual_tokens
         kwargs["attention_mask"] = prepend_ones(kwargs.get("attention_mask"), n)
-        if cache_length(kwargs.get("past_key_values")) > 0:
+        if cache_length(given_cache(kwargs)) > 0:
             # A later generate step: the prompt is in the cache already.
             if kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = kwargs["position_ids"] + n

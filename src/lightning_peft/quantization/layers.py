@@ -70,6 +70,49 @@ def output_head_names(modules: dict[str, nn.Module]) -> set[str]:
     return set(linear_names[-1:])
 
 
+def keep_4bit_storage_exact_(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking the 4-bit weights of ``model`` for CPU inference, in
+    place; returns how many 4-bit layers ``model`` holds.
+
+    bitsandbytes 0.50 ``Linear4bit.forward``, on a CPU with AVX512-BF16, in eval mode and
+    without grad, rewrites the weight in place into a faster inference layout: double
+    quantization dropped, absmax in bf16, another byte order. After that one validation pass
+    the dequantized weights differ (by up to 7e-3), the training forward runs through a
+    kernel without autograd, and layers with a bias fail at the next backward. A frozen QLoRA
+    base must stay exactly as quantized, so every 4-bit layer this package touches keeps the
+    standard layout on every machine. A layer repacked before it got here is unpacked (what
+    bitsandbytes itself does before saving); the constants it rounded stay rounded.
+    """
+    linear4bit = _linear4bit_class()
+    if linear4bit is None:
+        return 0
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, linear4bit):
+            continue
+        count += 1
+        module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+            _unpack_for_training_(weight)
+    return count
+
+
+def _unpack_for_training_(weight: torch.Tensor) -> None:
+    """Undo bitsandbytes' CPU inference packing of a 4-bit weight, in place."""
+    import bitsandbytes.functional as bnb_functional
+
+    weight.data, quant_state = bnb_functional._convert_weight_packed_for_cpu_inverse(
+        weight.data, weight.quant_state
+    )
+    if quant_state.absmax.dim() == 2:
+        # bitsandbytes 0.50 re-lays out absmax only when it re-quantizes it (double
+        # quantization); otherwise it stays (blocks per row, rows) in bf16 and dequantizing
+        # would pair codes with other blocks' constants.
+        quant_state.absmax = quant_state.absmax.T.reshape(-1).float().contiguous()
+    weight.quant_state = quant_state
+
+
 def is_quantized(layer: nn.Module) -> bool:
     """True for a layer whose weight is stored in 4 or 8 bits (not a float copy)."""
     linear4bit, linear8bit = _linear4bit_class(), _linear8bit_class()
@@ -104,11 +147,7 @@ def dequantize(layer: nn.Module) -> torch.Tensor:
         import bitsandbytes.functional as bnb_functional
 
         if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            # bitsandbytes repacks 4-bit weights for AVX512-BF16 CPU inference; undo it the
-            # way its own _save_to_state_dict does before reading the codes.
-            weight.data, weight.quant_state = bnb_functional._convert_weight_packed_for_cpu_inverse(
-                weight.data, weight.quant_state
-            )
+            _unpack_for_training_(weight)  # a layer nobody guarded (keep_4bit_storage_exact_)
         return bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
     if weight.dtype == torch.int8:
         # LLM.int8: row-wise absmax scaling, W = CB * SCB / 127. After the first forward
@@ -228,4 +267,5 @@ def quantize_linear(
         )
     if has_bias:
         quantized.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    keep_4bit_storage_exact_(quantized)
     return quantized.to(device)
