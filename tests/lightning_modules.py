@@ -43,6 +43,10 @@ class CausalLM(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         return self.model(input_ids=batch, labels=batch).loss
 
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        # Runs only when fit gets val_dataloaders.
+        self.log("val_loss", self.model(input_ids=batch, labels=batch).loss)
+
     def configure_optimizers(self) -> Any:
         params = list(self.parameters())
         if self.reverse_optimizer:
@@ -72,8 +76,14 @@ class LossRecorder(Callback):
         self.losses.append(outputs["loss"].item())
 
 
-def token_data(n: int = 12, length: int = 16) -> DataLoader:
+def token_data(n: int = 12, length: int = 16, stateful: bool = False) -> DataLoader:
+    """Random token rows, shuffled, 4 a batch; ``stateful``: torchdata's StatefulDataLoader,
+    whose position in the epoch Lightning saves (exact mid-epoch resume)."""
     data = torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(7))
+    if stateful:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        return StatefulDataLoader(list(data), batch_size=4, shuffle=True)
     return DataLoader(list(data), batch_size=4, shuffle=True)
 
 
@@ -92,6 +102,7 @@ def fit(
     weights_only: bool | None = None,
     trainer_class: type[L.Trainer] = L.Trainer,
     data: DataLoader | None = None,
+    val_data: DataLoader | None = None,
     **trainer_kwargs: Any,
 ) -> LossRecorder:
     """Seed, train ``max_steps`` on the CPU and return the per-step losses."""
@@ -108,6 +119,12 @@ def fit(
     )
     options.update(trainer_kwargs)
     trainer = trainer_class(callbacks=[*callbacks, recorder], **options)
-    trainer.fit(module, data or token_data(), ckpt_path=ckpt_path, weights_only=weights_only)
+    trainer.fit(
+        module,
+        data or token_data(),
+        val_dataloaders=val_data,
+        ckpt_path=ckpt_path,
+        weights_only=weights_only,
+    )
     recorder.trainer = trainer
     return recorder

@@ -24,6 +24,8 @@ from lightning_peft.lightning.attach import as_config_list, attach_adapters_once
 from lightning_peft.lightning.checkpointing import (
     ResumeChecks,
     accept_adapter_only_loading,
+    hold_rng_for_validation,
+    release_rng_after_validation,
     write_adapter_only_,
 )
 from lightning_peft.lightning.distributed import check_ranks_agree
@@ -84,6 +86,41 @@ class _AdapterCheckpointHooks(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resume.on_fit_start(trainer, pl_module)
         super().on_fit_start(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resume.on_train_start(trainer, pl_module)
+        super().on_train_start(trainer, pl_module)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resume.on_train_epoch_start()
+        super().on_train_epoch_start(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._resume.on_train_batch_start(pl_module)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        hold_rng_for_validation(pl_module)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            release_rng_after_validation(pl_module)
+        super().on_validation_end(trainer, pl_module)
 
 
 class PeftCallback(_AdapterCheckpointHooks):

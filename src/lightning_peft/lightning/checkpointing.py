@@ -11,6 +11,14 @@ So adapters are attached in ``setup`` (before the model is restored), optimizers
 and their parameter order checked in ``on_fit_start`` (before their state is restored), and
 RNG state is put back there too. Strategies that restore after setup (FSDP)
 move the restore after ``on_fit_start``; :class:`ResumeChecks` handles both orders.
+
+Validation passes (the sanity check, epoch-end and ``val_check_interval`` validation) draw
+from the global RNG: at least the seed of their DataLoader's iterator. A resumed run skips
+the validation the checkpoint was written before and adds a sanity check of its own, so
+those draws would shift every later dropout mask and shuffle. :func:`hold_rng_for_validation`
+and :func:`release_rng_after_validation` make each validation pass invisible to training:
+the RNG state from before it is put back after it, and a checkpoint written during it
+records that state.
 """
 
 from __future__ import annotations
@@ -51,6 +59,30 @@ def optimizer_param_names(trainer: pl.Trainer | None, module: nn.Module) -> list
     ]
 
 
+_HELD_RNG = "_lightning_peft_rng_before_validation"
+
+
+def hold_rng_for_validation(module: nn.Module) -> None:
+    """Remember the RNG state now, the last moment before a validation pass may begin.
+
+    Called where training hands over to validation: ``on_fit_start`` (the sanity check
+    follows) and ``on_train_batch_end``. Idempotent: the callback and the mixin may both call.
+    """
+    module.__dict__[_HELD_RNG] = rng_state()
+
+
+def forget_held_rng(module: nn.Module) -> None:
+    """Training goes on (``on_train_batch_start``): a held state would be stale from now."""
+    module.__dict__.pop(_HELD_RNG, None)
+
+
+def release_rng_after_validation(module: nn.Module) -> None:
+    """Put back the RNG state held before this validation pass (``on_validation_end``)."""
+    held = module.__dict__.pop(_HELD_RNG, None)
+    if held is not None:
+        set_rng_state(held)
+
+
 def write_adapter_only_(checkpoint: dict[str, Any], module: pl.LightningModule) -> None:
     """Reduce a Lightning checkpoint dict to the adapter tensors and add the metadata.
 
@@ -69,7 +101,8 @@ def write_adapter_only_(checkpoint: dict[str, Any], module: pl.LightningModule) 
         k: state[k] if k in state else module.get_parameter(k).detach() for k in keys
     }
     metadata = build_metadata(module, keys, optimizer_param_names(module._trainer, module))
-    metadata["rng"] = rng_state()
+    # Written during a validation pass, the file records the state training will go on from.
+    metadata["rng"] = module.__dict__.get(_HELD_RNG) or rng_state()
     checkpoint[METADATA_KEY] = metadata
 
 
@@ -138,8 +171,13 @@ class ResumeChecks:
 
     Finishing checks the optimizers' parameter order against the checkpoint's and puts the
     RNG state back. ``on_fit_start`` is late enough for the optimizers and early enough for
-    the RNG: in a resumed run Lightning draws the DataLoader's seed after it and before
-    ``on_train_start``, as the uninterrupted run did right after the checkpoint.
+    the RNG: a run resumed after a whole epoch draws the next epoch's DataLoader seed after
+    it (the sanity check in between is neutral, see :func:`hold_rng_for_validation`), as the
+    uninterrupted run did; where Lightning makes that iterator later (a checkpoint written
+    before the epoch's validation), the state goes back again just before. A run resumed
+    mid-epoch creates and positions an iterator the uninterrupted run did not, so there the
+    state goes back before its first batch. (Measured on Lightning 2.6; the tests in
+    ``tests/lightning/test_resume.py`` pin each path.)
     """
 
     def __init__(self) -> None:
@@ -149,6 +187,9 @@ class ResumeChecks:
         self._metadata: dict[str, Any] | None = None
         self._source = "the checkpoint"
         self._optimizers_ready = False
+        self._resumed_rng: dict[str, Any] | None = None
+        self._at_epoch_end = True
+        self._epoch_iterator_pending = False
 
     def on_load(
         self, trainer: pl.Trainer | None, module: nn.Module, checkpoint: dict[str, Any]
@@ -161,6 +202,8 @@ class ResumeChecks:
         metadata = read_metadata(checkpoint, source)
         check_base_fingerprint(metadata, module, source)
         self._metadata, self._source = metadata, source
+        progress = checkpoint.get("loops", {}).get("fit_loop", {})
+        self._at_epoch_end = progress.get("epoch_loop.batch_progress", {}).get("is_last_batch", True)
         if self._optimizers_ready:  # strategies that restore after setup (FSDP) load late
             self._finish(trainer, module)
 
@@ -169,6 +212,38 @@ class ResumeChecks:
         self._optimizers_ready = True
         if self._metadata is not None:
             self._finish(trainer, module)
+        hold_rng_for_validation(module)  # the sanity check comes next
+
+    def on_train_start(self, trainer: pl.Trainer, module: nn.Module) -> None:
+        if self._resumed_rng is None:
+            return
+        if not self._at_epoch_end:
+            if not _is_stateful(trainer.train_dataloader):
+                rank_zero_warn(_MID_EPOCH_WARNING.format(source=self._source))
+        elif _validates(trainer) or _is_stateful(trainer.train_dataloader):
+            # After this hook Lightning restarts the validation loop the checkpoint was written
+            # before (without its hooks: one iterator, one draw), or puts a stateful loader
+            # back in place (a new iterator): draws the uninterrupted run did not make where
+            # the next epoch's iterator drew its base seed. Start them from the saved state.
+            self._epoch_iterator_pending = True
+            set_rng_state(self._resumed_rng)
+        else:
+            self._resumed_rng = None  # the next epoch's iterator drew from it already
+
+    def on_train_epoch_start(self) -> None:
+        """Where Lightning does call this hook before the next epoch's iterator, put the
+        state back there too: restoring a stateful DataLoader's position drew from it."""
+        if self._resumed_rng is not None and self._epoch_iterator_pending:
+            set_rng_state(self._resumed_rng)
+
+    def on_train_batch_start(self, module: nn.Module) -> None:
+        """The first batch of a run resumed mid-epoch starts from the checkpoint's RNG state:
+        restoring the DataLoader's position drew from it, the uninterrupted run did not."""
+        forget_held_rng(module)
+        resumed, self._resumed_rng = self._resumed_rng, None
+        self._epoch_iterator_pending = False
+        if resumed is not None and not self._at_epoch_end:
+            set_rng_state(resumed)
 
     def _finish(self, trainer: pl.Trainer | None, module: nn.Module) -> None:
         assert self._metadata is not None
@@ -176,5 +251,30 @@ class ResumeChecks:
         if trainer is not None and saved:  # written outside fit: no optimizer state to match
             check_optimizer_names(saved, optimizer_param_names(trainer, module), self._source)
         if "rng" in self._metadata:
-            set_rng_state(self._metadata["rng"])
+            self._resumed_rng = self._metadata["rng"]
+            set_rng_state(self._resumed_rng)
+            hold_rng_for_validation(module)
         self._metadata = None
+
+
+_MID_EPOCH_WARNING = (
+    "Resuming from {source}, written in the middle of an epoch, with a plain DataLoader: "
+    "Lightning cannot tell where in the epoch it stopped, so the rest of this epoch sees "
+    "other batches than an uninterrupted run would. For an exact resume mid-epoch, use "
+    "torchdata's StatefulDataLoader (from torchdata.stateful_dataloader import "
+    "StatefulDataLoader), a drop-in replacement whose position Lightning saves and restores."
+)
+
+
+def _validates(trainer: pl.Trainer) -> bool:
+    """Whether this fit runs a validation loop (Lightning has set its loaders up by
+    ``on_train_start``)."""
+    return trainer.val_dataloaders is not None and sum(trainer.num_val_batches or [0]) > 0
+
+
+def _is_stateful(loaders: Any) -> bool:
+    """Whether every training DataLoader can save and restore its position."""
+    flat = loaders.values() if isinstance(loaders, dict) else (
+        loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    )
+    return all(callable(getattr(loader, "load_state_dict", None)) for loader in flat)

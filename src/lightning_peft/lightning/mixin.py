@@ -14,6 +14,8 @@ from lightning_peft.lightning.attach import as_config_list, attach_adapters_once
 from lightning_peft.lightning.checkpointing import (
     ResumeChecks,
     check_if_adapter_only,
+    hold_rng_for_validation,
+    release_rng_after_validation,
     write_adapter_only_,
 )
 from lightning_peft.lightning.distributed import check_ranks_agree
@@ -34,7 +36,9 @@ class PeftMixin:
       ``M.load_from_checkpoint(path)``, refusing checkpoints that do not fit.
 
     If the module overrides ``configure_model``, ``on_save_checkpoint``, ``on_load_checkpoint``,
-    ``on_fit_start``, ``setup`` or ``load_state_dict``, call ``super()`` there.
+    ``on_fit_start``, ``on_train_start``, ``on_train_epoch_start``, ``on_train_batch_start``,
+    ``on_train_batch_end``, ``on_validation_end``, ``setup`` or ``load_state_dict``, call
+    ``super()`` there.
     """
 
     def configure_adapters(self) -> AdapterConfig | Sequence[AdapterConfig]:
@@ -79,6 +83,32 @@ class PeftMixin:
     def on_fit_start(self) -> None:
         self._resume_checks().on_fit_start(self.trainer, self)
         super().on_fit_start()
+
+    @override
+    def on_train_start(self) -> None:
+        self._resume_checks().on_train_start(self.trainer, self)
+        super().on_train_start()
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        self._resume_checks().on_train_epoch_start()
+        super().on_train_epoch_start()
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        self._resume_checks().on_train_batch_start(self)
+        return super().on_train_batch_start(batch, batch_idx)
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        hold_rng_for_validation(self)
+
+    @override
+    def on_validation_end(self) -> None:
+        if self.trainer.state.fn == "fit":
+            release_rng_after_validation(self)
+        super().on_validation_end()
 
     @override
     def load_state_dict(
