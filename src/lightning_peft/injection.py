@@ -7,8 +7,10 @@ from typing import Any, Protocol, TypeVar, Union
 
 from torch import nn
 
+from lightning_peft.adapters.init import initial_values_for
+from lightning_peft.adapters.inputs import find_transformers_model
 from lightning_peft.adapters.protocol import AdapterModule, is_adapter, trained_marks
-from lightning_peft.errors import AdapterConfigError, TargetModulesError
+from lightning_peft.errors import AdapterConfigError, TargetModulesError, UnsupportedLayerError
 from lightning_peft.quantization import keep_4bit_storage_exact_
 from lightning_peft.targeting import find_targets
 
@@ -87,15 +89,30 @@ def apply_adapters(
                 f"expected an adapter config (LoRA(...), IA3(...), BitFit(), ...), got {item!r}"
             )
     keep_4bit_storage_exact_(model)  # an eval pass must not repack a frozen 4-bit base
+    host_prefix = transformers_model_prefix(model)
     for item, targets in plans:
         if not targets:
-            item.attach(model, name)
+            with initial_values_for(type(item).__name__):
+                item.attach(model, name)
         for target in targets:
             parent_name, _, child_name = target.rpartition(".")
             parent = model.get_submodule(parent_name)
-            setattr(parent, child_name, item.wrap(getattr(parent, child_name), name, target))
+            with initial_values_for(target.removeprefix(host_prefix)):
+                wrapped = item.wrap(getattr(parent, child_name), name, target)
+            setattr(parent, child_name, wrapped)
     freeze_base_(model)
     return model
+
+
+def transformers_model_prefix(model: nn.Module) -> str:
+    """The name, with a trailing dot, of the transformers model inside ``model`` ("" when
+    ``model`` is one or holds none): what a LightningModule adds to the names a PEFT file uses."""
+    try:
+        host = find_transformers_model(model, "")
+    except UnsupportedLayerError:
+        return ""
+    name = next(n for n, m in model.named_modules() if m is host)
+    return f"{name}." if name else ""
 
 
 def is_adapter_config(config: Any) -> bool:

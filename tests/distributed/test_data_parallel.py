@@ -95,6 +95,21 @@ def test_ddp_spawn_with_the_callback_trains_in_the_workers_and_says_where_the_ad
     assert_same_adapters(runs("--strategy", "single", "--base", "nf4", "--steps", "3"), saved)
 
 
+def test_initial_adapters_are_the_same_whichever_way_and_on_how_many_processes(runs):
+    """Adapter initial values depend on the seed and the layer's name only, not on what drew
+    from the global RNG before: here the module is built after seeding (it draws its random
+    weights), and DDP re-seeds every process while setting up, a single process does not."""
+    ways = [("single", "callback"), ("single", "plugin"), ("ddp", "plugin"), ("ddp", "mixin")]
+    starts = [runs("--strategy", s, "--design", d, "--base", "nf4", "--steps", "0", "--seed-first") for s, d in ways]
+    for (strategy, design), start in zip(ways[1:], starts[1:], strict=True):
+        assert start["step"] == 0
+        assert start["adapters"].keys() == starts[0]["adapters"].keys(), (strategy, design)
+        for key, value in starts[0]["adapters"].items():
+            assert torch.equal(start["adapters"][key], value), (strategy, design, key)
+    lora_a = [v for k, v in starts[0]["adapters"].items() if "lora_A" in k]
+    assert lora_a and all(v.abs().sum() > 0 for v in lora_a)  # drawn, not zeros
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_resume_from_an_adapter_checkpoint_is_exact(runs, strategy, tmp_path):
     straight = runs("--strategy", strategy, "--steps", "6")

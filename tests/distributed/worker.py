@@ -30,6 +30,7 @@ from lightning_peft import (  # noqa: E402
     AdapterModelParallelStrategy,
     LoRA,
     PeftCallback,
+    PeftPrecision,
     adapter_state_dict,
 )
 
@@ -93,7 +94,9 @@ def main() -> None:
     parser.add_argument(
         "--strategy", choices=["single", "ddp", "ddp_spawn", "fsdp2"], required=True
     )
-    parser.add_argument("--design", choices=["callback", "mixin", "precision"], default="callback")
+    parser.add_argument(
+        "--design", choices=["callback", "mixin", "precision", "plugin"], default="callback"
+    )
     parser.add_argument("--base", choices=["fp32", "nf4"], default="fp32")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
@@ -101,12 +104,17 @@ def main() -> None:
     parser.add_argument("--ckpt-dir", type=Path)
     parser.add_argument("--resume", type=str)
     parser.add_argument("--different-base", action="store_true", help="seed the base by rank")
+    parser.add_argument(
+        "--seed-first", action="store_true", help="seed, then build the module (draws after)"
+    )
     args = parser.parse_args()
+    if args.seed_first:
+        L.seed_everything(123, verbose=False)
 
     devices = 1 if args.strategy == "single" else 2
     base_seed = int(os.environ.get("LOCAL_RANK", "0")) if args.different_base else 0
     sharded = args.strategy == "fsdp2"
-    nf4 = args.base == "nf4" and args.design != "precision"
+    nf4 = args.base == "nf4" and args.design not in ("precision", "plugin")
     if args.design == "mixin":
         module = (ShardedMixinLM if sharded else MixinLM)(
             base_seed=base_seed, nf4=nf4, adapters=LORA
@@ -130,8 +138,13 @@ def main() -> None:
     if sharded:
         strategy = AdapterModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     trainer_class = lightning_peft.Trainer if args.design == "precision" else L.Trainer
-    extra = {"precision": "nf4-lora"} if args.design == "precision" else {}
-    L.seed_everything(123, verbose=False)
+    if not args.seed_first:
+        L.seed_everything(123, verbose=False)
+    extra: dict = {
+        "precision": {"precision": "nf4-lora"},
+        # The plugin alone: it attaches its adapters late, in strategy.setup.
+        "plugin": {"plugins": [PeftPrecision("nf4-lora", adapters=LORA)]},
+    }.get(args.design, {})
     trainer = trainer_class(
         accelerator="cpu",
         devices=devices,

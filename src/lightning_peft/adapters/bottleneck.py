@@ -16,7 +16,6 @@ Each adapter trains ``2 m d + d + m`` parameters (Houlsby §2.1).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_peft.adapters.init import empty_linear, init_generator, reset_linear_
 from lightning_peft.adapters.wrapper import BaseLayerWrapper
 from lightning_peft.errors import AdapterConfigError
 from lightning_peft.quantization import in_out_features, is_linear_layer
@@ -121,9 +121,11 @@ class BottleneckLinear(BaseLayerWrapper):
         self.config = config
         self.adapter_name = adapter_name
         self.activation = _ACTIVATIONS[config.activation]
-        down = nn.Linear(features, bottleneck, device=device)
-        up = nn.Linear(bottleneck, features, device=device)
-        nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+        down = reset_linear_(
+            empty_linear(features, bottleneck, bias=True, device="cpu"),
+            init_generator(adapter_name),
+        ).to(device)
+        up = empty_linear(bottleneck, features, bias=True, device=device)
         nn.init.zeros_(up.weight)
         nn.init.zeros_(up.bias)
         self.adapter_down = nn.ModuleDict({adapter_name: down})

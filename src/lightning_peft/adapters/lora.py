@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_peft.adapters.init import empty_linear, init_generator, reset_linear_
 from lightning_peft.adapters.wrapper import BaseLayerWrapper, NamedAdapters
 from lightning_peft.adapters.routing import Routing
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
@@ -134,14 +135,16 @@ class LoRALinear(NamedAdapters, BaseLayerWrapper):
             raise AdapterStateError("unmerge the layer before adding adapters to it")
         in_features, out_features = in_out_features(self.base_layer)
         device = next(self.base_layer.parameters()).device
-        lora_a = nn.Linear(in_features, config.rank, bias=False, device=device)
-        lora_b = nn.Linear(config.rank, out_features, bias=False, device=device)
+        generator = init_generator(adapter_name)
+        # Drawn on the CPU, where the generator is, so a GPU run starts from the same values.
+        lora_a = empty_linear(in_features, config.rank, bias=False, device="cpu")
         if config.init == "gaussian":
-            nn.init.normal_(lora_a.weight, std=1.0 / config.rank)
+            nn.init.normal_(lora_a.weight, std=1.0 / config.rank, generator=generator)
         else:
-            nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+            reset_linear_(lora_a, generator)
+        lora_b = empty_linear(config.rank, out_features, bias=False, device=device)
         nn.init.zeros_(lora_b.weight)
-        self.lora_A[adapter_name] = lora_a
+        self.lora_A[adapter_name] = lora_a.to(device)
         self.lora_B[adapter_name] = lora_b
         if config.use_dora:
             # B = 0 at init, so ||W0 + sBA|| = ||W0||: the layer starts equal to the base.

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_peft.adapters.init import empty_linear, init_generator, reset_linear_
 from lightning_peft.adapters.inputs import (
     CACHE_ARGUMENTS,
     as_keyword_arguments,
@@ -169,18 +170,20 @@ class PrefixKV(nn.Module):
         width = self.layers * 2 * self.kv_heads * self.head_dim
         self.folded = not config.reparametrize
         self.disabled = False
+        generator = init_generator(adapter_name)
         if config.reparametrize:
             inner = config.encoder_hidden_size or hidden
-            self.embedding = nn.ParameterDict({adapter_name: nn.Parameter(torch.randn(n, hidden))})
-            self.mlp = nn.ModuleDict(
-                {
-                    adapter_name: nn.Sequential(
-                        nn.Linear(hidden, inner), nn.Tanh(), nn.Linear(inner, width)
-                    )
-                }
+            embedding = torch.randn(n, hidden, generator=generator)
+            self.embedding = nn.ParameterDict({adapter_name: nn.Parameter(embedding)})
+            mlp = nn.Sequential(
+                reset_linear_(empty_linear(hidden, inner, bias=True, device="cpu"), generator),
+                nn.Tanh(),
+                reset_linear_(empty_linear(inner, width, bias=True, device="cpu"), generator),
             )
+            self.mlp = nn.ModuleDict({adapter_name: mlp})
         else:
-            self.prefix = nn.ParameterDict({adapter_name: nn.Parameter(torch.randn(n, width))})
+            prefix = torch.randn(n, width, generator=generator)
+            self.prefix = nn.ParameterDict({adapter_name: nn.Parameter(prefix)})
 
     def adapter_params(self) -> list[str]:
         name = self.adapter_name

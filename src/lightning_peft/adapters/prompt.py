@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_peft.adapters.init import init_generator
 from lightning_peft.adapters.inputs import (
     as_keyword_arguments,
     cache_length,
@@ -73,19 +74,19 @@ class PromptTuning:
     def attach(self, model: nn.Module, adapter_name: str) -> None:
         host = find_transformers_model(model, "PromptTuning")
         embedding = host.get_input_embeddings()
-        prompt = SoftPrompt(self, self.initial_prompt(embedding), adapter_name)
+        prompt = SoftPrompt(self, self.initial_prompt(embedding, adapter_name), adapter_name)
         host.add_module(CHILD_NAME, prompt)
         host.register_forward_pre_hook(prompt.before_forward, with_kwargs=True)
         host.register_forward_hook(prompt.after_forward, with_kwargs=True)
 
     @torch.no_grad()
-    def initial_prompt(self, embedding: nn.Embedding) -> torch.Tensor:
+    def initial_prompt(self, embedding: nn.Embedding, adapter_name: str = "default") -> torch.Tensor:
         """The ``(n, d)`` float32 starting prompt, from ``embedding``'s rows."""
         n = self.num_virtual_tokens
         if self.init == "text":
             ids = text_token_ids(self.init_text, self.tokenizer_name_or_path, n)
         else:
-            ids = torch.randint(0, embedding.num_embeddings, (n,))
+            ids = torch.randint(0, embedding.num_embeddings, (n,), generator=init_generator(adapter_name))
         return embedding.weight[ids.to(embedding.weight.device)].float().clone()
 
 
