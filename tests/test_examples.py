@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from lightning_peft.lightning.cli import main as cli_main
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -70,13 +73,38 @@ def test_bitfit_example_learns_topics_with_biases_and_a_head(capsys):
 
 
 @pytest.mark.slow
-def test_demo_fine_tunes_smollm2_in_nf4_and_reports(capsys, tmp_path):
+def test_demo_fine_tunes_smollm2_in_nf4_reports_and_resumes_from_the_command_line(
+    capsys, tmp_path, monkeypatch
+):
     out = run_example("demo.py", capsys, "--steps", "2", "--eval-size", "8", "--out", str(tmp_path))
     assert 0.4 < accuracy("accuracy before", out) <= 1 and 0 < accuracy("accuracy after", out) <= 1
-    assert re.search(r"bits/parameter: +4\.1[0-9]+ for the 4-bit weights", out)
-    assert (tmp_path / "checkpoints" / "sentiment.ckpt").exists()
+    # The validation pass before training left NF4 with double quantization as it was.
+    bits = float(re.search(r"bits/parameter: +([0-9.]+) for the 4-bit weights", out).group(1))
+    assert 4.12 < bits <= 4.14
+    assert re.search(r"optimizer: +bitsandbytes\.AdamW8bit .*: [0-9.]+ MiB", out)
+    checkpoint = tmp_path / "checkpoints" / "sentiment.ckpt"
+    assert checkpoint.exists()
     assert (tmp_path / "checkpoints" / "sentiment-peft" / "adapter_model.safetensors").exists()
     assert "where the time went" in out and "train" in out
+
+    # The command it prints resumes its checkpoint (with the demo's data sizes).
+    command = re.search(r"lightning-peft (fit .*)", out).group(1).split()
+    assert command[-2:] == ["--trainer.max_steps", "22"]
+    root = Path(__file__).parent.parent
+    monkeypatch.chdir(tmp_path)  # the config's own checkpoints go under runs/
+    command[command.index("--config") + 1] = str(root / command[command.index("--config") + 1])
+    cli_main(
+        [
+            *command[:-1],
+            "4",
+            "--data.init_args.train_size",
+            "16",
+            "--data.init_args.eval_size",
+            "8",
+        ]
+    )
+    resumed = torch.load(tmp_path / "runs/cli/checkpoints/sentiment.ckpt", weights_only=True)
+    assert resumed["global_step"] == 4  # went on from step 2
 
 
 def test_multi_adapter_example_trains_two_tasks_in_mixed_batches(capsys):

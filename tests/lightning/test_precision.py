@@ -191,7 +191,7 @@ def test_mixin_module_is_quantized_before_its_adapters_attach(tmp_path):
         ),
         (
             lambda: PeftPrecision(optimizer="sgd_8bit"),
-            r"optimizer must be None or one of \('paged_adamw_8bit'.*got 'sgd_8bit'",
+            r"optimizer must be None, 'auto' or one of \('paged_adamw_8bit'.*got 'sgd_8bit'",
         ),
         (
             lambda: PeftPrecision(blocksize=100),
@@ -212,3 +212,29 @@ def test_lightning_precision_flags_still_pass_through():
     trainer = lightning_peft.Trainer(precision="bf16-mixed", logger=False, accelerator="cpu")
     assert trainer.precision == "bf16-mixed"
     assert not any(isinstance(cb, PeftCallback) for cb in trainer.callbacks)
+
+
+@pytest.mark.parametrize(
+    ("flag", "expected"),
+    [
+        ("nf4-lora", bnb.optim.AdamW8bit),  # the CPU: 8-bit AdamW, unpaged
+        ("nf4-lora-nodq", bnb.optim.AdamW8bit),
+        ("fp4-lora", bnb.optim.AdamW8bit),
+        ("int8-lora", torch.optim.AdamW),  # not a 4-bit mode: the module's own
+    ],
+)
+def test_the_4bit_flags_train_with_8bit_adamw_by_default_keeping_the_modules_settings(
+    flag, expected, tmp_path
+):
+    module = CausalLM(lr=3e-3)
+    run = fit(module, tmp_path, 2, [], trainer_class=lightning_peft.Trainer, precision=flag)
+    optimizer = run.trainer.optimizers[0]
+    assert type(optimizer) is expected
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(3e-3 * 0.9**2)  # StepLR kept
+    assert run.trainer.lr_scheduler_configs[0].scheduler.optimizer is optimizer
+
+
+def test_the_default_optimizer_is_paged_on_cuda_and_none_keeps_the_modules():
+    assert PeftPrecision("nf4-lora", device="cuda").optimizer == "paged_adamw_8bit"
+    assert PeftPrecision("nf4-lora", device="cpu").optimizer == "adamw_8bit"
+    assert PeftPrecision("nf4-lora", optimizer=None).optimizer is None

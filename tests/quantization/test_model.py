@@ -94,3 +94,23 @@ def test_unknown_optimizer_names_are_refused_and_frozen_params_dropped():
     assert type(rebuilt) is bnb.optim.AdamW8bit
     assert len(rebuilt.param_groups[0]["params"]) == 4
     assert (rebuilt.param_groups[0]["lr"], rebuilt.param_groups[0]["weight_decay"]) == (3e-4, 0.1)
+
+
+def test_4bit_layers_share_their_constant_lookup_tables_and_compute_the_same(input_ids):
+    """bitsandbytes keeps a copy of the 16-value NF4 map and the 256-value dynamic map per
+    layer; quantize_model keeps one of each, which changes no output."""
+    model = quantize_model(tiny_llama(), "nf4")
+    states = [m.weight.quant_state for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(states) == 14
+    assert len({s.code.data_ptr() for s in states}) == 1
+    assert len({s.state2.code.data_ptr() for s in states}) == 1
+    copies = quantize_model(tiny_llama(), "nf4")
+    for module in copies.modules():  # give each layer its own tables again
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            state.code, state.state2.code = state.code.clone(), state.state2.code.clone()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids).logits, copies(input_ids=input_ids).logits)
+    assert memory_report(model).bytes["quantized weights"] == (
+        memory_report(copies).bytes["quantized weights"] - 13 * (16 + 256) * 4
+    )

@@ -19,6 +19,7 @@ import argparse
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,6 +56,20 @@ class PeftCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI 2.6 reads the model's hyperparameters back from --ckpt_path. A module
+        # saved outside the CLI (the demo's) records no class path, and in subclass mode that
+        # parse fails ("Option 'lr' is not accepted"): there the config names the model.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get(
+                "hyper_parameters", {}
+            )
+            if hparams and "_class_path" not in hparams:
+                return
+        super()._parse_ckpt_path()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

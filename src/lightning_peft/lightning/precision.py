@@ -50,6 +50,15 @@ _QUANTIZATION = {
 _COMPUTE_DTYPE = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
+def default_optimizer(mode: str, device: str) -> OptimizerName | None:
+    """The optimizer a mode trains with unless told otherwise: QLoRA's paged 8-bit AdamW for
+    the 4-bit modes (unpaged on the CPU, where paging does not exist), the module's own for
+    the int8 mode."""
+    if _QUANTIZATION[mode][0] == "int8":
+        return None
+    return "paged_adamw_8bit" if device == "cuda" else "adamw_8bit"
+
+
 def default_adapters() -> LoRA:
     """The adapters a mode attaches when nothing else says: LoRA rank 8 on all linear layers."""
     return LoRA(rank=8, alpha=16, target_modules="all-linear")
@@ -71,7 +80,9 @@ class PeftPrecision(MixedPrecision):
         optimizer: rebuild the optimizer ``configure_optimizers`` returns as
             ``"paged_adamw_8bit"``, ``"paged_adamw_32bit"``, ``"adamw_8bit"`` or ``"adamw"``,
             keeping its learning rate, betas, eps, weight decay and LR scheduler; ``None``
-            keeps it as configured.
+            keeps it as configured. ``"auto"`` (the default) is the QLoRA recipe for the
+            4-bit modes: paged 8-bit AdamW on CUDA, 8-bit AdamW on the CPU (where
+            bitsandbytes has no paging); the int8 mode keeps the module's optimizer.
         optimizer_kwargs: passed to the new optimizer (e.g. ``min_8bit_size``).
         device: ``"cpu"`` or ``"cuda"`` for autocast (default: CUDA when present).
 
@@ -89,7 +100,7 @@ class PeftPrecision(MixedPrecision):
         skip_modules: Sequence[str] = (),
         blocksize: int = 64,
         quant_storage: torch.dtype = torch.uint8,
-        optimizer: OptimizerName | None = None,
+        optimizer: OptimizerName | Literal["auto"] | None = "auto",
         optimizer_kwargs: dict[str, Any] | None = None,
         device: Literal["cpu", "cuda"] | None = None,
     ) -> None:
@@ -98,9 +109,9 @@ class PeftPrecision(MixedPrecision):
             problems.append(f"mode must be one of {MODES}, got {mode!r}")
         if compute not in COMPUTES:
             problems.append(f"compute must be one of {COMPUTES}, got {compute!r}")
-        if optimizer is not None and optimizer not in OPTIMIZER_NAMES:
+        if optimizer not in (None, "auto", *OPTIMIZER_NAMES):
             problems.append(
-                f"optimizer must be None or one of {OPTIMIZER_NAMES}, got {optimizer!r}"
+                f"optimizer must be None, 'auto' or one of {OPTIMIZER_NAMES}, got {optimizer!r}"
             )
         if (
             isinstance(blocksize, bool)
@@ -126,6 +137,8 @@ class PeftPrecision(MixedPrecision):
         self.adapters = adapters
         self.skip_modules = tuple(skip_modules)
         self.blocksize, self.quant_storage = blocksize, quant_storage
+        if optimizer == "auto":
+            optimizer = default_optimizer(mode, device)
         self.optimizer, self.optimizer_kwargs = optimizer, dict(optimizer_kwargs or {})
         self._module: Any = None
 

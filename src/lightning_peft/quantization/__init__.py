@@ -11,8 +11,10 @@ from lightning_peft.quantization.layers import (
     keep_4bit_storage_exact_,
     linear_layer_types,
     output_head_names,
+    quant_state_tensors,
     quantize_linear,
     real_numel,
+    share_lookup_tables_,
     write_weight_,
 )
 from lightning_peft.quantization.memory import MemoryReport, memory_report
@@ -41,9 +43,11 @@ __all__ = [
     "memory_report",
     "optimizer_class",
     "output_head_names",
+    "quant_state_tensors",
     "quantize_linear",
     "quantize_model",
     "real_numel",
+    "share_lookup_tables_",
     "rebind_scheduler",
     "rebuild_optimizer",
     "write_weight_",

@@ -113,6 +113,48 @@ def _unpack_for_training_(weight: torch.Tensor) -> None:
     weight.quant_state = quant_state
 
 
+def quant_state_tensors(quant_state: object) -> list[torch.Tensor]:
+    """The tensors a bitsandbytes 4-bit ``QuantState`` holds in memory: absmax, the code's
+    lookup table, and with double quantization the offset and the nested state's absmax
+    and table. (Its state-dict form adds a serialized description: not memory.)"""
+    found = []
+    for state in (quant_state, getattr(quant_state, "state2", None)):
+        for name in ("absmax", "code", "offset"):
+            value = getattr(state, name, None)
+            if isinstance(value, torch.Tensor):
+                found.append(value)
+    return found
+
+
+def share_lookup_tables_(model: nn.Module) -> int:
+    """Make the 4-bit layers of ``model`` share one copy of each identical lookup table (the
+    16 NF4/FP4 values, the 256 values of double quantization's dynamic map), in place.
+
+    bitsandbytes gives every layer its own copy: about 1 KiB a layer, 0.02 bits per weight on
+    a 135M model, for constants. Tables are read-only, so sharing changes no result. Returns
+    how many copies were dropped.
+    """
+    linear4bit = _linear4bit_class()
+    if linear4bit is None:
+        return 0
+    tables: dict[tuple, torch.Tensor] = {}
+    dropped = 0
+    for module in model.modules():
+        quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if not isinstance(module, linear4bit) or quant_state is None:
+            continue
+        for state in (quant_state, getattr(quant_state, "state2", None)):
+            table = getattr(state, "code", None)
+            if not isinstance(table, torch.Tensor):
+                continue
+            key = (table.device, table.dtype, tuple(table.shape), table.cpu().numpy().tobytes())
+            shared = tables.setdefault(key, table)
+            if shared is not table:
+                state.code = shared
+                dropped += 1
+    return dropped
+
+
 def is_quantized(layer: nn.Module) -> bool:
     """True for a layer whose weight is stored in 4 or 8 bits (not a float copy)."""
     linear4bit, linear8bit = _linear4bit_class(), _linear8bit_class()

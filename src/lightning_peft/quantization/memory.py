@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_peft.quantization.layers import is_quantized, real_numel
+from lightning_peft.quantization.layers import is_quantized, quant_state_tensors, real_numel
 
 COMPONENTS = ("quantized weights", "float weights", "adapters", "gradients", "optimizer state")
 
@@ -65,9 +65,10 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
     sizes = dict.fromkeys(COMPONENTS, 0)
     base_parameters = quantized_parameters = 0
     quantized_ids: set[int] = set()
+    seen_storage: set[int] = set()
     for module in model.modules():
         if is_quantized(module):
-            sizes["quantized weights"] += _quantized_weight_bytes(module)
+            sizes["quantized weights"] += _quantized_weight_bytes(module, seen_storage)
             quantized_parameters += real_numel(module.weight)
             quantized_ids.add(id(module.weight))
     for param in model.parameters():
@@ -89,17 +90,20 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
     return MemoryReport(sizes, base_parameters, quantized_parameters)
 
 
-def _quantized_weight_bytes(layer: nn.Module) -> int:
+def _quantized_weight_bytes(layer: nn.Module, seen: set[int]) -> int:
+    """Bytes the layer's weight takes in memory: its codes and their constants, each storage
+    counted once across layers (``seen``: the 4-bit lookup tables are shared, see
+    :func:`lightning_peft.quantization.share_lookup_tables_`)."""
     weight = layer.weight
-    total = weight.numel() * weight.element_size()
     quant_state = getattr(weight, "quant_state", None)
-    if (
-        quant_state is not None
-    ):  # 4-bit: absmax (+ nested absmax and code book), quant map, metadata
-        for value in quant_state.as_dict(packed=True).values():
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
+    if quant_state is not None:  # 4-bit: absmax (double quantization: codes + nested absmax)
+        tensors = [weight, *quant_state_tensors(quant_state)]
     else:  # LLM.int8: one float scale per output row
         scales = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
-        total += scales.numel() * scales.element_size()
+        tensors = [weight, scales]
+    total = 0
+    for tensor in tensors:
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
     return total

@@ -15,6 +15,7 @@ from lightning_peft.quantization.layers import (
     is_quantized,
     output_head_names,
     quantize_linear,
+    share_lookup_tables_,
 )
 
 
@@ -86,6 +87,7 @@ def quantize_model(
         )
         setattr(parent, child_name, quantized)
     if mode in ("nf4", "fp4"):
+        share_lookup_tables_(model)
         # Hugging Face PEFT and transformers read this flag to dispatch 4-bit code paths.
         model.is_loaded_in_4bit = True
     return model
