@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import VOCAB, tiny_llama
+from tolerances import reordering_tolerance
 
 from lightning_peft import (
     IA3,
@@ -110,7 +111,9 @@ def test_a_mixed_batch_gives_each_row_its_own_adapters_output_and_gradient(metho
     for i, name in enumerate(rows):
         with torch.no_grad():
             alone = only(method, name, model)(input_ids=tokens[i : i + 1]).logits
-        torch.testing.assert_close(mixed.logits[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            mixed.logits[i : i + 1], alone, **reordering_tolerance(alone, depth=2, width=64)
+        )
 
     # The same gradients as two separate batches, one per adapter (equal halves: the
     # mixed mean loss is the mean of the two batches' losses).

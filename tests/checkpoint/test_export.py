@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from tiny_models import VOCAB, tiny_llama
+from tolerances import reordering_tolerance
 from transformers import AutoModelForCausalLM
 
 from lightning_peft import (
@@ -56,7 +57,7 @@ def test_the_merged_export_reloads_with_plain_transformers_and_matches(base, tmp
     with torch.no_grad():
         got = reloaded(input_ids=tokens).logits
     # The NF4 model computes with dequantized weights, so the float export matches it too.
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, expected, **reordering_tolerance(expected, depth=2, width=64))
     # The model passed in is untouched: still adapted, still computing the same.
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=tokens).logits, expected)
