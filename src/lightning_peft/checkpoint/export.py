@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
-from pathlib import Path
+import re
 
 import torch
 from torch import nn
@@ -19,6 +17,7 @@ from torch import nn
 from lightning_peft.adapters.ia3 import IA3Linear
 from lightning_peft.adapters.inputs import find_transformers_model
 from lightning_peft.adapters.lora import LoRALinear
+from lightning_peft.checkpoint.io import check_folder_target, staged_folder
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.injection import adapter_modules
 from lightning_peft.merging import MergeReport
@@ -31,15 +30,19 @@ def merge_and_export(
     *,
     adapter_name: str | None = None,
     dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
 ) -> MergeReport:
     """Save ``model`` with its adapters merged, as an ordinary transformers checkpoint.
 
     Args:
-        directory: written whole or not at all (a sibling folder renamed into place; an
-            existing ``directory`` is replaced only once the new one is complete).
+        directory: a new or empty folder; it appears whole once the export is complete. A
+            folder holding other files is refused unless ``overwrite``.
         adapter_name: which adapter to merge when layers hold several (default: the active
             ones, one per layer).
         dtype: the weights' dtype in the export.
+        overwrite: write into a folder that holds other files: the export's own files
+            (``config.json``, ``model*.safetensors``, ...) are replaced once the new ones are
+            complete; nothing else there (a tokenizer, notes, checkpoints) is touched.
 
     Returns:
         The merge report of the copy (errors 0.0: the copy is full precision).
@@ -48,7 +51,10 @@ def merge_and_export(
         AdapterConfigError: an attached method cannot be merged into weights (prompt or
             prefix tuning, bottleneck adapters): save it with ``save_peft`` instead.
         AdapterStateError: the model has no adapters.
+        FileExistsError: ``directory`` is a file, or holds other files and not ``overwrite``
+            (checked before any work).
     """
+    check_folder_target(directory, is_export_file, overwrite=overwrite)
     host = find_transformers_model(model, "merge_and_export")
     adapters = list(adapter_modules(host))
     if not adapters:
@@ -75,7 +81,8 @@ def merge_and_export(
         _unwrap(exported, name, wrapper)
     exported.to(dtype)
     _forget_quantization(exported)
-    _save_whole(exported, Path(directory))
+    with staged_folder(directory, is_export_file, overwrite=overwrite) as staging:
+        exported.save_pretrained(staging)
     return MergeReport(len(errors), 0, errors)
 
 
@@ -96,17 +103,13 @@ def _forget_quantization(model: nn.Module) -> None:
         model.hf_quantizer = None
 
 
-def _save_whole(model: nn.Module, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-            staging.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+# What save_pretrained writes for a model: a merged export owns these names in its folder.
+_EXPORT_FILES = re.compile(
+    r"config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors"
+    r"|model\.safetensors\.index\.json|pytorch_model.*\.bin(\.index\.json)?"
+)
+
+
+def is_export_file(name: str) -> bool:
+    """Whether ``name`` is one of the files ``save_pretrained`` writes for a model."""
+    return _EXPORT_FILES.fullmatch(name) is not None

@@ -26,13 +26,14 @@ from lightning_peft.adapters.inputs import find_transformers_model
 from lightning_peft.adapters.lora import LoRA, LoRALinear
 from lightning_peft.adapters.prefix import PrefixKV, PrefixTuning, cache_shape
 from lightning_peft.adapters.prompt import PromptTuning, SoftPrompt
-from lightning_peft.checkpoint.io import atomic_path
+from lightning_peft.checkpoint.io import staged_folder
 from lightning_peft.errors import AdapterConfigError, AdapterStateError, UnsupportedLayerError
 from lightning_peft.injection import adapter_configs_attached, adapter_modules, apply_adapters
 from lightning_peft.quantization import is_linear_layer
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+_PEFT_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 PREFIX = "base_model.model."
 _TASK_TYPES = {
     "ForCausalLM": "CAUSAL_LM",
@@ -54,8 +55,9 @@ def save_peft(
     """Write adapter ``adapter_name`` of ``model`` as Hugging Face PEFT does, so
     ``peft.PeftModel.from_pretrained(base, directory)`` loads it.
 
-    LoRA (with rsLoRA, DoRA), IA3, prompt tuning and prefix tuning have PEFT equivalents;
-    each file written is complete or absent (temporary file, then rename).
+    LoRA (with rsLoRA, DoRA), IA3, prompt tuning and prefix tuning have PEFT equivalents.
+    Both files are written beside the folder first and moved in only when complete, so a
+    failure leaves an earlier adapter there as it was; other files in the folder stay.
 
     Returns:
         ``directory`` as a ``Path``.
@@ -73,16 +75,15 @@ def save_peft(
         task_type=_task_type(host),
         inference_mode=True,
     )
-    target = Path(directory)
-    target.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
-    with atomic_path(target / WEIGHTS_FILE) as path:
+    # Both files are written in full before either replaces an earlier one; files of others
+    # in the folder (a tokenizer, notes) stay as they are.
+    with staged_folder(directory, _PEFT_FILES.__contains__, overwrite=True) as staging:
         contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(contiguous, str(path), metadata={"format": "pt"})
-    with atomic_path(target / CONFIG_FILE) as path:
-        path.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
-    return target
+        save_file(contiguous, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        (staging / CONFIG_FILE).write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+    return Path(directory)
 
 
 def load_peft(

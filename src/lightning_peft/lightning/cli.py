@@ -31,7 +31,8 @@ from lightning_peft.checkpoint import (
     check_base_fingerprint,
     read_metadata,
 )
-from lightning_peft.checkpoint.export import merge_and_export
+from lightning_peft.checkpoint.export import is_export_file, merge_and_export
+from lightning_peft.checkpoint.io import check_folder_target
 from lightning_peft.checkpoint.peft_format import save_peft
 from lightning_peft.errors import AdapterStateError
 from lightning_peft.lightning.attach import attach_adapters_once
@@ -93,19 +94,31 @@ def export(argv: Sequence[str]) -> None:
     parser.add_argument(
         "--peft-dir", help="write adapter_config.json + adapter_model.safetensors here"
     )
-    parser.add_argument("--merged-dir", help="write the merged model (save_pretrained) here")
+    parser.add_argument(
+        "--merged-dir", help="write the merged model (save_pretrained) here: a new or empty folder"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let --merged-dir hold other files: only the export's own files are replaced",
+    )
     parser.add_argument("--base-model-name-or-path", help="recorded in adapter_config.json")
     args = parser.parse_args(argv)
     if not (args.peft_dir or args.merged_dir):
         parser.error("give --peft-dir, --merged-dir or both")
-    module = load_adapter_checkpoint(args.config, args.ckpt)
-    if args.peft_dir:
-        names = sorted({a["name"] for a in read_metadata(_load(args.ckpt))["adapters"]})
-        save_peft(module, args.peft_dir, args.base_model_name_or_path, adapter_name=names[0])
-        print(f"PEFT adapter written to {args.peft_dir}")
-    if args.merged_dir:
-        merge_and_export(module, args.merged_dir)
-        print(f"merged model written to {args.merged_dir}")
+    try:
+        if args.merged_dir:  # before the (slow) load: a refused target costs nothing
+            check_folder_target(args.merged_dir, is_export_file, overwrite=args.overwrite)
+        module = load_adapter_checkpoint(args.config, args.ckpt)
+        if args.peft_dir:
+            names = sorted({a["name"] for a in read_metadata(_load(args.ckpt))["adapters"]})
+            save_peft(module, args.peft_dir, args.base_model_name_or_path, adapter_name=names[0])
+            print(f"PEFT adapter written to {args.peft_dir}")
+        if args.merged_dir:
+            merge_and_export(module, args.merged_dir, overwrite=args.overwrite)
+            print(f"merged model written to {args.merged_dir}")
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as error:
+        sys.exit(f"lightning-peft export: {error}")
 
 
 def load_adapter_checkpoint(config: str, ckpt: str) -> Any:
