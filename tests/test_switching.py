@@ -125,7 +125,7 @@ def test_a_mixed_batch_gives_each_row_its_own_adapters_output_and_gradient(metho
     separate = torch.autograd.grad((loss_a + loss_b) / 2, params, allow_unused=True)
     for name, r, s in zip(adapter_parameter_names(model), routed, separate, strict=True):
         assert s is not None, name
-        torch.testing.assert_close(r, s, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(r, s, **reordering_tolerance(s, depth=2, width=64))
 
 
 def test_rows_routed_by_index_tensor_and_bad_routes_refused(tokens):

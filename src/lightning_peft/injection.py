@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar, Union
 
 from torch import nn
@@ -90,18 +92,48 @@ def apply_adapters(
             )
     keep_4bit_storage_exact_(model)  # an eval pass must not repack a frozen 4-bit base
     host_prefix = transformers_model_prefix(model)
-    for item, targets in plans:
-        if not targets:
-            with initial_values_for(type(item).__name__):
-                item.attach(model, name)
-        for target in targets:
-            parent_name, _, child_name = target.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            with initial_values_for(target.removeprefix(host_prefix)):
-                wrapped = item.wrap(getattr(parent, child_name), name, target)
-            setattr(parent, child_name, wrapped)
-    freeze_base_(model)
+    with restored_on_error(model):  # a layer that refuses late undoes the ones before it
+        for item, targets in plans:
+            if not targets:
+                with initial_values_for(type(item).__name__):
+                    item.attach(model, name)
+            for target in targets:
+                parent_name, _, child_name = target.rpartition(".")
+                parent = model.get_submodule(parent_name)
+                with initial_values_for(target.removeprefix(host_prefix)):
+                    wrapped = item.wrap(getattr(parent, child_name), name, target)
+                setattr(parent, child_name, wrapped)
+        freeze_base_(model)
     return model
+
+
+@contextmanager
+def restored_on_error(model: nn.Module) -> Iterator[None]:
+    """If the block raises, put every module of ``model`` back as it was before it.
+
+    Each module's attributes are saved one level deep (its children, parameters, hooks, and
+    lists and dicts such as a wrapper's ``configs`` or ``active_adapters``), with every
+    parameter's ``requires_grad``: enough to undo attaching adapters, which only rewires
+    modules and adds new tensors, without copying any tensor.
+    """
+    saved = [
+        (module, {k: _shallow_copy(v) for k, v in module.__dict__.items()})
+        for module in model.modules()
+    ]
+    grads = [(param, param.requires_grad) for param in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for module, attributes in saved:
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+        for param, requires_grad in grads:
+            param.requires_grad_(requires_grad)
+        raise
+
+
+def _shallow_copy(value: Any) -> Any:
+    return copy.copy(value) if isinstance(value, (dict, list, set)) else value
 
 
 def transformers_model_prefix(model: nn.Module) -> str:

@@ -28,7 +28,12 @@ from lightning_peft.adapters.prefix import PrefixKV, PrefixTuning, cache_shape
 from lightning_peft.adapters.prompt import PromptTuning, SoftPrompt
 from lightning_peft.checkpoint.io import staged_folder
 from lightning_peft.errors import AdapterConfigError, AdapterStateError, UnsupportedLayerError
-from lightning_peft.injection import adapter_configs_attached, adapter_modules, apply_adapters
+from lightning_peft.injection import (
+    adapter_configs_attached,
+    adapter_modules,
+    apply_adapters,
+    restored_on_error,
+)
 from lightning_peft.quantization import is_linear_layer
 
 CONFIG_FILE = "adapter_config.json"
@@ -111,8 +116,21 @@ def load_peft(
 
     tensors = load_file(str(folder / WEIGHTS_FILE))
     _host(model)  # fail early on a model prompt/prefix tuning cannot use
-    if adapter_name not in _names(model):
-        apply_adapters(model, config, name=adapter_name)
+    with restored_on_error(model):  # refused below: the adapter attached here goes again
+        if adapter_name not in _names(model):
+            apply_adapters(model, config, name=adapter_name)
+        _copy_peft_tensors(model, folder, tensors, config, adapter_name)
+    return model
+
+
+def _copy_peft_tensors(
+    model: nn.Module,
+    folder: Path,
+    tensors: dict[str, torch.Tensor],
+    config: Any,
+    adapter_name: str,
+) -> None:
+    """Copy a PEFT file's tensors into ``model``'s adapter, every key and shape checked first."""
     host, _ = _host(model)
     targets = _model_tensors(host, config, adapter_name)
     expected = {_file_key(key, config): key for key in targets}
@@ -136,7 +154,6 @@ def load_peft(
     with torch.no_grad():
         for file_key, key in expected.items():
             targets[key].copy_(tensors[file_key])
-    return model
 
 
 # -- configs ---------------------------------------------------------------------------------
