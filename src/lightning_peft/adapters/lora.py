@@ -72,11 +72,14 @@ class LoRA:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             problems.append(f"rank must be a positive int, got {self.rank!r}")
         if not _is_number(self.alpha) or self.alpha <= 0:
-            problems.append(f"alpha must be a positive number, got {self.alpha!r}")
+            problems.append(f"alpha must be a positive finite number, got {self.alpha!r}")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in _INITS:
             problems.append(f"init must be one of {_INITS}, got {self.init!r}")
+        for field in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, field), bool):
+                problems.append(f"{field} must be True or False, got {getattr(self, field)!r}")
         targets = normalize_patterns(self.target_modules, "target_modules", problems)
         excludes = normalize_patterns(self.exclude_modules, "exclude_modules", problems)
         if problems:
@@ -103,7 +106,8 @@ class LoRA:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (not a bool, NaN or inf)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class LoRALinear(NamedAdapters, BaseLayerWrapper):

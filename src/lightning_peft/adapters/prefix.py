@@ -222,6 +222,8 @@ class PrefixKV(nn.Module):
         kwargs["attention_mask"] = prepend_ones(kwargs.get("attention_mask"), n)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + n
+        if kwargs.get("cache_position") is not None:  # transformers 4.x generate passes it
+            kwargs["cache_position"] = kwargs["cache_position"] + n
         cache = given_cache(kwargs)
         if cache_length(cache) == 0:
             for name in CACHE_ARGUMENTS:

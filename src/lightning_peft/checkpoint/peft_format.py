@@ -27,6 +27,7 @@ from lightning_peft.adapters.lora import LoRA, LoRALinear
 from lightning_peft.adapters.prefix import PrefixKV, PrefixTuning, cache_shape
 from lightning_peft.adapters.prompt import PromptTuning, SoftPrompt
 from lightning_peft.checkpoint.io import staged_folder
+from lightning_peft.checkpoint.state import check_adapter_values
 from lightning_peft.errors import AdapterConfigError, AdapterStateError, UnsupportedLayerError
 from lightning_peft.injection import (
     adapter_configs_attached,
@@ -107,11 +108,31 @@ def load_peft(
         AdapterStateError: the tensors do not fit the model (missing/unexpected keys, shapes).
     """
     folder = Path(directory)
+    if (folder / CONFIG_FILE).is_file() and (folder / "adapter_model.bin").is_file() and not (
+        folder / WEIGHTS_FILE
+    ).is_file():
+        raise FileNotFoundError(
+            f"{folder} holds adapter_model.bin, a pickle, and no {WEIGHTS_FILE}: lightning_peft "
+            "reads safetensors only, since loading a pickle can run code from it. Convert it "
+            "once where you trust the file (peft.PeftModel.from_pretrained, then "
+            "save_pretrained(safe_serialization=True))"
+        )
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} has no {name}: not a PEFT adapter directory")
-    fields = json.loads((folder / CONFIG_FILE).read_text())
-    config = config_from_peft(fields)
+    try:
+        fields = json.loads((folder / CONFIG_FILE).read_text())
+        config = config_from_peft(fields)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise AdapterConfigError(f"{folder / CONFIG_FILE}: {error!s}") from error
+    existing = [c for n, c in adapter_configs_attached(model) if n == adapter_name]
+    if existing and _scaling_fields(existing[0]) != _scaling_fields(config):
+        raise AdapterConfigError(
+            f"{type(model).__name__} already has an adapter {adapter_name!r} whose "
+            f"{_scaling_fields(existing[0])} differ from {folder / CONFIG_FILE}'s "
+            f"{_scaling_fields(config)}: its tensors would compute something else there. Load "
+            "it under another name (adapter_name=...) or delete_adapter first"
+        )
     from safetensors.torch import load_file
 
     tensors = load_file(str(folder / WEIGHTS_FILE))
@@ -151,12 +172,21 @@ def _copy_peft_tensors(
         raise AdapterStateError(
             "PEFT tensor shapes differ from the model's:\n  " + "\n  ".join(shapes[:8])
         )
+    check_adapter_values(tensors, str(folder / WEIGHTS_FILE))
     with torch.no_grad():
         for file_key, key in expected.items():
             targets[key].copy_(tensors[file_key])
 
 
 # -- configs ---------------------------------------------------------------------------------
+
+
+def _scaling_fields(config: Any) -> dict[str, Any]:
+    """The fields of a LoRA config that decide what its tensors compute (shapes aside, which
+    the tensors themselves check); other methods have none."""
+    if not isinstance(config, LoRA):
+        return {}
+    return {f: getattr(config, f) for f in ("rank", "alpha", "use_rslora", "use_dora")}
 
 
 def _peft_config(host: nn.Module, config: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -225,6 +255,10 @@ def config_from_peft(fields: dict[str, Any]) -> Any:
     ]
     if peft_type == "LORA" and fields.get("bias", "none") != "none":
         unsupported.append(f"bias={fields['bias']!r}")
+    if peft_type == "LORA" and fields.get("init_lora_weights", True) not in (True, False, "gaussian"):
+        # PiSSA, OLoRA, LoftQ, CorDA, EVA...: the adapter was trained against a base PEFT
+        # rewrote, so on the original base it computes something else.
+        unsupported.append(f"init_lora_weights={fields['init_lora_weights']!r}")
     if unsupported:
         raise AdapterConfigError(
             f"this PEFT {peft_type} adapter uses options lightning_peft does not implement: "
@@ -234,12 +268,12 @@ def config_from_peft(fields: dict[str, Any]) -> Any:
         init = fields.get("init_lora_weights", True)
         return LoRA(
             rank=fields["r"],
-            alpha=float(fields.get("lora_alpha", 8)),
-            dropout=float(fields.get("lora_dropout", 0.0)),
+            alpha=fields.get("lora_alpha", 8),
+            dropout=fields.get("lora_dropout", 0.0),
             target_modules=_our_patterns(fields.get("target_modules")) or "all-linear",
             exclude_modules=_our_patterns(fields.get("exclude_modules")),
-            use_rslora=bool(fields.get("use_rslora", False)),
-            use_dora=bool(fields.get("use_dora", False)),
+            use_rslora=fields.get("use_rslora", False),
+            use_dora=fields.get("use_dora", False),
             init="gaussian" if init == "gaussian" else "kaiming",
         )
     if peft_type == "IA3":
@@ -272,6 +306,7 @@ _INERT: dict[str, tuple[Any, ...]] = {
     "trainable_token_indices": (None,),
     "lora_bias": (False, None),
     "num_transformer_submodules": (1, None),
+    "alora_invocation_tokens": (None, []),  # activated LoRA: on only after those tokens
 }
 
 

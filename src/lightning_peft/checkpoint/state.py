@@ -60,11 +60,34 @@ def check_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Te
             "adapter tensor shapes differ (was the checkpoint made with another rank or "
             "base model?):\n" + "\n".join(shapes[:_SHOWN]) + _more(shapes)
         )
+    check_adapter_values(state_dict, "the state dict")
     merged = [name for name, module in adapter_modules(model) if getattr(module, "merged", False)]
     if merged:
         raise AdapterStateError(
             f"cannot load into merged adapters ({', '.join(merged[:3])}{_more(merged, 3)}): "
             "call unmerge_adapters(model) first"
+        )
+
+
+def check_adapter_values(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise unless every tensor is floating point and finite: copied into an adapter, an
+    integer or bool tensor would silently become its float value (often zeros), a NaN or
+    inf would poison every output.
+
+    Raises:
+        AdapterStateError: naming the tensors and what is wrong with them.
+    """
+    problems = []
+    for name, tensor in tensors.items():
+        if not torch.is_floating_point(tensor):
+            problems.append(f"{name} is {tensor.dtype}, not a floating-point tensor")
+        elif not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            problems.append(f"{name} holds {bad} NaN or infinite values")
+    if problems:
+        raise AdapterStateError(
+            f"{source} holds adapter tensors that cannot be loaded (a damaged file, or one "
+            "saved after training diverged):\n  " + "\n  ".join(problems[:_SHOWN]) + _more(problems)
         )
 
 

@@ -1,0 +1,106 @@
+"""Damaged, foreign or nonsensical adapter files are refused by name, before any change."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from snapshots import assert_model_unchanged, model_snapshot
+from tiny_models import tiny_llama
+
+from lightning_peft import (
+    AdapterConfigError,
+    AdapterStateError,
+    LoRA,
+    adapter_state_dict,
+    apply_adapters,
+    load_adapter_state_dict,
+    load_peft,
+    save_peft,
+)
+
+QV = LoRA(rank=4, target_modules=["q_proj", "v_proj"])
+
+
+@pytest.fixture
+def peft_folder(tmp_path):
+    save_peft(apply_adapters(tiny_llama(), QV), tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def edit_config(folder, **fields):
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(fields)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa'"),
+        ({"init_lora_weights": "olora"}, r"init_lora_weights='olora'"),
+        ({"alora_invocation_tokens": [1, 2]}, r"alora_invocation_tokens=\[1, 2\]"),
+        ({"lora_alpha": float("nan")}, r"(?s)adapter_config.json: .*alpha must be a positive finite"),
+        ({"use_rslora": "no"}, r"(?s)adapter_config.json: .*use_rslora must be True or False"),
+        ({"r": None}, r"(?s)adapter_config.json: .*rank must be a positive int, got None"),
+    ],
+)
+def test_a_peft_config_that_would_compute_something_else_is_refused(peft_folder, fields, message):
+    edit_config(peft_folder, **fields)
+    model = tiny_llama()
+    before = model_snapshot(model)
+    with pytest.raises(AdapterConfigError, match=message):
+        load_peft(model, peft_folder)
+    assert_model_unchanged(model, before)
+
+
+def test_a_malformed_config_names_its_path(peft_folder):
+    (peft_folder / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterConfigError, match=r"adapter/adapter_config.json: Expecting"):
+        load_peft(tiny_llama(), peft_folder)
+    (peft_folder / "adapter_config.json").write_text('{"r": 4}')  # no peft_type
+    with pytest.raises(AdapterConfigError, match=r"adapter_config.json: PEFT type None"):
+        load_peft(tiny_llama(), peft_folder)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda t: t.fill_(float("nan")), r"holds 256 NaN or infinite values"),
+        (lambda t: t.to(torch.int64), r"is torch.int64, not a floating-point tensor"),
+        (lambda t: t > 0, r"is torch.bool, not a floating-point tensor"),
+    ],
+    ids=["nan", "int", "bool"],
+)
+def test_non_finite_or_non_float_adapter_tensors_are_refused(peft_folder, damage, message):
+    path = peft_folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = sorted(tensors)[0]
+    tensors[key] = damage(tensors[key].clone())
+    save_file(tensors, path)
+    model = tiny_llama()
+    before = model_snapshot(model)
+    with pytest.raises(AdapterStateError, match=message):
+        load_peft(model, peft_folder)
+    assert_model_unchanged(model, before)
+
+    attached = apply_adapters(tiny_llama(), QV)
+    state = adapter_state_dict(attached)
+    first = next(iter(state))
+    state[first] = damage(state[first].clone())
+    before = model_snapshot(attached)
+    with pytest.raises(AdapterStateError, match=message.replace("256", r"\d+")):
+        load_adapter_state_dict(attached, state)
+    assert_model_unchanged(attached, before)
+
+
+def test_a_pickle_only_peft_folder_is_refused_saying_why(tmp_path):
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    (folder / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(FileNotFoundError, match=r"adapter_model.bin, a pickle.*safetensors only"):
+        load_peft(tiny_llama(), folder)
