@@ -65,6 +65,12 @@ def apply_adapters(
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise AdapterConfigError(f"adapter name must be a Python identifier, got {name!r}")
+    if any(type(m).__module__.startswith("peft.") for m in model.modules()):
+        raise AdapterConfigError(
+            f"{type(model).__name__} already carries Hugging Face PEFT adapters (a PeftModel or "
+            "peft-injected layers); lightning_peft would wrap PEFT's own lora_A / base_layer. "
+            "Use the base model, and bring a PEFT adapter in with load_peft(model, folder)"
+        )
     configs = list(config) if isinstance(config, (list, tuple)) else [config]
     if not configs:
         raise AdapterConfigError("apply_adapters got an empty list of adapter configs")

@@ -23,7 +23,7 @@ def test_memory_prints_the_papers_table_for_a_size(capsys):
     with pytest.raises(SystemExit):
         main(["memory", "seventy"])
     assert (
-        "size must be a number with an optional K/M/B/T suffix, got 'seventy'"
+        "size must be a number with an optional K/M/B/T suffix (70B, 135M), got 'seventy'"
         in capsys.readouterr().err
     )
 

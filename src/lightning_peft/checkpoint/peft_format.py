@@ -76,6 +76,8 @@ def save_peft(
     config = _single_config(model, adapter_name)
     tensors = _peft_tensors(host, config, adapter_name)
     fields = _peft_config(host, config, tensors)
+    if base_model_name_or_path is None:  # as PEFT does: the model's own name or folder
+        base_model_name_or_path = getattr(host.config, "name_or_path", None) or None
     fields.update(
         base_model_name_or_path=base_model_name_or_path,
         task_type=_task_type(host),

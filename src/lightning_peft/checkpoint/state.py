@@ -33,9 +33,17 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Ten
         AdapterStateKeyError: missing or unexpected keys (both listed).
         AdapterStateError: a shape differs, or an adapter is merged (unmerge it first).
     """
+    state_dict = in_model_keys(model, state_dict)
     check_adapter_state_dict(model, state_dict)
     for name in adapter_parameter_names(model):
         model.get_parameter(name).copy_(state_dict[name])
+
+
+def in_model_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` keyed as ``model`` names its adapter tensors, whether either side went
+    through ``torch.compile`` (which adds ``_orig_mod.`` to a compiled module's keys)."""
+    names = {n.replace("_orig_mod.", ""): n for n in adapter_parameter_names(model)}
+    return {names.get(k.replace("_orig_mod.", ""), k): v for k, v in state_dict.items()}
 
 
 def check_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:

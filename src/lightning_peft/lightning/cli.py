@@ -16,7 +16,7 @@ the checkpoint's adapters and writes them in the PEFT format and/or merged into 
 from __future__ import annotations
 
 import argparse
-import re
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,8 +39,6 @@ from lightning_peft.lightning.attach import attach_adapters_once
 from lightning_peft.lightning.trainer import Trainer
 from lightning_peft.quantization.estimate import METHODS, estimate_memory
 
-_SIZE = re.compile(r"^\s*([0-9.]+)\s*([kKmMbBtT]?)\s*$")
-_SCALE = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 
 
 class PeftCLI(LightningCLI):
@@ -73,14 +71,29 @@ class PeftCLI(LightningCLI):
         super()._parse_ckpt_path()
 
 
+_OVERVIEW = """lightning-peft: parameter-efficient fine-tuning with PyTorch Lightning.
+
+subcommands:
+  fit, validate, test, predict   LightningCLI with lightning_peft.Trainer (--config run.yaml)
+  export                         a checkpoint's adapters as a PEFT folder and/or merged model
+  memory                         memory to fine-tune a model of a given size (70B, 135M, ...)
+
+'lightning-peft SUBCOMMAND --help' describes each. LightningCLI's own help follows.
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "export":
-        export(argv[1:])
-    elif argv and argv[0] == "memory":
-        memory(argv[1:])
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given and given[0] == "export":
+        export(given[1:])
+    elif given and given[0] == "memory":
+        memory(given[1:])
     else:
-        PeftCLI(args=argv)
+        if not given or given[0] in ("-h", "--help"):
+            print(_OVERVIEW)
+        # From the console script LightningCLI reads sys.argv itself: passing it as args too
+        # makes it warn that it got both.
+        PeftCLI(args=None if argv is None else given)
 
 
 def export(argv: Sequence[str]) -> None:
@@ -164,14 +177,19 @@ def memory(argv: Sequence[str]) -> None:
     parser.add_argument("--adapter-fraction", type=float, default=0.012)
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "sgd"])
     args = parser.parse_args(argv)
-    match = _SIZE.match(args.size)
-    if not match:
-        parser.error(f"size must be a number with an optional K/M/B/T suffix, got {args.size!r}")
-    num_params = float(match.group(1)) * _SCALE[match.group(2).lower()]
-    for method in METHODS if args.method == "all" else [args.method]:
-        estimate = estimate_memory(
-            num_params, method, adapter_fraction=args.adapter_fraction, optimizer=args.optimizer
-        )
+    if args.gpu is not None and not (math.isfinite(args.gpu) and args.gpu > 0):
+        parser.error(f"--gpu must be a positive number of GB, got {args.gpu}")
+    methods = METHODS if args.method == "all" else [args.method]
+    try:  # every check before the first table
+        estimates = [
+            estimate_memory(
+                args.size, m, adapter_fraction=args.adapter_fraction, optimizer=args.optimizer
+            )
+            for m in methods
+        ]
+    except ValueError as error:
+        parser.error(str(error))
+    for estimate in estimates:
         print(estimate.table(gpu_gb=args.gpu) + "\n")
 
 

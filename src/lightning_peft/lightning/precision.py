@@ -74,7 +74,8 @@ class PeftPrecision(MixedPrecision):
             forward pass and the compute dtype of the 4-bit matmuls.
         adapters: attached when no ``PeftCallback`` / ``PeftMixin`` brings its own
             (default: LoRA rank 8 on every linear layer but the output head).
-        skip_modules: module-name suffixes kept in float besides the output head.
+        skip_modules: module-name suffixes kept in float besides the output head (one
+            suffix as a string, or a list).
         blocksize: weights per quantization constant (QLoRA: 64).
         quant_storage: storage dtype of the packed 4-bit codes (``torch.float32`` for FSDP1; FSDP2 shards ``uint8``).
         optimizer: rebuild the optimizer ``configure_optimizers`` returns as
@@ -135,7 +136,8 @@ class PeftPrecision(MixedPrecision):
             super().__init__(compute, device)
         self.mode, self.compute = mode, compute
         self.adapters = adapters
-        self.skip_modules = tuple(skip_modules)
+        # One name given as a string is one name, not its characters.
+        self.skip_modules = (skip_modules,) if isinstance(skip_modules, str) else tuple(skip_modules)
         self.blocksize, self.quant_storage = blocksize, quant_storage
         if optimizer == "auto":
             optimizer = default_optimizer(mode, device)

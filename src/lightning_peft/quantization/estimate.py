@@ -14,6 +14,8 @@ So a 70B model needs about 840 GB to fine-tune fully, 150 GB with LoRA and 46 GB
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,8 +65,34 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kKmMbBtT]?)\s*$")
+_SCALE = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+
+
+def parse_size(size: str | float) -> float:
+    """A parameter count from ``70e9``, ``"70B"``, ``"7b"``, ``"135M"`` or ``"134515008"``.
+
+    Raises:
+        ValueError: not a number with an optional K/M/B/T suffix, or under one parameter.
+    """
+    if isinstance(size, str):
+        match = _SIZE.match(size)
+        if not match:
+            raise ValueError(
+                f"size must be a number with an optional K/M/B/T suffix (70B, 135M), got {size!r}"
+            )
+        count = float(match.group(1)) * _SCALE[match.group(2).lower()]
+    elif isinstance(size, (int, float)) and not isinstance(size, bool):
+        count = float(size)
+    else:
+        raise ValueError(f"size must be a number or a string such as '70B', got {size!r}")
+    if not math.isfinite(count) or count < 1:
+        raise ValueError(f"a model has at least one parameter, got {size!r}")
+    return count
+
+
 def estimate_memory(
-    num_params: float,
+    num_params: float | str,
     method: Method = "qlora",
     *,
     adapter_fraction: float = 0.012,
@@ -73,7 +101,7 @@ def estimate_memory(
     """Bytes of weights, gradients, optimizer state and adapters to fine-tune a model.
 
     Args:
-        num_params: the model's parameter count (``70e9`` for a 70B model).
+        num_params: the model's parameter count: ``70e9`` or ``"70B"``.
         method: ``"full"``, ``"lora"`` (16-bit frozen base) or ``"qlora"`` (NF4 base with
             double quantization).
         adapter_fraction: trainable adapter parameters per base parameter (LoRA, QLoRA).
@@ -83,13 +111,15 @@ def estimate_memory(
         ValueError: an unknown method or optimizer, or a non-positive size.
     """
     problems = []
-    if not num_params or num_params <= 0:
-        problems.append(f"num_params must be positive, got {num_params!r}")
+    try:
+        num_params = parse_size(num_params)
+    except ValueError as error:
+        problems.append(f"num_params: {error}")
     if method not in METHODS:
         problems.append(f"method must be one of {METHODS}, got {method!r}")
     if optimizer not in _OPTIMIZER_BITS:
         problems.append(f"optimizer must be one of {tuple(_OPTIMIZER_BITS)}, got {optimizer!r}")
-    if not 0 <= adapter_fraction < 1:
+    if not isinstance(adapter_fraction, (int, float)) or not 0 <= adapter_fraction < 1:
         problems.append(f"adapter_fraction must be in [0, 1), got {adapter_fraction!r}")
     if problems:
         raise ValueError("; ".join(problems))

@@ -52,6 +52,8 @@ def quantize_model(
         ValueError: adapters are already attached (quantize first: the adapters' own layers
             must stay in float), or nothing was left to quantize.
     """
+    if isinstance(skip_modules, str):  # one name, not its characters
+        skip_modules = (skip_modules,)
     modules = dict(model.named_modules())
     if any(hasattr(module, "adapter_params") for module in modules.values()):
         raise ValueError(

@@ -1,0 +1,98 @@
+"""Small inputs users get wrong, each refused (or understood) with the value and the fix."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from tiny_models import tiny_llama
+
+from lightning_peft import (
+    AdapterConfigError,
+    LoRA,
+    PeftPrecision,
+    adapter_state_dict,
+    apply_adapters,
+    estimate_memory,
+    load_adapter_state_dict,
+    save_peft,
+)
+from lightning_peft.lightning.cli import main as cli_main
+from lightning_peft.quantization import quantize_model
+
+
+def test_one_skip_module_given_as_a_string_is_one_name():
+    assert PeftPrecision(skip_modules="down_proj").skip_modules == ("down_proj",)
+    model = quantize_model(tiny_llama(), "nf4", skip_modules="down_proj")
+    kept = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    assert sorted(kept) == ["lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert isinstance(model.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+
+
+def test_estimate_memory_takes_the_sizes_the_cli_takes():
+    assert estimate_memory("70B", "full").total_bytes == estimate_memory(70e9, "full").total_bytes
+    with pytest.raises(ValueError, match=r"at least one parameter, got 0"):
+        estimate_memory(0)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["0"], "a model has at least one parameter, got '0'"),
+        (["0.0000001"], "at least one parameter"),
+        (["1.2.3B"], "size must be a number with an optional K/M/B/T suffix"),
+        (["7B", "--adapter-fraction", "2"], r"adapter_fraction must be in \[0, 1\), got 2.0"),
+        (["7B", "--gpu", "-5"], "--gpu must be a positive number of GB, got -5.0"),
+        (["7B", "--gpu", "nan"], "--gpu must be a positive number of GB, got nan"),
+    ],
+)
+def test_cli_memory_usage_errors_exit_2_with_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["memory", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lightning-peft memory: error: ")
+    assert __import__("re").search(message, err[-1])
+
+
+def test_cli_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    out = capsys.readouterr().out
+    assert all(word in out for word in ("fit, validate, test, predict", "export", "memory"))
+
+
+def test_save_peft_records_the_models_own_name_by_default(tmp_path):
+    model = tiny_llama()
+    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    apply_adapters(model, LoRA(rank=2, target_modules=["q_proj"]))
+    save_peft(model, tmp_path)
+    config = (tmp_path / "adapter_config.json").read_text()
+    assert '"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"' in config
+
+
+def test_a_model_carrying_hugging_face_peft_adapters_is_refused_naming_load_peft():
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    structure = repr(peft_model)
+    with pytest.raises(AdapterConfigError, match=r"Hugging Face PEFT adapters.*load_peft"):
+        apply_adapters(peft_model, LoRA(rank=2))
+    assert repr(peft_model) == structure
+
+
+def test_a_compiled_modules_adapter_state_loads_into_the_uncompiled_one_and_back():
+    source = apply_adapters(tiny_llama(), LoRA(rank=2, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, param in source.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.5)
+    compiled = torch.compile(source)  # keys gain _orig_mod.
+    state = adapter_state_dict(compiled)
+    assert all(k.startswith("_orig_mod.") for k in state)
+    plain = apply_adapters(tiny_llama(), LoRA(rank=2, target_modules=["q_proj"]))
+    load_adapter_state_dict(plain, state)
+    assert all(torch.equal(v, state["_orig_mod." + k]) for k, v in adapter_state_dict(plain).items())
+    target = torch.compile(apply_adapters(tiny_llama(), LoRA(rank=2, target_modules=["q_proj"])))
+    load_adapter_state_dict(target, adapter_state_dict(plain))
+    assert all(torch.equal(v, state[k]) for k, v in adapter_state_dict(target).items())
