@@ -87,7 +87,8 @@ def smollm2_path() -> Path:
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
         # The weights are plain float32 now; drop the GGUF marker so the copy is an ordinary
         # checkpoint (a GGUF "quantizer" makes other code treat the model as quantized).
-        del model.config.quantization_config
+        if hasattr(model.config, "quantization_config"):  # transformers 5 sets it
+            del model.config.quantization_config
         model.hf_quantizer = None
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
