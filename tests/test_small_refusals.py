@@ -96,3 +96,23 @@ def test_a_compiled_modules_adapter_state_loads_into_the_uncompiled_one_and_back
     target = torch.compile(apply_adapters(tiny_llama(), LoRA(rank=2, target_modules=["q_proj"])))
     load_adapter_state_dict(target, adapter_state_dict(plain))
     assert all(torch.equal(v, state[k]) for k, v in adapter_state_dict(target).items())
+
+
+def test_an_empty_target_list_is_named_as_the_problem():
+    from lightning_peft import TargetModulesError
+
+    with pytest.raises(TargetModulesError, match=r"target_modules is empty \(got \(\)\)"):
+        apply_adapters(tiny_llama(), LoRA(target_modules=[]))
+
+
+def test_export_peft_with_a_method_peft_lacks_is_refused_before_training(tmp_path):
+    from lightning_modules import CausalLM, fit
+
+    from lightning_peft import AdapterCheckpoint, BottleneckAdapter, PeftCallback
+
+    saver = AdapterCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, export_peft=True)
+    recorder_steps = []
+    with pytest.raises(AdapterConfigError, match=r"export_peft=True.*BottleneckAdapter has no"):
+        run = fit(CausalLM(), tmp_path, 3, [PeftCallback(BottleneckAdapter()), saver])
+        recorder_steps.append(run.trainer.global_step)
+    assert not recorder_steps and not (tmp_path / "ckpt").exists()

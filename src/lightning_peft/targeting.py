@@ -98,6 +98,11 @@ def find_targets(
                 f"target_modules='all-linear' found no linear layer besides the output head "
                 f"in {type(model).__name__}; supported layer types: {_type_names()}"
             )
+    elif not target_modules:
+        raise TargetModulesError(
+            f"{method}: target_modules is empty (got {target_modules!r}); name module suffixes "
+            "such as ['q_proj', 'v_proj'], a regular expression, or 'all-linear'"
+        )
     else:
         selected = [n for n in names if matches(n, target_modules)]
         _check_every_pattern_matched(target_modules, names)

@@ -94,6 +94,12 @@ def save_peft(
     return Path(directory)
 
 
+def check_peft_exportable(model: nn.Module, adapter_name: str = "default") -> None:
+    """Raise what :func:`save_peft` would raise for ``model``, without writing anything."""
+    _host(model)
+    _single_config(model, adapter_name)
+
+
 def load_peft(
     model: nn.Module, directory: str | os.PathLike[str], *, adapter_name: str = "default"
 ) -> nn.Module:

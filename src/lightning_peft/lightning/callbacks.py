@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from lightning_peft.adapters import MethodConfig
 from lightning_peft.checkpoint import partial_path
-from lightning_peft.checkpoint.peft_format import save_peft
+from lightning_peft.checkpoint.peft_format import check_peft_exportable, save_peft
 from lightning_peft.errors import AdapterConfigError
 from lightning_peft.injection import AdapterConfig, is_adapter_config
 from lightning_peft.lightning.attach import as_config_list, attach_adapters_once
@@ -213,6 +213,15 @@ class AdapterCheckpoint(_AdapterCheckpointHooks, ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self.export_peft = export_peft
         self.base_model_name_or_path = base_model_name_or_path
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.export_peft:  # before training, not at the first save
+            try:
+                check_peft_exportable(pl_module)
+            except ValueError as error:
+                raise AdapterConfigError(f"AdapterCheckpoint(export_peft=True): {error}") from error
 
     @staticmethod
     def peft_directory(filepath: str) -> Path:
