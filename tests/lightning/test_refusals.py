@@ -100,10 +100,15 @@ def test_a_checkpoint_without_adapter_metadata_is_refused(tmp_path):
         accelerator="cpu",
     )
     trainer.fit(CausalLM(), token_data())
+    module = CausalLM()
+    frozen = {k: v.clone() for k, v in module.state_dict().items()}
     with pytest.raises(
         AdapterStateError, match=r"full\.ckpt' is not a lightning_peft adapter checkpoint"
     ):
-        resume(tmp_path / "run", plain_dir / "full.ckpt")
+        resume(tmp_path / "run", plain_dir / "full.ckpt", module=module)
+    # Refused before Lightning copied the file's 21 frozen tensors into the module.
+    state = module.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in frozen.items() if k in state)
 
 
 def test_mixin_refuses_a_mismatch_before_copying_anything(tmp_path, checkpoint):

@@ -117,8 +117,15 @@ def check_if_adapter_only(module: nn.Module, state_dict: dict[str, Any]) -> bool
 def _check_before_load(
     module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
 ) -> None:
-    if prefix == "":  # the LightningModule itself, called once before any child loads
-        check_if_adapter_only(module, state_dict)
+    if prefix != "":  # the LightningModule itself, called once before any child loads
+        return
+    if check_if_adapter_only(module, state_dict):
+        return
+    trainer = getattr(module, "_trainer", None)
+    if trainer is not None and trainer.ckpt_path:
+        # Resuming from a full Lightning checkpoint: the callback's own check comes only
+        # after Lightning has copied the file's frozen tensors into the module. Refuse now.
+        read_metadata({}, f"checkpoint {str(trainer.ckpt_path)!r}")
 
 
 def accept_adapter_only_loading(module: pl.LightningModule) -> None:
