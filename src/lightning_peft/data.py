@@ -106,13 +106,20 @@ def load_smollm2(dtype: Any = None) -> tuple[Any, Any]:
     """``(model, tokenizer)``: SmolLM2-135M-Instruct as ``LlamaForCausalLM`` (float32 by
     default), the tokenizer padding on the left (pad = eos) for batched scoring."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    path = smollm2_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=dtype or torch.float32)
+    return model, smollm2_tokenizer()
+
+
+def smollm2_tokenizer() -> Any:
+    """SmolLM2's tokenizer, padding on the left with eos as the pad token (the GGUF file names
+    no pad token; transformers 5 fills one in on conversion, 4.x does not)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path(), padding_side="left")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
 
 
 def load_minilm(num_labels: int) -> tuple[Any, Any]:

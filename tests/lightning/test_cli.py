@@ -78,8 +78,6 @@ def test_fit_from_the_yaml_then_export_peft_and_merged(tmp_path, monkeypatch, ca
 
 
 def adapted_tokenizer():
-    from transformers import AutoTokenizer
+    from lightning_peft.data import smollm2_tokenizer
 
-    from lightning_peft.data import smollm2_path
-
-    return AutoTokenizer.from_pretrained(smollm2_path(), padding_side="left")
+    return smollm2_tokenizer()

@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_peft.data import load_smollm2, rotten_tomatoes, smollm2_path, stratified_split
+from lightning_peft.data import load_smollm2, rotten_tomatoes, smollm2_tokenizer, stratified_split
 
 ANSWERS = (" negative", " positive")  # label 0, label 1
 Rows = Sequence[tuple[str, int]]
@@ -133,9 +133,7 @@ class ReviewData(pl.LightningDataModule):
         self.tokenizer: Any = None
 
     def setup(self, stage: str | None = None) -> None:
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(smollm2_path(), padding_side="left")
+        self.tokenizer = smollm2_tokenizer()
         self.train_rows, self.eval_rows = review_split(self.train_size, self.eval_size, self.seed)
 
     def train_dataloader(self) -> DataLoader:
