@@ -42,6 +42,36 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, mon
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt"]
 
 
+def test_checkpoints_written_in_the_background_are_complete_and_resume(tmp_path):
+    """Lightning's AsyncCheckpointIO writes in a thread: the rename must follow the write."""
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    saver = AdapterCheckpoint(
+        dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=3, save_top_k=-1
+    )
+    straight = fit(CausalLM(), tmp_path / "a", 9, [PeftCallback(QV_LORA)])
+    fit(
+        CausalLM(),
+        tmp_path / "b",
+        6,
+        [PeftCallback(QV_LORA), saver],
+        plugins=[AsyncCheckpointIO()],
+    )
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert files == ["step=3.ckpt", "step=6.ckpt"]  # no .partial left behind
+    for name in files:
+        assert torch.load(tmp_path / "ckpt" / name, weights_only=True)["lightning_peft"]
+    resumed = fit(
+        CausalLM(),
+        tmp_path / "c",
+        9,
+        [PeftCallback(QV_LORA)],
+        ckpt_path=str(tmp_path / "ckpt" / "step=6.ckpt"),
+        plugins=[AsyncCheckpointIO()],
+    )
+    assert resumed.losses == straight.losses[6:]
+
+
 def test_resume_works_with_weights_only_loading(tmp_path):
     saver = AdapterCheckpoint(dirpath=tmp_path, filename="adapter", every_n_train_steps=3)
     fit(CausalLM(), tmp_path, 3, [PeftCallback(QV_LORA), saver])

@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from weakref import proxy
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -16,11 +14,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_peft.adapters import MethodConfig
-from lightning_peft.checkpoint import partial_path
 from lightning_peft.checkpoint.peft_format import check_peft_exportable, save_peft
 from lightning_peft.errors import AdapterConfigError
 from lightning_peft.injection import AdapterConfig, is_adapter_config
 from lightning_peft.lightning.attach import as_config_list, attach_adapters_once
+from lightning_peft.lightning.checkpoint_io import make_checkpoint_writes_atomic
 from lightning_peft.lightning.checkpointing import (
     ResumeChecks,
     accept_adapter_only_loading,
@@ -188,8 +186,9 @@ class AdapterCheckpoint(_AdapterCheckpointHooks, ModelCheckpoint):
 
     Besides the adapters a file holds optimizer, scheduler, loop, callback and RNG state and
     metadata (adapter configs, trainable parameter names in optimizer order, a fingerprint of
-    the frozen base, package versions). Files are written atomically: to a hidden temporary
-    file first, then renamed, so an interrupted save leaves the previous file intact.
+    the frozen base, package versions). Files are written atomically through any
+    ``CheckpointIO`` (``AsyncCheckpointIO`` too): to a hidden temporary file first, then
+    renamed, so an interrupted save leaves the previous file intact.
 
     Args:
         export_peft: also write each checkpoint's adapter in the Hugging Face PEFT format, in
@@ -230,28 +229,19 @@ class AdapterCheckpoint(_AdapterCheckpointHooks, ModelCheckpoint):
         return path.with_name(f"{path.stem}-peft")
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        make_checkpoint_writes_atomic(trainer)
+
+    @override
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        temporary = partial_path(filepath)
-        try:
-            trainer.save_checkpoint(temporary, self.save_weights_only)
-            if trainer.is_global_zero:
-                os.replace(temporary, filepath)
-        finally:
-            if trainer.is_global_zero:
-                temporary.unlink(missing_ok=True)
+        super()._save_checkpoint(trainer, filepath)  # atomic: see AtomicCheckpointIO
         if self.export_peft and trainer.is_global_zero:
             save_peft(
                 trainer.lightning_module,
                 self.peft_directory(filepath),
                 base_model_name_or_path=self.base_model_name_or_path,
             )
-        # Deliberately the same bookkeeping as ModelCheckpoint._save_checkpoint, after the
-        # rename so that loggers which upload checkpoints find the final file.
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.after_save_checkpoint(proxy(self))
 
     @override
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
