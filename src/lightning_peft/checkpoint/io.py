@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -13,10 +14,39 @@ from pathlib import Path
 def partial_path(path: str | os.PathLike[str]) -> Path:
     """Where a file is written before it is renamed to ``path``: hidden, in the same folder.
 
-    The same folder matters: a rename is atomic only within one filesystem.
+    The same folder matters: a rename is atomic only within one filesystem. The name carries
+    the writer's process id, so what a killed writer left can be told from a live one's.
     """
     target = Path(path)
     return target.with_name(f".{target.name}.partial-{os.getpid()}")
+
+
+def remove_stale_partials(path: str | os.PathLike[str]) -> int:
+    """Remove what writers of ``path`` that no longer run left beside it (a process killed
+    mid-write cannot clean up); returns how many. A live writer's files are kept."""
+    target = Path(path)
+    removed = 0
+    prefix = f".{target.name}.partial-"
+    for leftover in target.parent.glob(f"{glob.escape(prefix)}*") if target.parent.is_dir() else []:
+        pid = leftover.name[len(prefix) :].split("-")[0]
+        if not pid.isdigit() or _is_running(int(pid)):
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -24,8 +54,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the body succeeds, rename it over ``path``.
 
     If the body raises, the temporary file is removed and ``path`` (a previous checkpoint,
-    say) is left as it was.
+    say) is left as it was. What killed writers of ``path`` left is removed first.
     """
+    remove_stale_partials(path)
     temporary = partial_path(path)
     try:
         yield temporary
@@ -72,17 +103,43 @@ def staged_folder(
     folder = Path(target)
     present = check_folder_target(folder, owned, overwrite=overwrite)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    remove_stale_partials(folder)
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{folder.name}.partial-{os.getpid()}-", dir=folder.parent)
+    )
     try:
         yield staging
         if not folder.exists():
-            staging.rename(folder)  # the whole folder appears at once
+            os.rename(staging, folder)  # the whole folder appears at once
             return
-        written = {p.name for p in staging.iterdir()}
-        for name in present:  # a stale file of an earlier write (another shard count, say)
-            if owned(name) and name not in written:
-                (folder / name).unlink()
-        for name in sorted(written):
-            os.replace(staging / name, folder / name)
+        written = sorted(p.name for p in staging.iterdir())
+        stale = [n for n in present if owned(n) and n not in written]  # another shard count
+        _swap_in(folder, staging, written, stale)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_in(folder: Path, staging: Path, written: list[str], stale: list[str]) -> None:
+    """Move ``written`` from ``staging`` into ``folder`` and take ``stale`` out, keeping each
+    replaced file in ``staging/.old`` until all moves are done: if one fails, the moves
+    before it are undone and ``folder`` is as it was."""
+    old = staging / ".old"
+    old.mkdir()
+    moved: list[tuple[str, bool]] = []  # (name, had an earlier version)
+    try:
+        for name in stale:
+            os.replace(folder / name, old / name)
+            moved.append((name, True))
+        for name in written:
+            existed = (folder / name).exists()
+            if existed:
+                os.replace(folder / name, old / name)
+            moved.append((name, existed))
+            os.replace(staging / name, folder / name)
+    except BaseException:
+        for name, existed in reversed(moved):
+            if existed:
+                os.replace(old / name, folder / name)
+            else:
+                (folder / name).unlink(missing_ok=True)
+        raise
