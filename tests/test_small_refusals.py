@@ -116,3 +116,23 @@ def test_export_peft_with_a_method_peft_lacks_is_refused_before_training(tmp_pat
         run = fit(CausalLM(), tmp_path, 3, [PeftCallback(BottleneckAdapter()), saver])
         recorder_steps.append(run.trainer.global_step)
     assert not recorder_steps and not (tmp_path / "ckpt").exists()
+
+
+def test_adapters_on_a_meta_device_model_are_refused_with_the_way_out():
+    with torch.device("meta"):
+        model = tiny_llama()
+    with pytest.raises(AdapterConfigError, match=r"q_proj.*meta device.*to_empty.*then attach"):
+        apply_adapters(model, LoRA(rank=2, target_modules=["q_proj"]))
+    assert not any("lora" in n for n, _ in model.named_modules())
+
+
+def test_training_a_merged_model_says_it_is_merged(tmp_path):
+    from lightning_modules import MixinLM, fit
+
+    from lightning_peft import AdapterStateError, merge_adapters
+
+    module = MixinLM()
+    module.configure_model()  # adapters attached, as fit would
+    merge_adapters(module)
+    with pytest.raises(AdapterStateError, match=r"merged into their base layers.*unmerge_adapters"):
+        fit(module, tmp_path, 1, [])

@@ -96,6 +96,14 @@ def apply_adapters(
             raise AdapterConfigError(
                 f"expected an adapter config (LoRA(...), IA3(...), BitFit(), ...), got {item!r}"
             )
+    on_meta = [t for _, targets in plans for t in targets if _on_meta(model.get_submodule(t))]
+    if on_meta:
+        raise AdapterConfigError(
+            f"{', '.join(on_meta[:3])}{' ...' if len(on_meta) > 3 else ''} is on the meta device "
+            "(no values yet): adapters attached now would start uninitialised. Load the weights "
+            "first (model.to_empty(device=...) and load_state_dict, or from_pretrained), then "
+            "attach the adapters"
+        )
     keep_4bit_storage_exact_(model)  # an eval pass must not repack a frozen 4-bit base
     host_prefix = transformers_model_prefix(model)
     with restored_on_error(model):  # a layer that refuses late undoes the ones before it
@@ -136,6 +144,10 @@ def restored_on_error(model: nn.Module) -> Iterator[None]:
         for param, requires_grad in grads:
             param.requires_grad_(requires_grad)
         raise
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return any(param.is_meta for param in module.parameters())
 
 
 def _shallow_copy(value: Any) -> Any:

@@ -67,5 +67,34 @@ def _set_merged(model: nn.Module, *, merged: bool) -> MergeReport:
         elif module.merged == merged:
             unchanged += 1
         else:
+            if merged:
+                untie_base_weight_(model, module)
             errors[name] = module.merge() if merged else module.unmerge()
     return MergeReport(len(errors), unchanged, errors, tuple(not_mergeable))
+
+
+def untie_base_weight_(model: nn.Module, wrapper: nn.Module) -> bool:
+    """Give ``wrapper``'s base layer its own copy of a weight it shares with another module
+    (a tied ``lm_head`` and ``embed_tokens``), so merging into it changes only that layer;
+    ``model``'s transformers config then says the weights are no longer tied. Returns
+    whether it untied."""
+    base = wrapper.base_layer
+    weight = getattr(base, "weight", None)
+    holders = [
+        name
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if param is weight and not name.startswith(_prefix_of(model, wrapper))
+    ]
+    if weight is None or not holders:
+        return False
+    base.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+    return True
+
+
+def _prefix_of(model: nn.Module, module: nn.Module) -> str:
+    name = next(n for n, m in model.named_modules() if m is module)
+    return f"{name}." if name else ""

@@ -157,3 +157,13 @@ def test_adapter_fsdp2_strategy_refuses_sharded_checkpoint_folders():
 
     with pytest.raises(ValueError, match="save_distributed_checkpoint=True .* is not supported"):
         AdapterModelParallelStrategy(save_distributed_checkpoint=True)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_truncated_or_empty_checkpoint_is_named_as_such(damage, tmp_path, checkpoint):
+    broken = tmp_path / "broken.ckpt"
+    data = checkpoint.read_bytes()
+    broken.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    for module, callbacks in ((CausalLM(), [PeftCallback(QV_LORA)]), (MixinLM(), [])):
+        with pytest.raises(AdapterStateError, match=r"broken\.ckpt' is truncated or damaged"):
+            fit(module, tmp_path / "run", 6, callbacks, ckpt_path=str(broken))

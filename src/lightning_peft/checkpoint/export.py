@@ -20,7 +20,7 @@ from lightning_peft.adapters.lora import LoRALinear
 from lightning_peft.checkpoint.io import check_folder_target, staged_folder
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.injection import adapter_modules
-from lightning_peft.merging import MergeReport
+from lightning_peft.merging import MergeReport, untie_base_weight_
 from lightning_peft.quantization import dequantize_model
 
 
@@ -77,6 +77,7 @@ def merge_and_export(
                 continue
             wrapper.active_adapters = [adapter_name]
         wrapper.disabled = False
+        untie_base_weight_(exported, wrapper)
         errors[name] = wrapper.merge()
         _unwrap(exported, name, wrapper)
     exported.to(dtype)

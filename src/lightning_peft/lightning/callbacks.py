@@ -62,6 +62,7 @@ class _AdapterCheckpointHooks(Callback):
         if weights_only:
             raise AdapterConfigError(f"{type(weights_only[0]).__name__}: {_WEIGHTS_ONLY_REFUSED}")
         accept_adapter_only_loading(pl_module)
+        make_checkpoint_writes_atomic(trainer)
         use_real_parameter_counts(trainer)
         self._resume.reset()
         super().setup(trainer, pl_module, stage)
@@ -227,11 +228,6 @@ class AdapterCheckpoint(_AdapterCheckpointHooks, ModelCheckpoint):
         """Where the PEFT export of checkpoint ``filepath`` goes."""
         path = Path(filepath)
         return path.with_name(f"{path.stem}-peft")
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        make_checkpoint_writes_atomic(trainer)
 
     @override
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:

@@ -1,4 +1,5 @@
-"""Atomic checkpoint writes through Lightning's own extension point, a ``CheckpointIO``.
+"""Atomic checkpoint writes (and clear refusals of damaged files) through Lightning's own
+extension point, a ``CheckpointIO``.
 
 A file a Trainer writes appears whole or not at all: :class:`AtomicCheckpointIO` writes to a
 hidden file beside the target and renames it into place. It sits innermost, under whatever
@@ -9,6 +10,7 @@ callback would).
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,6 +20,7 @@ from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from typing_extensions import override
 
 from lightning_peft.checkpoint import atomic_path
+from lightning_peft.errors import AdapterStateError
 
 
 class AtomicCheckpointIO(CheckpointIO):
@@ -42,7 +45,17 @@ class AtomicCheckpointIO(CheckpointIO):
 
     @override
     def load_checkpoint(self, path: Any, map_location: Any = None, **kwargs: Any) -> Any:
-        return self.inner.load_checkpoint(path, map_location, **kwargs)
+        """The wrapped IO's load; a file that is not a whole checkpoint is named as such."""
+        try:
+            return self.inner.load_checkpoint(path, map_location, **kwargs)
+        except FileNotFoundError:
+            raise
+        except (EOFError, OSError, RuntimeError, pickle.UnpicklingError) as error:
+            raise AdapterStateError(
+                f"checkpoint {str(path)!r} is truncated or damaged ({type(error).__name__}: "
+                f"{error}); resume from another one (AdapterCheckpoint's files are written "
+                "whole or not at all, so a half file comes from elsewhere)"
+            ) from error
 
     @override
     def remove_checkpoint(self, path: Any) -> None:

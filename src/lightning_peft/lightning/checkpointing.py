@@ -41,7 +41,7 @@ from lightning_peft.checkpoint import (
     set_rng_state,
 )
 from lightning_peft.errors import AdapterStateError
-from lightning_peft.injection import adapter_parameter_names
+from lightning_peft.injection import adapter_modules, adapter_parameter_names
 
 
 def optimizer_param_names(trainer: pl.Trainer | None, module: nn.Module) -> list[list[str]]:
@@ -215,6 +215,13 @@ class ResumeChecks:
             self._finish(trainer, module)
 
     def on_fit_start(self, trainer: pl.Trainer, module: nn.Module) -> None:
+        merged = [n for n, m in adapter_modules(module) if getattr(m, "merged", False)]
+        if merged:
+            raise AdapterStateError(
+                f"the adapters of {', '.join(merged[:3])}{' ...' if len(merged) > 3 else ''} "
+                "are merged into their base layers (merge_adapters), so nothing would train: "
+                "call unmerge_adapters(model) before fit"
+            )
         keep_trainable_in_optimizers_(trainer, module)
         self._optimizers_ready = True
         if self._metadata is not None:

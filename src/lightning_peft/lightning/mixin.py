@@ -18,6 +18,7 @@ from lightning_peft.lightning.checkpointing import (
     release_rng_after_validation,
     write_adapter_only_,
 )
+from lightning_peft.lightning.checkpoint_io import make_checkpoint_writes_atomic
 from lightning_peft.lightning.distributed import check_ranks_agree
 from lightning_peft.lightning.summary import use_real_parameter_counts
 
@@ -67,6 +68,7 @@ class PeftMixin:
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
             use_real_parameter_counts(self._trainer)
+            make_checkpoint_writes_atomic(self._trainer)
         super().setup(stage)
 
     @override
