@@ -114,9 +114,16 @@ def apply_adapters(
             for target in targets:
                 parent_name, _, child_name = target.rpartition(".")
                 parent = model.get_submodule(parent_name)
+                layer = getattr(parent, child_name)
                 with initial_values_for(target.removeprefix(host_prefix)):
-                    wrapped = item.wrap(getattr(parent, child_name), name, target)
+                    wrapped = item.wrap(layer, name, target)
+                # New modules start in train mode; an adapter follows its layer's (a model
+                # from from_pretrained is in eval mode: no LoRA dropout at inference).
+                wrapped.train(layer.training)
                 setattr(parent, child_name, wrapped)
+        for module_name, module in adapter_modules(model):
+            if not hasattr(module, "base_layer"):  # a prompt or prefix: its host's mode
+                module.train(model.get_submodule(module_name.rpartition(".")[0]).training)
         freeze_base_(model)
     return model
 

@@ -27,7 +27,7 @@ from lightning_peft.lightning.checkpointing import (
     write_adapter_only_,
 )
 from lightning_peft.lightning.distributed import check_ranks_agree
-from lightning_peft.lightning.mixin import PeftMixin
+from lightning_peft.lightning.mixin import PeftMixin, put_adapted_model_in_train_mode
 from lightning_peft.lightning.precision import PeftPrecision, default_adapters
 from lightning_peft.lightning.summary import use_real_parameter_counts
 
@@ -139,6 +139,10 @@ class PeftCallback(_AdapterCheckpointHooks):
         adapters: one adapter config (``LoRA(...)``) or several, applied in order. Default:
             the ``PeftPrecision`` plugin's adapters, else LoRA rank 8 on all linear layers.
         name: the adapter name used in parameter names (``lora_A.<name>.weight``).
+        train_mode: put the adapted model in train mode when training starts (Lightning
+            keeps each submodule's mode, and ``from_pretrained`` returns a model in eval
+            mode: its dropout and gradient checkpointing would stay off). Lightning's
+            validation still switches it to eval and back. ``False`` leaves modes alone.
 
     Example::
 
@@ -150,6 +154,7 @@ class PeftCallback(_AdapterCheckpointHooks):
         adapters: MethodConfig | Sequence[MethodConfig] | None = None,
         *,
         name: str = "default",
+        train_mode: bool = True,
     ) -> None:
         super().__init__()
         configs = [] if adapters is None else as_config_list(adapters)
@@ -161,6 +166,7 @@ class PeftCallback(_AdapterCheckpointHooks):
             )
         self.configs = configs
         self.name = name
+        self.train_mode = train_mode
 
     def _configs_for(self, plugin: PeftPrecision | None) -> list[AdapterConfig]:
         return self.configs or as_config_list(
@@ -180,6 +186,13 @@ class PeftCallback(_AdapterCheckpointHooks):
             if type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher":
                 rank_zero_warn(_SPAWN_WARNING)
         super().setup(trainer, pl_module, stage)
+
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.train_mode and not isinstance(pl_module, PeftMixin):  # the mixin does its own
+            put_adapted_model_in_train_mode(pl_module)
 
 
 class AdapterCheckpoint(_AdapterCheckpointHooks, ModelCheckpoint):

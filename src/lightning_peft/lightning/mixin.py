@@ -6,9 +6,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 from typing_extensions import override
 
+from lightning_peft.adapters.inputs import find_transformers_model
 from lightning_peft.checkpoint import load_adapter_state_dict
+from lightning_peft.errors import UnsupportedLayerError
 from lightning_peft.injection import AdapterConfig
 from lightning_peft.lightning.attach import as_config_list, attach_adapters_once
 from lightning_peft.lightning.checkpointing import (
@@ -21,6 +24,15 @@ from lightning_peft.lightning.checkpointing import (
 from lightning_peft.lightning.checkpoint_io import make_checkpoint_writes_atomic
 from lightning_peft.lightning.distributed import check_ranks_agree
 from lightning_peft.lightning.summary import use_real_parameter_counts
+
+
+def put_adapted_model_in_train_mode(module: nn.Module) -> None:
+    """``train()`` on the transformers model inside ``module`` (its other submodules, a
+    frozen teacher say, keep their modes), or on ``module`` when it holds none."""
+    try:
+        find_transformers_model(module, "").train()
+    except UnsupportedLayerError:
+        module.train()
 
 
 class PeftMixin:
@@ -41,6 +53,9 @@ class PeftMixin:
     ``on_train_batch_end``, ``on_validation_end``, ``setup`` or ``load_state_dict``, call
     ``super()`` there.
     """
+
+    #: Put the adapted model in train mode when training starts (see ``PeftCallback``).
+    adapted_model_train_mode: bool = True
 
     def configure_adapters(self) -> AdapterConfig | Sequence[AdapterConfig]:
         raise NotImplementedError(
@@ -89,6 +104,8 @@ class PeftMixin:
     @override
     def on_train_start(self) -> None:
         self._resume_checks().on_train_start(self.trainer, self)
+        if self.adapted_model_train_mode:
+            put_adapted_model_in_train_mode(self)
         super().on_train_start()
 
     @override

@@ -1,0 +1,65 @@
+"""The adapted model trains in train mode and validates in eval mode, whatever mode the
+module built it in (``from_pretrained`` returns eval-mode models; Lightning keeps modes)."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning_modules import fit, token_data
+from tiny_models import tiny_llama
+
+from lightning_peft import LoRA, PeftCallback, PeftMixin
+
+QV = LoRA(rank=4, dropout=0.1, target_modules=["q_proj", "v_proj"])
+
+
+class ModeRecorder(L.LightningModule):
+    """Knows nothing of adapters; its model comes in eval mode, as from_pretrained gives it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_llama().eval()
+        self.modes: dict[str, set[bool]] = {"train": set(), "val": set()}
+
+    def _record(self, stage: str) -> None:
+        lora = self.model.model.layers[0].self_attn.q_proj.lora_A["default"]
+        self.modes[stage] |= {self.model.training, lora.training}
+
+    def training_step(self, batch, batch_idx):
+        self._record("train")
+        return self.model(input_ids=batch, labels=batch).loss
+
+    def validation_step(self, batch, batch_idx):
+        self._record("val")
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+class MixinModeRecorder(PeftMixin, ModeRecorder):
+    def configure_adapters(self):
+        return QV
+
+
+@pytest.mark.parametrize("design", ["callback", "mixin"])
+def test_the_adapted_model_trains_in_train_mode_and_validates_in_eval_mode(design, tmp_path):
+    module = ModeRecorder() if design == "callback" else MixinModeRecorder()
+    callbacks = [PeftCallback(QV)] if design == "callback" else []
+    fit(module, tmp_path, 3, callbacks, val_data=token_data(4))
+    assert module.modes == {"train": {True}, "val": {False}}
+
+
+def test_train_mode_false_leaves_the_modules_modes_alone(tmp_path):
+    module = ModeRecorder()
+    fit(module, tmp_path, 2, [PeftCallback(QV, train_mode=False)])
+    assert module.modes["train"] == {False}  # the module's own choice, adapters following it
+
+
+def test_adapters_attached_to_an_eval_mode_model_are_in_eval_mode():
+    from lightning_peft import PromptTuning, apply_adapters
+
+    model = apply_adapters(tiny_llama().eval(), [QV, PromptTuning(num_virtual_tokens=2)])
+    assert not any(m.training for m in model.modules())  # no LoRA dropout at inference
+    model = apply_adapters(tiny_llama().train(), QV)
+    assert all(m.training for m in model.modules())
