@@ -167,3 +167,16 @@ def test_a_truncated_or_empty_checkpoint_is_named_as_such(damage, tmp_path, chec
     for module, callbacks in ((CausalLM(), [PeftCallback(QV_LORA)]), (MixinLM(), [])):
         with pytest.raises(AdapterStateError, match=r"broken\.ckpt' is truncated or damaged"):
             fit(module, tmp_path / "run", 6, callbacks, ckpt_path=str(broken))
+
+
+def test_other_targets_through_load_from_checkpoint_are_named_not_called_another_base(
+    tmp_path, checkpoint
+):
+    """The mixin checks metadata before the state dict: other targets change what the
+    fingerprint sees as frozen, so they must be named as such first."""
+    saver = AdapterCheckpoint(dirpath=tmp_path, filename="mixin", every_n_train_steps=3)
+    fit(MixinLM(), tmp_path, 3, [saver])
+    with pytest.raises(AdapterStateKeyError, match=r"(?s)missing from the state dict.*o_proj"):
+        MixinLM.load_from_checkpoint(
+            tmp_path / "mixin.ckpt", adapters=LoRA(rank=4, target_modules=["q_proj", "o_proj"])
+        )

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.errors import AdapterStateError
-from lightning_peft.injection import adapter_configs_attached
+from lightning_peft.checkpoint.state import key_mismatch_message
+from lightning_peft.errors import AdapterStateError, AdapterStateKeyError
+from lightning_peft.injection import adapter_configs_attached, adapter_parameter_names
 
 METADATA_KEY = "lightning_peft"
 FORMAT_VERSION = 1
@@ -118,7 +119,17 @@ def read_metadata(checkpoint: dict[str, Any], source: str = "the checkpoint") ->
 
 
 def check_base_fingerprint(metadata: dict[str, Any], model: nn.Module, source: str) -> None:
-    """Refuse a checkpoint whose frozen base differs from ``model``'s."""
+    """Refuse a checkpoint whose frozen base differs from ``model``'s.
+
+    Other adapters (other target modules) change which tensors the fingerprint sees as
+    frozen, so they are compared first and named as what differs.
+    """
+    saved_keys = metadata.get("adapter_keys")
+    current_keys = adapter_parameter_names(model)
+    if isinstance(saved_keys, list) and sorted(saved_keys) != sorted(current_keys):
+        missing = [k for k in current_keys if k not in set(saved_keys)]
+        unexpected = [k for k in saved_keys if k not in set(current_keys)]
+        raise AdapterStateKeyError(f"{source}: " + key_mismatch_message(missing, unexpected))
     current = fingerprint_frozen(model)
     if metadata["base_fingerprint"] != current:
         raise AdapterStateError(

@@ -57,7 +57,7 @@ def check_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Te
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected_set]
     if missing or unexpected:
-        raise AdapterStateKeyError(_key_mismatch_message(missing, unexpected))
+        raise AdapterStateKeyError(key_mismatch_message(missing, unexpected))
     shapes = [
         f"  {name}: checkpoint {tuple(state_dict[name].shape)}, model {tuple(model.get_parameter(name).shape)}"
         for name in expected
@@ -106,7 +106,7 @@ def is_adapter_only(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
     return bool(adapter_keys) and not any(key in frozen_keys for key in state_dict)
 
 
-def _key_mismatch_message(missing: list[str], unexpected: list[str]) -> str:
+def key_mismatch_message(missing: list[str], unexpected: list[str]) -> str:
     lines = ["adapter state dict does not fit the model's adapters:"]
     if missing:
         lines.append(
