@@ -40,11 +40,15 @@ def resume(
 
 
 def assert_refused_before_training(tmp_path, checkpoint, error, match, **kwargs):
+    module = kwargs.pop("module", None) or CausalLM()
+    frozen = {k: v.clone() for k, v in module.state_dict().items()}
     recorder_holder = {}
     with pytest.raises(error, match=match):
-        recorder_holder["r"] = resume(tmp_path, checkpoint, **kwargs)
+        recorder_holder["r"] = resume(tmp_path, checkpoint, module=module, **kwargs)
     assert "r" not in recorder_holder
     assert not list(tmp_path.rglob("*.ckpt")), "nothing may be written by a refused resume"
+    state = module.state_dict()  # the base's tensors, under the same names with adapters on
+    assert all(torch.equal(state[k], v) for k, v in frozen.items()), "frozen tensors changed"
 
 
 def test_other_target_modules_are_refused(tmp_path, checkpoint):
@@ -180,3 +184,15 @@ def test_other_targets_through_load_from_checkpoint_are_named_not_called_another
         MixinLM.load_from_checkpoint(
             tmp_path / "mixin.ckpt", adapters=LoRA(rank=4, target_modules=["q_proj", "o_proj"])
         )
+
+
+def test_damaged_metadata_is_named_not_a_key_error(tmp_path, checkpoint):
+    data = torch.load(checkpoint, weights_only=True)
+    del data["lightning_peft"]["base_fingerprint"]
+    data["lightning_peft"]["adapter_keys"] = "not a list"
+    torch.save(data, tmp_path / "edited.ckpt")
+    with pytest.raises(
+        AdapterStateError,
+        match=r"edited\.ckpt' has damaged adapter metadata: adapter_keys, base_fingerprint",
+    ):
+        resume(tmp_path / "run", tmp_path / "edited.ckpt")

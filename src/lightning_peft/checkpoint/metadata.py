@@ -115,7 +115,23 @@ def read_metadata(checkpoint: dict[str, Any], source: str = "the checkpoint") ->
             f"{source} has adapter-checkpoint format {version!r}; this lightning_peft reads "
             f"format {FORMAT_VERSION} and older. Upgrade lightning_peft to read it."
         )
+    missing = [key for key, kind in _REQUIRED.items() if not isinstance(metadata.get(key), kind)]
+    if missing:
+        raise AdapterStateError(
+            f"{source} has damaged adapter metadata: {', '.join(missing)} missing or of the "
+            "wrong type. Resume from another checkpoint, one written by AdapterCheckpoint, "
+            "PeftCallback or PeftMixin and not edited since."
+        )
     return metadata
+
+
+# What every reader of the metadata relies on, and its type.
+_REQUIRED: dict[str, type] = {
+    "adapter_keys": list,
+    "adapters": list,
+    "optimizer_param_names": list,
+    "base_fingerprint": str,
+}
 
 
 def check_base_fingerprint(metadata: dict[str, Any], model: nn.Module, source: str) -> None:
