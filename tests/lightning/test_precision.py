@@ -8,7 +8,7 @@ import bitsandbytes as bnb
 import lightning as L
 import pytest
 import torch
-from lightning_modules import CausalLM, MixinLM, counting_data, fit
+from lightning_modules import CausalLM, MixinLM, counting_data, fit, token_data
 
 import lightning_peft
 from lightning_peft import (
@@ -238,3 +238,14 @@ def test_the_default_optimizer_is_paged_on_cuda_and_none_keeps_the_modules():
     assert PeftPrecision("nf4-lora", device="cuda").optimizer == "paged_adamw_8bit"
     assert PeftPrecision("nf4-lora", device="cpu").optimizer == "adamw_8bit"
     assert PeftPrecision("nf4-lora", optimizer=None).optimizer is None
+
+
+def test_validating_after_fit_keeps_the_rebuilt_optimizer_and_its_state(tmp_path):
+    """Lightning connects the precision plugin again for every validate/test: the 8-bit
+    optimizer fit rebuilt, and its state, must survive that."""
+    module = CausalLM()
+    run = fit(module, tmp_path, 2, [], trainer_class=lightning_peft.Trainer, precision="nf4-lora")
+    optimizer = run.trainer.optimizers[0]
+    assert len(optimizer.state) > 0
+    run.trainer.validate(module, token_data(4), verbose=False)
+    assert run.trainer.optimizers[0] is optimizer and len(optimizer.state) > 0

@@ -31,6 +31,7 @@ from lightning_peft.lightning.checkpointing import write_adapter_only_
 from lightning_peft.quantization import (
     OPTIMIZER_NAMES,
     OptimizerName,
+    optimizer_class,
     quantize_model,
     rebind_scheduler,
     rebuild_optimizer,
@@ -186,6 +187,10 @@ class PeftPrecision(MixedPrecision):
             return model, optimizers, lr_schedulers
         rebuilt = []
         for optimizer in optimizers:
+            if type(optimizer) is optimizer_class(self.optimizer):
+                # Lightning connects again at every validate/test after fit: keep its state.
+                rebuilt.append(optimizer)
+                continue
             new = rebuild_optimizer(optimizer, self.optimizer, **self.optimizer_kwargs)
             for config in lr_schedulers:
                 if config.scheduler.optimizer is optimizer:
