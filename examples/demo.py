@@ -101,10 +101,12 @@ def main() -> None:
         f"  bits/parameter:  {memory.quantized_bits_per_parameter:.3f} for the 4-bit weights, "
         f"{memory.bits_per_parameter():.2f} for all training state (float32 model: 32 + 32 + 64)"
     )
+    name = type(optimizer).__name__
+    kind = "8-bit state, paged on CUDA" if "8bit" in name else "32-bit state"
     print(
-        f"  optimizer:       {type(optimizer).__module__.split('.')[0]}.{type(optimizer).__name__} "
-        f"(8-bit AdamW state, paged on CUDA): {memory.bytes['optimizer state'] / 2**20:.2f} MiB "
-        f"for {counts.trainable:,} trained parameters"
+        f"  optimizer:       {type(optimizer).__module__.split('.')[0]}.{name} ({kind}): "
+        f"{memory.bytes['optimizer state'] / 2**20:.2f} MiB for {counts.trainable:,} trained "
+        "parameters"
     )
     print(
         f"  adapter files:   {checkpoint} ({checkpoint.stat().st_size / 2**20:.1f} MiB, resumable),"

@@ -81,7 +81,7 @@ def test_demo_fine_tunes_smollm2_in_nf4_reports_and_resumes_from_the_command_lin
     # The validation pass before training left NF4 with double quantization as it was.
     bits = float(re.search(r"bits/parameter: +([0-9.]+) for the 4-bit weights", out).group(1))
     assert 4.12 < bits <= 4.14
-    assert re.search(r"optimizer: +bitsandbytes\.AdamW8bit .*: [0-9.]+ MiB", out)
+    assert re.search(r"optimizer: +bitsandbytes\.AdamW8bit \(8-bit state.*\): [0-9.]+ MiB", out)
     checkpoint = tmp_path / "checkpoints" / "sentiment.ckpt"
     assert checkpoint.exists()
     assert (tmp_path / "checkpoints" / "sentiment-peft" / "adapter_model.safetensors").exists()
