@@ -25,7 +25,14 @@ from snapshots import assert_folder_unchanged, folder_snapshot
 from tiny_models import tiny_llama
 
 import lightning_peft.checkpoint.io as checkpoint_io
-from lightning_peft import AdapterCheckpoint, LoRA, PeftCallback, apply_adapters, load_peft, save_peft
+from lightning_peft import (
+    AdapterCheckpoint,
+    LoRA,
+    PeftCallback,
+    apply_adapters,
+    load_peft,
+    save_peft,
+)
 from lightning_peft.checkpoint.export import merge_and_export
 
 TESTS = Path(__file__).parent

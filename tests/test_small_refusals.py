@@ -25,7 +25,11 @@ def test_one_skip_module_given_as_a_string_is_one_name():
     assert PeftPrecision(skip_modules="down_proj").skip_modules == ("down_proj",)
     model = quantize_model(tiny_llama(), "nf4", skip_modules="down_proj")
     kept = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
-    assert sorted(kept) == ["lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert sorted(kept) == [
+        "lm_head",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
     assert isinstance(model.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
 
 
@@ -92,7 +96,9 @@ def test_a_compiled_modules_adapter_state_loads_into_the_uncompiled_one_and_back
     assert all(k.startswith("_orig_mod.") for k in state)
     plain = apply_adapters(tiny_llama(), LoRA(rank=2, target_modules=["q_proj"]))
     load_adapter_state_dict(plain, state)
-    assert all(torch.equal(v, state["_orig_mod." + k]) for k, v in adapter_state_dict(plain).items())
+    assert all(
+        torch.equal(v, state["_orig_mod." + k]) for k, v in adapter_state_dict(plain).items()
+    )
     target = torch.compile(apply_adapters(tiny_llama(), LoRA(rank=2, target_modules=["q_proj"])))
     load_adapter_state_dict(target, adapter_state_dict(plain))
     assert all(torch.equal(v, state[k]) for k, v in adapter_state_dict(target).items())

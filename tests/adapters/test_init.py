@@ -66,7 +66,5 @@ def test_the_callback_on_a_lightning_module_starts_where_apply_adapters_on_the_m
     config = LoRA(rank=4, target_modules="all-linear")
     module = CausalLM()
     fit(module, tmp_path, 0, [PeftCallback(config)])  # fit seeds 123 and attaches, no step
-    through_lightning = {
-        k.removeprefix("model."): v for k, v in adapter_state_dict(module).items()
-    }
+    through_lightning = {k.removeprefix("model."): v for k, v in adapter_state_dict(module).items()}
     assert_equal(through_lightning, initial(config))

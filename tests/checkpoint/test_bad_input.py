@@ -43,7 +43,10 @@ def edit_config(folder, **fields):
         ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa'"),
         ({"init_lora_weights": "olora"}, r"init_lora_weights='olora'"),
         ({"alora_invocation_tokens": [1, 2]}, r"alora_invocation_tokens=\[1, 2\]"),
-        ({"lora_alpha": float("nan")}, r"(?s)adapter_config.json: .*alpha must be a positive finite"),
+        (
+            {"lora_alpha": float("nan")},
+            r"(?s)adapter_config.json: .*alpha must be a positive finite",
+        ),
         ({"use_rslora": "no"}, r"(?s)adapter_config.json: .*use_rslora must be True or False"),
         ({"r": None}, r"(?s)adapter_config.json: .*rank must be a positive int, got None"),
     ],

@@ -7,7 +7,12 @@ import json
 
 import pytest
 import torch
-from snapshots import assert_folder_unchanged, assert_model_unchanged, folder_snapshot, model_snapshot
+from snapshots import (
+    assert_folder_unchanged,
+    assert_model_unchanged,
+    folder_snapshot,
+    model_snapshot,
+)
 from tiny_models import VOCAB, tiny_llama
 from transformers import AutoModelForCausalLM
 
@@ -39,8 +44,11 @@ def users_folder(tmp_path):
 def test_merge_and_export_refuses_a_folder_holding_other_files(users_folder):
     model = adapted()
     before_model, before_disk = model_snapshot(model), folder_snapshot(users_folder)
-    with pytest.raises(FileExistsError, match=r"mine is not empty \(it holds notes.txt, runs, "
-                       r"tokenizer.json\).*overwrite=True"):
+    with pytest.raises(
+        FileExistsError,
+        match=r"mine is not empty \(it holds notes.txt, runs, "
+        r"tokenizer.json\).*overwrite=True",
+    ):
         merge_and_export(model, users_folder)
     assert_model_unchanged(model, before_model)
     assert_folder_unchanged(users_folder, before_disk)
@@ -69,7 +77,11 @@ def test_overwrite_replaces_only_the_exports_own_files(users_folder):
 
     names = sorted(p.name for p in users_folder.iterdir())
     assert names == [
-        "config.json", "generation_config.json", "model.safetensors", "notes.txt", "runs",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "notes.txt",
+        "runs",
         "tokenizer.json",
     ]
     assert (users_folder / "notes.txt").read_text() == "keep me"
@@ -127,9 +139,12 @@ def test_cli_export_refuses_the_checkpoints_own_folder_before_any_work(tmp_path,
         cli_main(
             [
                 "export",
-                "--config", "does-not-matter.yaml",
-                "--ckpt", str(folder / "epoch=0-step=80.ckpt"),
-                "--merged-dir", str(folder),
+                "--config",
+                "does-not-matter.yaml",
+                "--ckpt",
+                str(folder / "epoch=0-step=80.ckpt"),
+                "--merged-dir",
+                str(folder),
             ]
         )
     message = str(exit_info.value.code)

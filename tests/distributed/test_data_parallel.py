@@ -100,7 +100,10 @@ def test_initial_adapters_are_the_same_whichever_way_and_on_how_many_processes(r
     from the global RNG before: here the module is built after seeding (it draws its random
     weights), and DDP re-seeds every process while setting up, a single process does not."""
     ways = [("single", "callback"), ("single", "plugin"), ("ddp", "plugin"), ("ddp", "mixin")]
-    starts = [runs("--strategy", s, "--design", d, "--base", "nf4", "--steps", "0", "--seed-first") for s, d in ways]
+    starts = [
+        runs("--strategy", s, "--design", d, "--base", "nf4", "--steps", "0", "--seed-first")
+        for s, d in ways
+    ]
     for (strategy, design), start in zip(ways[1:], starts[1:], strict=True):
         assert start["step"] == 0
         assert start["adapters"].keys() == starts[0]["adapters"].keys(), (strategy, design)

@@ -85,7 +85,9 @@ def test_a_layer_repacked_before_the_guard_is_unpacked_when_adapters_attach():
     import bitsandbytes.functional as bnb_functional
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(quantize_linear(torch.nn.Linear(128, 64), "nf4", double_quant=False))
+    model = torch.nn.Sequential(
+        quantize_linear(torch.nn.Linear(128, 64), "nf4", double_quant=False)
+    )
     reference = dequantize(model[0]).clone()
     # What bitsandbytes' forward does on an AVX512-BF16 CPU, done by hand so it happens on any.
     weight = model[0].weight

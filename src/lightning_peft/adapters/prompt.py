@@ -80,13 +80,17 @@ class PromptTuning:
         host.register_forward_hook(prompt.after_forward, with_kwargs=True)
 
     @torch.no_grad()
-    def initial_prompt(self, embedding: nn.Embedding, adapter_name: str = "default") -> torch.Tensor:
+    def initial_prompt(
+        self, embedding: nn.Embedding, adapter_name: str = "default"
+    ) -> torch.Tensor:
         """The ``(n, d)`` float32 starting prompt, from ``embedding``'s rows."""
         n = self.num_virtual_tokens
         if self.init == "text":
             ids = text_token_ids(self.init_text, self.tokenizer_name_or_path, n)
         else:
-            ids = torch.randint(0, embedding.num_embeddings, (n,), generator=init_generator(adapter_name))
+            ids = torch.randint(
+                0, embedding.num_embeddings, (n,), generator=init_generator(adapter_name)
+            )
         return embedding.weight[ids.to(embedding.weight.device)].float().clone()
 
 

@@ -76,7 +76,9 @@ def check_folder_target(
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     foreign = [name for name in present if not owned(name)]
     if foreign and not overwrite:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        shown = ", ".join(foreign[:5]) + (
+            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        )
         raise FileExistsError(
             f"{folder} is not empty (it holds {shown}); write to a new or empty folder, or "
             "pass overwrite=True to replace only this writer's own files there and keep the rest"

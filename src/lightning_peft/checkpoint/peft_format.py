@@ -116,9 +116,11 @@ def load_peft(
         AdapterStateError: the tensors do not fit the model (missing/unexpected keys, shapes).
     """
     folder = Path(directory)
-    if (folder / CONFIG_FILE).is_file() and (folder / "adapter_model.bin").is_file() and not (
-        folder / WEIGHTS_FILE
-    ).is_file():
+    if (
+        (folder / CONFIG_FILE).is_file()
+        and (folder / "adapter_model.bin").is_file()
+        and not (folder / WEIGHTS_FILE).is_file()
+    ):
         raise FileNotFoundError(
             f"{folder} holds adapter_model.bin, a pickle, and no {WEIGHTS_FILE}: lightning_peft "
             "reads safetensors only, since loading a pickle can run code from it. Convert it "
@@ -263,7 +265,11 @@ def config_from_peft(fields: dict[str, Any]) -> Any:
     ]
     if peft_type == "LORA" and fields.get("bias", "none") != "none":
         unsupported.append(f"bias={fields['bias']!r}")
-    if peft_type == "LORA" and fields.get("init_lora_weights", True) not in (True, False, "gaussian"):
+    if peft_type == "LORA" and fields.get("init_lora_weights", True) not in (
+        True,
+        False,
+        "gaussian",
+    ):
         # PiSSA, OLoRA, LoftQ, CorDA, EVA...: the adapter was trained against a base PEFT
         # rewrote, so on the original base it computes something else.
         unsupported.append(f"init_lora_weights={fields['init_lora_weights']!r}")

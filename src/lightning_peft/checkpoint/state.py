@@ -39,7 +39,9 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Ten
         model.get_parameter(name).copy_(state_dict[name])
 
 
-def in_model_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def in_model_keys(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """``state_dict`` keyed as ``model`` names its adapter tensors, whether either side went
     through ``torch.compile`` (which adds ``_orig_mod.`` to a compiled module's keys)."""
     names = {n.replace("_orig_mod.", ""): n for n in adapter_parameter_names(model)}

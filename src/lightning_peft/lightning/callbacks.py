@@ -187,7 +187,6 @@ class PeftCallback(_AdapterCheckpointHooks):
                 rank_zero_warn(_SPAWN_WARNING)
         super().setup(trainer, pl_module, stage)
 
-
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)

@@ -210,7 +210,9 @@ class ResumeChecks:
         check_base_fingerprint(metadata, module, source)
         self._metadata, self._source = metadata, source
         progress = checkpoint.get("loops", {}).get("fit_loop", {})
-        self._at_epoch_end = progress.get("epoch_loop.batch_progress", {}).get("is_last_batch", True)
+        self._at_epoch_end = progress.get("epoch_loop.batch_progress", {}).get(
+            "is_last_batch", True
+        )
         if self._optimizers_ready:  # strategies that restore after setup (FSDP) load late
             self._finish(trainer, module)
 
@@ -288,7 +290,9 @@ def _validates(trainer: pl.Trainer) -> bool:
 
 def _is_stateful(loaders: Any) -> bool:
     """Whether every training DataLoader can save and restore its position."""
-    flat = loaders.values() if isinstance(loaders, dict) else (
-        loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    flat = (
+        loaders.values()
+        if isinstance(loaders, dict)
+        else (loaders if isinstance(loaders, (list, tuple)) else [loaders])
     )
     return all(callable(getattr(loader, "load_state_dict", None)) for loader in flat)

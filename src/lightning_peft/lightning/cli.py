@@ -40,7 +40,6 @@ from lightning_peft.lightning.trainer import Trainer
 from lightning_peft.quantization.estimate import METHODS, estimate_memory
 
 
-
 class PeftCLI(LightningCLI):
     """``LightningCLI`` with ``lightning_peft.Trainer``; any LightningModule / DataModule."""
 

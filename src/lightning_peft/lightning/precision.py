@@ -138,7 +138,9 @@ class PeftPrecision(MixedPrecision):
         self.mode, self.compute = mode, compute
         self.adapters = adapters
         # One name given as a string is one name, not its characters.
-        self.skip_modules = (skip_modules,) if isinstance(skip_modules, str) else tuple(skip_modules)
+        self.skip_modules = (
+            (skip_modules,) if isinstance(skip_modules, str) else tuple(skip_modules)
+        )
         self.blocksize, self.quant_storage = blocksize, quant_storage
         if optimizer == "auto":
             optimizer = default_optimizer(mode, device)
