@@ -168,6 +168,11 @@ def main() -> None:
             {"adapters": adapters, "losses": callbacks[0].losses, "step": trainer.global_step},
             args.out,
         )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Lightning leaves the gloo group up; torn down by interpreter exit, its threads
+        # sometimes abort the process ("terminate called without an active exception").
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
