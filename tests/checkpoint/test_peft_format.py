@@ -158,3 +158,20 @@ def test_methods_without_a_peft_equivalent_and_bad_directories_are_refused(tmp_p
         match=r"options lightning_peft does not implement: rank_pattern=\{'q_proj': 8\}",
     ):
         load_peft(tiny_llama(), tmp_path / "odd")
+
+
+def test_a_qlora_adapter_needs_its_nf4_base_and_load_peft_quantizes_in_the_same_call(
+    tokens, tmp_path
+):
+    from lightning_peft.quantization import quantize_model
+
+    trained = quantize_model(tiny_llama(init_std=0.3), "nf4")
+    apply_adapters(trained, LoRA(rank=4, target_modules=["q_proj", "v_proj"]))
+    perturb_(trained.get_parameter(n) for n in adapter_parameter_names(trained))
+    save_peft(trained, tmp_path)
+    with torch.no_grad():
+        expected = trained(input_ids=tokens).logits
+        on_nf4 = load_peft(tiny_llama(init_std=0.3), tmp_path, quantize="nf4")(input_ids=tokens)
+        on_float = load_peft(tiny_llama(init_std=0.3), tmp_path)(input_ids=tokens)
+    assert torch.equal(on_nf4.logits, expected)  # quantization is deterministic
+    assert (on_float.logits - expected).abs().max() > 1e-2  # another base: other logits

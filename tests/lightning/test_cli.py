@@ -66,6 +66,10 @@ def test_fit_from_the_yaml_then_export_peft_and_merged(tmp_path, monkeypatch, ca
         ]
     )
     assert "PEFT adapter written to peft" in capsys.readouterr().out
+    # The task's tokenizer (and chat template) travels with every export.
+    for folder in ("runs/cli/checkpoints/sentiment-peft", "peft", "merged"):
+        assert (tmp_path / folder / "tokenizer.json").is_file(), folder
+        assert (tmp_path / folder / "tokenizer_config.json").is_file(), folder
     adapted = load_adapter_checkpoint(config, str(ckpt)).model.eval()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     batch = encode(adapted_tokenizer(), rotten_tomatoes()[:2])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from torch import nn
 from lightning_peft.adapters.ia3 import IA3Linear
 from lightning_peft.adapters.inputs import find_transformers_model
 from lightning_peft.adapters.lora import LoRALinear
-from lightning_peft.checkpoint.io import check_folder_target, staged_folder
+from lightning_peft.checkpoint.io import check_folder_target, owned_with_tokenizer, staged_folder
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.injection import adapter_modules
 from lightning_peft.merging import MergeReport, untie_base_weight_
@@ -31,6 +32,7 @@ def merge_and_export(
     adapter_name: str | None = None,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
+    tokenizer: Any = None,
 ) -> MergeReport:
     """Save ``model`` with its adapters merged, as an ordinary transformers checkpoint.
 
@@ -40,6 +42,8 @@ def merge_and_export(
         adapter_name: which adapter to merge when layers hold several (default: the active
             ones, one per layer).
         dtype: the weights' dtype in the export.
+        tokenizer: a transformers tokenizer to save beside the model (its files and chat
+            template), so ``from_pretrained`` finds both in the folder.
         overwrite: write into a folder that holds other files: the export's own files
             (``config.json``, ``model*.safetensors``, ...) are replaced once the new ones are
             complete; nothing else there (a tokenizer, notes, checkpoints) is touched.
@@ -54,7 +58,8 @@ def merge_and_export(
         FileExistsError: ``directory`` is a file, or holds other files and not ``overwrite``
             (checked before any work).
     """
-    check_folder_target(directory, is_export_file, overwrite=overwrite)
+    owned = owned_with_tokenizer(is_export_file, tokenizer)
+    check_folder_target(directory, owned, overwrite=overwrite)
     host = find_transformers_model(model, "merge_and_export")
     adapters = list(adapter_modules(host))
     if not adapters:
@@ -82,8 +87,10 @@ def merge_and_export(
         _unwrap(exported, name, wrapper)
     exported.to(dtype)
     _forget_quantization(exported)
-    with staged_folder(directory, is_export_file, overwrite=overwrite) as staging:
+    with staged_folder(directory, owned, overwrite=overwrite) as staging:
         exported.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
     return MergeReport(len(errors), 0, errors)
 
 

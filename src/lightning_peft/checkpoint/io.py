@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 def partial_path(path: str | os.PathLike[str]) -> Path:
@@ -145,3 +147,24 @@ def _swap_in(folder: Path, staging: Path, written: list[str], stale: list[str]) 
             else:
                 (folder / name).unlink(missing_ok=True)
         raise
+
+
+# What a transformers tokenizer's save_pretrained writes (fast and slow tokenizers, chat
+# templates): a writer that saves a tokenizer owns these names in its folder.
+_TOKENIZER_FILES = re.compile(
+    r"tokenizer(_config)?\.json|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)"
+    r"|merges\.txt|tokenizer\.model|spiece\.model|chat_template\.(jinja|json)"
+)
+
+
+def is_tokenizer_file(name: str) -> bool:
+    """Whether ``name`` is one of the files a tokenizer's ``save_pretrained`` writes."""
+    return _TOKENIZER_FILES.fullmatch(name) is not None
+
+
+def owned_with_tokenizer(owned: Callable[[str], bool], tokenizer: Any) -> Callable[[str], bool]:
+    """``owned``, plus the tokenizer's files when a tokenizer is written too (only then: a
+    tokenizer already in the folder is someone else's when this write brings none)."""
+    if tokenizer is None:
+        return owned
+    return lambda name: owned(name) or is_tokenizer_file(name)

@@ -26,7 +26,7 @@ from lightning_peft.adapters.inputs import find_transformers_model
 from lightning_peft.adapters.lora import LoRA, LoRALinear
 from lightning_peft.adapters.prefix import PrefixKV, PrefixTuning, cache_shape
 from lightning_peft.adapters.prompt import PromptTuning, SoftPrompt
-from lightning_peft.checkpoint.io import staged_folder
+from lightning_peft.checkpoint.io import owned_with_tokenizer, staged_folder
 from lightning_peft.checkpoint.state import check_adapter_values
 from lightning_peft.errors import AdapterConfigError, AdapterStateError, UnsupportedLayerError
 from lightning_peft.injection import (
@@ -35,7 +35,7 @@ from lightning_peft.injection import (
     apply_adapters,
     restored_on_error,
 )
-from lightning_peft.quantization import is_linear_layer
+from lightning_peft.quantization import QuantMode, is_linear_layer, quantize_model
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -57,9 +57,12 @@ def save_peft(
     base_model_name_or_path: str | None = None,
     *,
     adapter_name: str = "default",
+    tokenizer: Any = None,
 ) -> Path:
     """Write adapter ``adapter_name`` of ``model`` as Hugging Face PEFT does, so
-    ``peft.PeftModel.from_pretrained(base, directory)`` loads it.
+    ``peft.PeftModel.from_pretrained(base, directory)`` loads it. With ``tokenizer`` (a
+    transformers tokenizer), its files and chat template go beside the weights, so the
+    folder works on its own.
 
     LoRA (with rsLoRA, DoRA), IA3, prompt tuning and prefix tuning have PEFT equivalents.
     Both files are written beside the folder first and moved in only when complete, so a
@@ -87,10 +90,13 @@ def save_peft(
 
     # Both files are written in full before either replaces an earlier one; files of others
     # in the folder (a tokenizer, notes) stay as they are.
-    with staged_folder(directory, _PEFT_FILES.__contains__, overwrite=True) as staging:
+    owned = owned_with_tokenizer(_PEFT_FILES.__contains__, tokenizer)
+    with staged_folder(directory, owned, overwrite=True) as staging:
         contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         save_file(contiguous, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
     return Path(directory)
 
 
@@ -101,11 +107,20 @@ def check_peft_exportable(model: nn.Module, adapter_name: str = "default") -> No
 
 
 def load_peft(
-    model: nn.Module, directory: str | os.PathLike[str], *, adapter_name: str = "default"
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    adapter_name: str = "default",
+    quantize: QuantMode | None = None,
 ) -> nn.Module:
     """Read a PEFT adapter directory (written by :func:`save_peft` or by PEFT itself) into
     ``model`` under ``adapter_name``: attaches the adapter from its config unless the model
     already has one of that name, then copies the tensors after checking every key and shape.
+
+    An adapter computes what it was trained to compute only on the base it was trained on:
+    one trained over an NF4 base (QLoRA) needs that NF4 base. ``quantize="nf4"`` (or
+    ``"fp4"``, ``"int8"``) quantizes the float ``model`` as ``quantize_model`` does, with
+    the same defaults the ``nf4-lora`` modes use, before attaching: one call.
 
     Returns:
         ``model``.
@@ -148,6 +163,8 @@ def load_peft(
     tensors = load_file(str(folder / WEIGHTS_FILE))
     _host(model)  # fail early on a model prompt/prefix tuning cannot use
     with restored_on_error(model):  # refused below: the adapter attached here goes again
+        if quantize is not None:
+            quantize_model(model, quantize)
         if adapter_name not in _names(model):
             apply_adapters(model, config, name=adapter_name)
         _copy_peft_tensors(model, folder, tensors, config, adapter_name)

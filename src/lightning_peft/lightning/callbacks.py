@@ -207,6 +207,9 @@ class AdapterCheckpoint(_AdapterCheckpointHooks, ModelCheckpoint):
         export_peft: also write each checkpoint's adapter in the Hugging Face PEFT format, in
             a folder beside it (``epoch=0-step=100-peft/``), removed with its checkpoint.
         base_model_name_or_path: recorded in those folders' ``adapter_config.json``.
+        tokenizer: saved in those folders too (files and chat template), so each works on
+            its own. ``"auto"`` (default): the LightningModule's or the DataModule's
+            ``tokenizer`` attribute, if either has one; ``None``: no tokenizer.
         *args, **kwargs: as for ``ModelCheckpoint``.
 
     Raises:
@@ -218,6 +221,7 @@ class AdapterCheckpoint(_AdapterCheckpointHooks, ModelCheckpoint):
         *args: Any,
         export_peft: bool = False,
         base_model_name_or_path: str | None = None,
+        tokenizer: Any = "auto",
         **kwargs: Any,
     ) -> None:
         if kwargs.get("save_weights_only"):
@@ -225,6 +229,7 @@ class AdapterCheckpoint(_AdapterCheckpointHooks, ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self.export_peft = export_peft
         self.base_model_name_or_path = base_model_name_or_path
+        self.tokenizer = tokenizer
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -249,7 +254,17 @@ class AdapterCheckpoint(_AdapterCheckpointHooks, ModelCheckpoint):
                 trainer.lightning_module,
                 self.peft_directory(filepath),
                 base_model_name_or_path=self.base_model_name_or_path,
+                tokenizer=self._tokenizer(trainer),
             )
+
+    def _tokenizer(self, trainer: pl.Trainer) -> Any:
+        if not (isinstance(self.tokenizer, str) and self.tokenizer == "auto"):
+            return self.tokenizer
+        for holder in (trainer.lightning_module, trainer.datamodule):
+            tokenizer = getattr(holder, "tokenizer", None)
+            if callable(getattr(tokenizer, "save_pretrained", None)):
+                return tokenizer
+        return None
 
     @override
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:

@@ -122,12 +122,22 @@ def export(argv: Sequence[str]) -> None:
         if args.merged_dir:  # before the (slow) load: a refused target costs nothing
             check_folder_target(args.merged_dir, is_export_file, overwrite=args.overwrite)
         module = load_adapter_checkpoint(args.config, args.ckpt)
+        # The module's tokenizer, when it has one (the demo's task does), travels with it.
+        tokenizer = getattr(module, "tokenizer", None)
+        if not callable(getattr(tokenizer, "save_pretrained", None)):
+            tokenizer = None
         if args.peft_dir:
             names = sorted({a["name"] for a in read_metadata(_load(args.ckpt))["adapters"]})
-            save_peft(module, args.peft_dir, args.base_model_name_or_path, adapter_name=names[0])
+            save_peft(
+                module,
+                args.peft_dir,
+                args.base_model_name_or_path,
+                adapter_name=names[0],
+                tokenizer=tokenizer,
+            )
             print(f"PEFT adapter written to {args.peft_dir}")
         if args.merged_dir:
-            merge_and_export(module, args.merged_dir, overwrite=args.overwrite)
+            merge_and_export(module, args.merged_dir, overwrite=args.overwrite, tokenizer=tokenizer)
             print(f"merged model written to {args.merged_dir}")
     except (OSError, ValueError, KeyError, TypeError, ImportError) as error:
         sys.exit(f"lightning-peft export: {error}")
