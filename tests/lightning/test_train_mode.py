@@ -63,3 +63,42 @@ def test_adapters_attached_to_an_eval_mode_model_are_in_eval_mode():
     assert not any(m.training for m in model.modules())  # no LoRA dropout at inference
     model = apply_adapters(tiny_llama().train(), QV)
     assert all(m.training for m in model.modules())
+
+
+class CallCounter(ModeRecorder):
+    """Counts calls of decoder layer 0's attention: checkpointing runs the layer again in
+    backward, as far as the adapters' saved tensors need (transformers 5 checkpoints the
+    layer's ``forward``, inside its own hooks, so the count is taken on a submodule)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.model.model.layers[0].self_attn.register_forward_hook(lambda *args: self._count())
+
+    def _count(self) -> None:
+        self.calls += 1
+
+
+class MixinCallCounter(PeftMixin, CallCounter):
+    adapter_gradient_checkpointing = True
+
+    def configure_adapters(self):
+        return QV
+
+
+@pytest.mark.parametrize("way", ["off", "callback", "plugin", "mixin"])
+def test_gradient_checkpointing_recomputes_layers_in_backward(way, tmp_path):
+    from lightning_peft import PeftPrecision
+
+    module = MixinCallCounter() if way == "mixin" else CallCounter()
+    callbacks = {
+        "off": [PeftCallback(QV)],
+        "callback": [PeftCallback(QV, gradient_checkpointing=True)],
+        "plugin": [PeftCallback(QV)],
+        "mixin": [],
+    }[way]
+    options = {"plugins": [PeftPrecision("nf4-lora", gradient_checkpointing=True)]}
+    run = fit(module, tmp_path, 2, callbacks, **(options if way == "plugin" else {}))
+    assert run.trainer.global_step == 2
+    assert module.calls == (2 if way == "off" else 4)  # once a step, twice when recomputed
+    assert module.model.config.use_cache is (way == "off")

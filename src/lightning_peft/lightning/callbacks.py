@@ -27,7 +27,11 @@ from lightning_peft.lightning.checkpointing import (
     write_adapter_only_,
 )
 from lightning_peft.lightning.distributed import check_ranks_agree
-from lightning_peft.lightning.mixin import PeftMixin, put_adapted_model_in_train_mode
+from lightning_peft.lightning.mixin import (
+    PeftMixin,
+    enable_gradient_checkpointing,
+    put_adapted_model_in_train_mode,
+)
 from lightning_peft.lightning.precision import PeftPrecision, default_adapters
 from lightning_peft.lightning.summary import use_real_parameter_counts
 
@@ -139,6 +143,9 @@ class PeftCallback(_AdapterCheckpointHooks):
         adapters: one adapter config (``LoRA(...)``) or several, applied in order. Default:
             the ``PeftPrecision`` plugin's adapters, else LoRA rank 8 on all linear layers.
         name: the adapter name used in parameter names (``lora_A.<name>.weight``).
+        gradient_checkpointing: recompute layer activations in the backward pass instead of
+            keeping them (transformers models; less memory, more compute). Default: what the
+            ``PeftPrecision`` plugin says, else off.
         train_mode: put the adapted model in train mode when training starts (Lightning
             keeps each submodule's mode, and ``from_pretrained`` returns a model in eval
             mode: its dropout and gradient checkpointing would stay off). Lightning's
@@ -154,6 +161,7 @@ class PeftCallback(_AdapterCheckpointHooks):
         adapters: MethodConfig | Sequence[MethodConfig] | None = None,
         *,
         name: str = "default",
+        gradient_checkpointing: bool | None = None,
         train_mode: bool = True,
     ) -> None:
         super().__init__()
@@ -166,6 +174,7 @@ class PeftCallback(_AdapterCheckpointHooks):
             )
         self.configs = configs
         self.name = name
+        self.gradient_checkpointing = gradient_checkpointing
         self.train_mode = train_mode
 
     def _configs_for(self, plugin: PeftPrecision | None) -> list[AdapterConfig]:
@@ -182,6 +191,12 @@ class PeftCallback(_AdapterCheckpointHooks):
                     "configure_adapters(); the adapters given to PeftCallback are not attached."
                 )
         elif attach_adapters_once(trainer, pl_module, self._configs_for, self.name):
+            plugin = trainer.precision_plugin
+            checkpointing = self.gradient_checkpointing
+            if checkpointing is None:
+                checkpointing = getattr(plugin, "gradient_checkpointing", False)
+            if checkpointing:
+                enable_gradient_checkpointing(pl_module)
             check_ranks_agree(trainer, pl_module)
             if type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher":
                 rank_zero_warn(_SPAWN_WARNING)

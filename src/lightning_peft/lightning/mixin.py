@@ -35,6 +35,34 @@ def put_adapted_model_in_train_mode(module: nn.Module) -> None:
         module.train()
 
 
+def enable_gradient_checkpointing(module: nn.Module) -> None:
+    """Turn on transformers' activation (gradient) checkpointing for the model inside
+    ``module``: layer activations are recomputed in the backward pass instead of kept.
+
+    Non-reentrant checkpointing, so the frozen base's inputs need not require grad (the
+    reentrant kind needs ``enable_input_require_grads``, as PEFT's
+    ``prepare_model_for_kbit_training`` does); the key/value cache is turned off, which
+    checkpointing cannot use. It acts only in train mode (see
+    :func:`put_adapted_model_in_train_mode`).
+
+    Raises:
+        UnsupportedLayerError: no transformers model, or one without checkpointing support.
+    """
+    host = find_transformers_model(module, "gradient_checkpointing")
+    options = {"use_reentrant": False}
+    try:
+        if hasattr(host, "activation_checkpointing_enable"):  # transformers 5.24+
+            host.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            host.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    except (AttributeError, ValueError) as error:
+        raise UnsupportedLayerError(
+            f"{type(host).__name__} does not support gradient checkpointing ({error})"
+        ) from error
+    if getattr(host.config, "use_cache", False):
+        host.config.use_cache = False
+
+
 class PeftMixin:
     """Mix into a LightningModule (``class M(PeftMixin, L.LightningModule)``) to fine-tune it
     with adapters.
@@ -56,6 +84,8 @@ class PeftMixin:
 
     #: Put the adapted model in train mode when training starts (see ``PeftCallback``).
     adapted_model_train_mode: bool = True
+    #: Recompute layer activations in the backward pass (see ``PeftCallback``).
+    adapter_gradient_checkpointing: bool = False
 
     def configure_adapters(self) -> AdapterConfig | Sequence[AdapterConfig]:
         raise NotImplementedError(
@@ -75,8 +105,11 @@ class PeftMixin:
 
     @override
     def configure_model(self) -> None:
-        if self._attach_adapters_once() and self._trainer is not None:
-            check_ranks_agree(self._trainer, self)
+        if self._attach_adapters_once():
+            if self.adapter_gradient_checkpointing:
+                enable_gradient_checkpointing(self)
+            if self._trainer is not None:
+                check_ranks_agree(self._trainer, self)
         super().configure_model()
 
     @override

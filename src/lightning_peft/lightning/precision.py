@@ -87,6 +87,8 @@ class PeftPrecision(MixedPrecision):
             bitsandbytes has no paging); the int8 mode keeps the module's optimizer.
         optimizer_kwargs: passed to the new optimizer (e.g. ``min_8bit_size``).
         device: ``"cpu"`` or ``"cuda"`` for autocast (default: CUDA when present).
+        gradient_checkpointing: recompute layer activations in the backward pass (applied
+            by the ``PeftCallback`` that ``lightning_peft.Trainer`` adds; see there).
 
     For resuming from adapter checkpoints the adapters must exist before Lightning restores
     the model: use it with ``PeftCallback`` or ``PeftMixin``, or through
@@ -105,6 +107,7 @@ class PeftPrecision(MixedPrecision):
         optimizer: OptimizerName | Literal["auto"] | None = "auto",
         optimizer_kwargs: dict[str, Any] | None = None,
         device: Literal["cpu", "cuda"] | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         problems = []
         if mode not in MODES:
@@ -145,6 +148,7 @@ class PeftPrecision(MixedPrecision):
         if optimizer == "auto":
             optimizer = default_optimizer(mode, device)
         self.optimizer, self.optimizer_kwargs = optimizer, dict(optimizer_kwargs or {})
+        self.gradient_checkpointing = gradient_checkpointing
         self._module: Any = None
 
     def quantize_base(self, module: nn.Module, device: torch.device | None = None) -> None:
