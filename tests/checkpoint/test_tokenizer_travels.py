@@ -9,7 +9,14 @@ from lightning_modules import QV_LORA, CausalLM, fit
 from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightning_peft import AdapterCheckpoint, LoRA, PeftCallback, apply_adapters, load_peft, save_peft
+from lightning_peft import (
+    AdapterCheckpoint,
+    LoRA,
+    PeftCallback,
+    apply_adapters,
+    load_peft,
+    save_peft,
+)
 from lightning_peft.checkpoint.export import merge_and_export
 from lightning_peft.data import smollm2_tokenizer
 
@@ -70,7 +77,10 @@ def test_adapter_checkpoint_exports_the_modules_tokenizer_with_each_peft_folder(
     assert_same_tokenizer(tmp_path / "ckpt" / "step=2-peft", tokenizer)
 
     without = AdapterCheckpoint(
-        dirpath=tmp_path / "plain", filename="{step}", every_n_train_steps=2, export_peft=True,
+        dirpath=tmp_path / "plain",
+        filename="{step}",
+        every_n_train_steps=2,
+        export_peft=True,
         tokenizer=None,
     )
     fit(WithTokenizer(tokenizer), tmp_path, 2, [PeftCallback(QV_LORA), without])

@@ -1,0 +1,70 @@
+"""GenerationSamples: completions after each validation, equal to generate, changing nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning_modules import QV_LORA, CausalLM, fit, token_data
+
+from lightning_peft import AdapterCheckpoint, AdapterConfigError, PeftCallback
+from lightning_peft.lightning.generation import GenerationSamples
+
+PROMPTS = [[5, 6, 7, 8], [100, 101]]
+
+
+def test_completions_are_what_generate_gives_with_the_adapters_on(tmp_path, capsys):
+    module = CausalLM()
+    samples = GenerationSamples(PROMPTS, max_new_tokens=4)
+    fit(module, tmp_path, 3, [PeftCallback(QV_LORA), samples], val_data=token_data(4))
+    assert [s["step"] for s in samples.samples] == [3, 3]
+    module.model.eval()
+    with torch.no_grad():
+        for prompt, sample in zip(PROMPTS, samples.samples, strict=True):
+            ids = torch.tensor([prompt])
+            expected = module.model.generate(ids, max_new_tokens=4, do_sample=False)[
+                0, len(prompt) :
+            ]
+            assert sample["output_ids"] == expected.tolist()
+    out = capsys.readouterr().out
+    assert "[step 3] [5, 6, 7, 8] -> " in out  # no text logger here: the console
+
+
+def test_a_run_with_samples_resumes_exactly_and_sampling_draws_nothing_training_sees(tmp_path):
+    def samples():
+        return GenerationSamples(PROMPTS, max_new_tokens=3, generate_kwargs={"do_sample": True})
+
+    plain = fit(CausalLM(), tmp_path / "a", 6, [PeftCallback(QV_LORA)], val_data=token_data(4))
+    sampled = fit(
+        CausalLM(), tmp_path / "b", 6, [PeftCallback(QV_LORA), samples()], val_data=token_data(4)
+    )
+    assert sampled.losses == plain.losses
+    saver = AdapterCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    fit(
+        CausalLM(),
+        tmp_path / "c",
+        3,
+        [PeftCallback(QV_LORA), saver, samples()],
+        val_data=token_data(4),
+    )
+    resumed = fit(
+        CausalLM(),
+        tmp_path / "d",
+        6,
+        [PeftCallback(QV_LORA), samples()],
+        val_data=token_data(4),
+        ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=3.ckpt"),
+    )
+    assert resumed.losses == plain.losses[3:]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prompts": []}, r"needs a list of prompts, got \[\]"),
+        ({"prompts": "hello"}, r"needs a list of prompts, got 'hello'"),
+        ({"prompts": ["hi"], "max_new_tokens": 0}, r"max_new_tokens must be a positive int, got 0"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, message):
+    with pytest.raises(AdapterConfigError, match=message):
+        GenerationSamples(**kwargs)
