@@ -122,3 +122,11 @@ def test_mixin_example_reloads_an_adapter_checkpoint_exactly(capsys):
     out = run_example("mixin.py", capsys)
     assert "reloaded logits equal the trained module's: True" in out
     assert accuracy("next-token accuracy of the reloaded module", out) > 0.5
+
+
+@pytest.mark.slow
+def test_chat_example_trains_on_chat_rows_and_shows_samples(capsys):
+    out = run_example("chat_sft.py", capsys, "--fast")
+    assert "Chat SFT (QLoRA)" in out
+    assert 0 <= accuracy("accuracy before", out) <= 1 and 0 <= accuracy("accuracy after", out) <= 1
+    assert re.search(r"last samples: +\['.*', '.*'\]", out)  # GenerationSamples ran
