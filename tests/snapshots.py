@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -36,3 +38,12 @@ def assert_folder_unchanged(folder: Path, snapshot: dict[str, bytes | None]) -> 
     assert sorted(now) == sorted(snapshot), "paths added or removed"
     changed = [path for path in snapshot if now[path] != snapshot[path]]
     assert not changed, f"changed: {changed}"
+
+
+@contextlib.contextmanager
+def refused_without_a_trace(model: torch.nn.Module, error: type, match: str | None = None):
+    """``pytest.raises(error, match=match)`` that also asserts ``model`` is unchanged."""
+    before = model_snapshot(model)
+    with pytest.raises(error, match=match) as info:
+        yield info
+    assert_model_unchanged(model, before)

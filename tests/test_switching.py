@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from snapshots import refused_without_a_trace
 from tiny_models import VOCAB, tiny_llama
 from tolerances import reordering_tolerance
 
@@ -134,16 +135,20 @@ def test_rows_routed_by_index_tensor_and_bad_routes_refused(tokens):
         by_index = model(input_ids=tokens).logits
     with torch.no_grad(), mixed_batch(model, ["b", "b", "a", "a"]):
         torch.testing.assert_close(model(input_ids=tokens).logits, by_index)
-    with pytest.raises(
-        AdapterStateError, match=r"no adapter named \['c'\] in the model; it has \['a', 'b'\]"
+    with refused_without_a_trace(
+        model,
+        AdapterStateError,
+        match=r"no adapter named \['c'\] in the model; it has \['a', 'b'\]",
     ):
         with mixed_batch(model, ["a", "c"]):
             pass
-    with pytest.raises(AdapterStateError, match=r"row indices must lie in \[0, 2\), got \[0, 2\]"):
+    with refused_without_a_trace(
+        model, AdapterStateError, match=r"row indices must lie in \[0, 2\), got \[0, 2\]"
+    ):
         with mixed_batch(model, torch.tensor([0, 2]), names=["a", "b"]):
             pass
-    with pytest.raises(
-        AdapterStateError, match="given 2 row adapters, the layer got a batch of 4 rows"
+    with refused_without_a_trace(
+        model, AdapterStateError, match="given 2 row adapters, the layer got a batch of 4 rows"
     ):
         with mixed_batch(model, ["a", "b"]):
             model(input_ids=tokens)
@@ -151,18 +156,20 @@ def test_rows_routed_by_index_tensor_and_bad_routes_refused(tokens):
 
 def test_a_second_name_joins_only_layers_of_the_same_method():
     model = apply_adapters(tiny_llama(), LoRA(target_modules=["q_proj"]), name="a")
-    with pytest.raises(
-        TargetModulesError, match="q_proj already carries a LoRALinear; .*IA3 cannot join it"
+    with refused_without_a_trace(
+        model, TargetModulesError, match="q_proj already carries a LoRALinear; .*IA3 cannot join it"
     ):
         apply_adapters(model, IA3(target_modules=["q_proj"], feedforward_modules=[]), name="b")
-    with pytest.raises(TargetModulesError, match="already carries an adapter named 'a'"):
+    with refused_without_a_trace(
+        model, TargetModulesError, match="already carries an adapter named 'a'"
+    ):
         apply_adapters(model, LoRA(target_modules=["q_proj"]), name="a")
 
 
 def test_disabling_refuses_methods_that_train_base_tensors():
     model = apply_adapters(tiny_llama(bias=True), BitFit())
-    with pytest.raises(
-        AdapterStateError, match="BitFit and Unfreeze train the base model's own tensors"
+    with refused_without_a_trace(
+        model, AdapterStateError, match="BitFit and Unfreeze train the base model's own tensors"
     ):
         with disable_adapters(model):
             pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from snapshots import refused_without_a_trace
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
 
 from lightning_peft import (
@@ -62,8 +63,8 @@ def test_exclusions_apply_after_targets():
 def test_a_suffix_matching_nothing_lists_the_closest_names_and_touches_nothing():
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(
-        TargetModulesError, match=r"'q_prj' matched no module; closest module names: q_proj"
+    with refused_without_a_trace(
+        model, TargetModulesError, match=r"'q_prj' matched no module; closest module names: q_proj"
     ):
         apply_adapters(model, LoRA(target_modules=["v_proj", "q_prj"]))
     assert wrapped(model) == []
@@ -100,14 +101,15 @@ def test_excluding_every_match_is_refused():
 )
 def test_a_layer_lora_cannot_wrap_is_named(target, message):
     model = tiny_llama()
-    with pytest.raises(UnsupportedLayerError, match=message):
+    with refused_without_a_trace(model, UnsupportedLayerError, match=message):
         apply_adapters(model, LoRA(target_modules=[target]))
     assert wrapped(model) == []
 
 
 def test_an_adapted_layer_is_not_wrapped_twice():
     model = apply_adapters(tiny_llama(), LoRA(target_modules=["q_proj"]))
-    with pytest.raises(
+    with refused_without_a_trace(
+        model,
         TargetModulesError,
         match=r"model\.layers\.0\.self_attn\.q_proj already carries an adapter named 'default'",
     ):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from snapshots import refused_without_a_trace
 from tiny_models import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
 
 from lightning_peft import (
@@ -137,7 +138,9 @@ def test_unfreeze_trains_a_new_head_next_to_adapters():
 
 def test_methods_that_wrap_the_same_layer_are_refused_before_any_change():
     model = tiny_llama()
-    with pytest.raises(TargetModulesError, match="IA3 and LoRA both select .*v_proj"):
+    with refused_without_a_trace(
+        model, TargetModulesError, match="IA3 and LoRA both select .*v_proj"
+    ):
         apply_adapters(model, [LoRA(target_modules=["v_proj"]), IA3()])
     assert not adapter_parameter_names(model)  # untouched
     apply_adapters(model, [LoRA(target_modules=["q_proj"]), IA3()])
@@ -196,7 +199,7 @@ def test_virtual_token_methods_need_a_transformers_model(config):
     ):
         apply_adapters(torch.nn.Sequential(torch.nn.Linear(4, 4)), config)
     model = apply_adapters(tiny_llama(), config)
-    with pytest.raises(AdapterConfigError, match="a model takes one"):
+    with refused_without_a_trace(model, AdapterConfigError, match="a model takes one"):
         apply_adapters(model, config)
 
 
