@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tolerances import reordering_tolerance
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama
 
 from lightning_peft import AdapterConfigError
 from lightning_peft.data import smollm2_tokenizer
@@ -55,16 +55,7 @@ def test_train_on_all_labels_every_real_token(tokenizer):
 
 
 def test_a_packed_batch_gives_the_padded_batchs_loss(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(vocab_size=len(tokenizer))
     padded = ChatCollator(tokenizer, max_length=256)(ROWS)
     packed = ChatCollator(tokenizer, max_length=256, pack=True)(ROWS)
     assert packed["input_ids"].shape == (1, 256)  # both rows in one sequence

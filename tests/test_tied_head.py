@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import torch
-from tiny_models import VOCAB
+from tiny_models import VOCAB, tiny_llama
 from tolerances import reordering_tolerance
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from lightning_peft import LoRA, apply_adapters, merge_adapters
 from lightning_peft.checkpoint.export import merge_and_export
 
 
 def tied_llama_with_a_trained_head_adapter() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     apply_adapters(model, LoRA(rank=4, target_modules=["lm_head"]))
     with torch.no_grad():

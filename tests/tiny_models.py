@@ -15,7 +15,13 @@ from transformers import (
 VOCAB = 256
 
 
-def tiny_llama(seed: int = 0, bias: bool = False, init_std: float = 0.02) -> LlamaForCausalLM:
+def tiny_llama(
+    seed: int = 0,
+    bias: bool = False,
+    init_std: float = 0.02,
+    vocab_size: int = VOCAB,
+    tie_word_embeddings: bool = False,
+) -> LlamaForCausalLM:
     """A 2-layer Llama (grouped-query attention); ``bias=True`` gives its linear layers biases.
 
     With the usual ``init_std`` the output head is nearly uniform and no adapter can move
@@ -28,7 +34,8 @@ def tiny_llama(seed: int = 0, bias: bool = False, init_std: float = 0.02) -> Lla
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
+        tie_word_embeddings=tie_word_embeddings,
         attention_bias=bias,
         mlp_bias=bias,
         initializer_range=init_std,
