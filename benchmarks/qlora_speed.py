@@ -6,6 +6,7 @@ nothing is downloaded), the same NF4 base with double quantization, and the same
     ours   lightning_peft: quantize_model + apply_adapters(LoRA r=16, all linear layers)
     peft   Hugging Face PEFT: get_peft_model(LoraConfig(r=16, "all-linear")) on that base
     floor  the frozen NF4 base alone: forward + backward to the inputs, no adapters
+    ours-gc, peft-gc   ours and peft with gradient (activation) checkpointing, non-reentrant
 
 Each variant runs in its own process (so peak memory is its own). Prints a markdown table
 with median step time, peak memory, bits per parameter and the ratios, and saves it to
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("ours", "peft", "floor")
+VARIANTS = ("ours", "peft", "floor", "ours-gc", "peft-gc")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -59,13 +60,21 @@ def build(variant: str, device: str, compute_dtype: torch.dtype):
     model = LlamaForCausalLM(smollm2_config())
     quantize_model(model, "nf4", compute_dtype=compute_dtype, device=device)
     model.to(device)
-    if variant == "ours":
+    if variant.startswith("ours"):
         apply_adapters(model, LoRA(rank=16, alpha=32, target_modules="all-linear"))
-    elif variant == "peft":
+        if variant == "ours-gc":
+            from lightning_peft.lightning.mixin import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model)
+    elif variant.startswith("peft"):
         import peft
 
         config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
         model = peft.get_peft_model(model, config)
+        if variant == "peft-gc":  # as PEFT's docs do it, non-reentrant like ours
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
     else:
         model.requires_grad_(False)
         model.enable_input_require_grads()  # backward runs through every layer, as with adapters
@@ -135,6 +144,7 @@ def run_child(variant: str, args: argparse.Namespace) -> dict:
 
 def table(rows: dict[str, dict], args: argparse.Namespace, device_name: str) -> str:
     ours, peft, floor = rows["ours"], rows["peft"], rows["floor"]
+    ours_gc, peft_gc = rows["ours-gc"], rows["peft-gc"]
     lines = [
         f"QLoRA step, SmolLM2-135M architecture (random weights), NF4 + double quantization, "
         f"LoRA r=16 on all linear layers, batch {args.batch} x {args.seq}, median of {args.steps} "
@@ -148,6 +158,8 @@ def table(rows: dict[str, dict], args: argparse.Namespace, device_name: str) -> 
         ("ours", "lightning_peft"),
         ("peft", "HF PEFT + bitsandbytes"),
         ("floor", "frozen-base floor"),
+        ("ours-gc", "lightning_peft, gradient checkpointing"),
+        ("peft-gc", "HF PEFT + bitsandbytes, gradient checkpointing"),
     ):
         row = rows[name]
         lines.append(
@@ -164,6 +176,12 @@ def table(rows: dict[str, dict], args: argparse.Namespace, device_name: str) -> 
         f"- forward+backward, lightning_peft / PEFT: **{ours['forward_backward_s'] / peft['forward_backward_s']:.3f}x**",
         f"- whole step (with AdamW), lightning_peft / floor: {ours['median_s'] / floor['median_s']:.3f}x",
         f"- peak memory, lightning_peft / PEFT: **{ours['peak_mib'] / peft['peak_mib']:.3f}x**",
+        f"- gradient checkpointing, lightning_peft: peak memory {ours_gc['peak_mib']:.0f} MiB "
+        f"against {ours['peak_mib']:.0f} ({ours_gc['peak_mib'] / ours['peak_mib']:.3f}x), "
+        f"step time {ours_gc['median_s'] / ours['median_s']:.3f}x",
+        f"- with gradient checkpointing, lightning_peft / PEFT: step time "
+        f"**{ours_gc['median_s'] / peft_gc['median_s']:.3f}x**, peak memory "
+        f"**{ours_gc['peak_mib'] / peft_gc['peak_mib']:.3f}x**",
     ]
     if args.device == "cpu":
         lines.append(
@@ -195,7 +213,8 @@ def main() -> None:
     # rotated order, each variant in a fresh process, and the median over rounds even it out.
     runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
     for round_index in range(args.rounds):
-        order = VARIANTS[round_index % 3 :] + VARIANTS[: round_index % 3]
+        shift = round_index % len(VARIANTS)
+        order = VARIANTS[shift:] + VARIANTS[:shift]
         for variant in order:
             runs[variant].append(run_child(variant, args))
             print(
