@@ -86,6 +86,33 @@ def test_bf16_compute_suffix(tmp_path):
     assert {layer.compute_dtype for layer in base_layers(module)} == {torch.bfloat16}
 
 
+def test_a_bf16_base_keeps_its_norms_in_float32_under_4bit(tmp_path):
+    module = CausalLM()
+    module.model.to(torch.bfloat16)
+    norms = {n: p.clone() for n, p in module.named_parameters() if "norm" in n}
+    assert len(norms) == 5 and all(p.dtype == torch.bfloat16 for p in norms.values())
+    run = fit(
+        module, tmp_path, 3, [], trainer_class=lightning_peft.Trainer, precision="nf4-lora-bf16-mixed"
+    )
+    after = dict(module.named_parameters())
+    for name, before in norms.items():  # float32 now, same values (the upcast is exact)
+        assert after[name].dtype == torch.float32, name
+        assert torch.equal(after[name], before.float()), name
+    # the other float tensors keep their dtype: the embedding is not a norm
+    assert module.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(torch.isfinite(torch.tensor(run.losses)))
+
+
+def test_int8_and_float32_bases_keep_their_norms_as_they_are(tmp_path):
+    module = CausalLM()
+    module.model.to(torch.bfloat16)
+    fit(module, tmp_path, 1, [], trainer_class=lightning_peft.Trainer, precision="int8-lora")
+    assert module.model.model.norm.weight.dtype == torch.bfloat16  # not a 4-bit base
+    module = CausalLM()
+    fit(module, tmp_path, 1, [], trainer_class=lightning_peft.Trainer, precision="nf4-lora")
+    assert module.model.model.norm.weight.dtype == torch.float32
+
+
 @pytest.mark.parametrize(
     ("name", "cls"),
     [

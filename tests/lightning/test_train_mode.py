@@ -3,6 +3,8 @@ module built it in (``from_pretrained`` returns eval-mode models; Lightning keep
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -46,8 +48,12 @@ class MixinModeRecorder(PeftMixin, ModeRecorder):
 def test_the_adapted_model_trains_in_train_mode_and_validates_in_eval_mode(design, tmp_path):
     module = ModeRecorder() if design == "callback" else MixinModeRecorder()
     callbacks = [PeftCallback(QV)] if design == "callback" else []
-    fit(module, tmp_path, 3, callbacks, val_data=token_data(4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(module, tmp_path, 3, callbacks, val_data=token_data(4))
     assert module.modes == {"train": {True}, "val": {False}}
+    # in train mode before Lightning counts eval-mode modules at the start of training
+    assert not [w for w in caught if "in eval mode" in str(w.message)]
 
 
 def test_train_mode_false_leaves_the_modules_modes_alone(tmp_path):

@@ -26,6 +26,10 @@ import torch
 from torch import nn
 
 _LAYER: ContextVar[str | None] = ContextVar("lightning_peft_initialising", default=None)
+# Initial values computed from the base weights before attachment (LoftQ), by layer name.
+_PRESETS: ContextVar[dict[str, tuple[torch.Tensor, ...]] | None] = ContextVar(
+    "lightning_peft_presets", default=None
+)
 
 
 @contextmanager
@@ -36,6 +40,25 @@ def initial_values_for(layer_name: str) -> Iterator[None]:
         yield
     finally:
         _LAYER.reset(token)
+
+
+@contextmanager
+def preset_values(table: dict[str, tuple[torch.Tensor, ...]]) -> Iterator[None]:
+    """Adapters created inside may take their initial values from ``table`` (layer name, as
+    :func:`initial_values_for` names it, to tensors) instead of drawing them."""
+    token = _PRESETS.set(table)
+    try:
+        yield
+    finally:
+        _PRESETS.reset(token)
+
+
+def preset_for_layer() -> tuple[torch.Tensor, ...] | None:
+    """The preset values of the layer being initialised, or None."""
+    layer, table = _LAYER.get(), _PRESETS.get()
+    if layer is None or table is None:
+        return None
+    return table.get(layer)
 
 
 def global_seed() -> int:

@@ -8,7 +8,8 @@ A frozen weight ``W0`` (``(out, in)``) gets a trainable low-rank update::
 
     h = W0 x + s · B A x,   s = alpha / rank   (rsLoRA: alpha / sqrt(rank))
 
-A starts random and B at zero, so the adapted layer starts equal to the base (paper §4.1).
+A starts random and B at zero, so the adapted layer starts equal to the base (paper §4.1);
+LoftQ starts both from the SVD of what the 4-bit base misses (see ``quantization.loftq``).
 DoRA splits the weight into a magnitude ``m`` (one per output row) and a direction::
 
     W' = m · (W0 + s B A) / ||W0 + s B A||_row,    ||.|| detached (DoRA paper §4.3)
@@ -28,15 +29,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.adapters.init import empty_linear, init_generator, reset_linear_
+from lightning_peft.adapters.init import (
+    empty_linear,
+    init_generator,
+    preset_for_layer,
+    reset_linear_,
+)
 from lightning_peft.adapters.wrapper import BaseLayerWrapper, NamedAdapters
 from lightning_peft.adapters.routing import Routing
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
-from lightning_peft.quantization import dequantize, in_out_features, is_linear_layer, write_weight_
+from lightning_peft.quantization import (
+    dequantize,
+    in_out_features,
+    is_linear_layer,
+    is_quantized,
+    write_weight_,
+)
 from lightning_peft.targeting import Patterns, normalize_patterns
 
-LoRAInit = Literal["kaiming", "gaussian"]
-_INITS = ("kaiming", "gaussian")
+LoRAInit = Literal["kaiming", "gaussian", "loftq"]
+_INITS = ("kaiming", "gaussian", "loftq")
+LOFTQ_NEEDS_FLOAT = (
+    "LoRA(init='loftq') computes its initial values from the float weight, together with the "
+    "4-bit base: quantize and attach in one call, quantize_model(model, 'nf4', "
+    "adapters=LoRA(init='loftq', ...)), or train with precision='nf4-lora' / 'fp4-lora'"
+)
 
 
 @dataclass(frozen=True)
@@ -52,7 +69,13 @@ class LoRA:
         exclude_modules: the same kinds of pattern; matching modules are left alone.
         use_rslora: scale by ``alpha / sqrt(rank)``, which keeps high ranks learning.
         use_dora: weight-decomposed LoRA (a trainable magnitude per output feature).
-        init: ``"kaiming"`` (uniform, as ``nn.Linear``) or ``"gaussian"`` (std ``1/rank``) for A.
+        init: ``"kaiming"`` (uniform, as ``nn.Linear``) or ``"gaussian"`` (std ``1/rank``) for A,
+            B zero; or ``"loftq"`` (LoftQ, Li et al. 2023: A and B such that the 4-bit base
+            plus the update approximates the float weight; needs a 4-bit base made in the
+            same call, see :func:`~lightning_peft.quantization.quantize_model`).
+        loftq_iterations: LoftQ's alternations ``T``. With 1 the base is the usual 4-bit
+            base of the float weight (any bitsandbytes loader makes the same); more
+            alternations move the base too (the paper's last-alternation base).
 
     Raises:
         AdapterConfigError: listing every invalid field with the value received.
@@ -66,6 +89,7 @@ class LoRA:
     use_rslora: bool = False
     use_dora: bool = False
     init: LoRAInit = "kaiming"
+    loftq_iterations: int = 1
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -77,6 +101,13 @@ class LoRA:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in _INITS:
             problems.append(f"init must be one of {_INITS}, got {self.init!r}")
+        iterations = self.loftq_iterations
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations <= 0:
+            problems.append(f"loftq_iterations must be a positive int, got {iterations!r}")
+        elif iterations != 1 and self.init != "loftq":
+            problems.append(f"loftq_iterations={iterations} needs init='loftq', got {self.init!r}")
+        if self.init == "loftq" and self.use_dora is True:
+            problems.append("init='loftq' does not combine with use_dora (LoftQ fits B A only)")
         for field in ("use_rslora", "use_dora"):
             if not isinstance(getattr(self, field), bool):
                 problems.append(f"{field} must be True or False, got {getattr(self, field)!r}")
@@ -142,12 +173,20 @@ class LoRALinear(NamedAdapters, BaseLayerWrapper):
         generator = init_generator(adapter_name)
         # Drawn on the CPU, where the generator is, so a GPU run starts from the same values.
         lora_a = empty_linear(in_features, config.rank, bias=False, device="cpu")
-        if config.init == "gaussian":
-            nn.init.normal_(lora_a.weight, std=1.0 / config.rank, generator=generator)
-        else:
-            reset_linear_(lora_a, generator)
         lora_b = empty_linear(config.rank, out_features, bias=False, device=device)
-        nn.init.zeros_(lora_b.weight)
+        if config.init == "loftq":
+            preset = preset_for_layer()
+            if preset is None or not is_quantized(self.base_layer):
+                raise AdapterConfigError(LOFTQ_NEEDS_FLOAT)
+            with torch.no_grad():
+                lora_a.weight.copy_(preset[0])
+                lora_b.weight.copy_(preset[1])
+        else:
+            if config.init == "gaussian":
+                nn.init.normal_(lora_a.weight, std=1.0 / config.rank, generator=generator)
+            else:
+                reset_linear_(lora_a, generator)
+            nn.init.zeros_(lora_b.weight)
         self.lora_A[adapter_name] = lora_a.to(device)
         self.lora_B[adapter_name] = lora_b
         if config.use_dora:

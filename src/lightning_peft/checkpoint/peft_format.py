@@ -227,7 +227,9 @@ def _peft_config(host: nn.Module, config: Any, tensors: dict[str, torch.Tensor])
             "exclude_modules": _patterns(config.exclude_modules) or None,
             "use_rslora": config.use_rslora,
             "use_dora": config.use_dora,
-            "init_lora_weights": True if config.init == "kaiming" else "gaussian",
+            # LoftQ's values are in the file; PEFT's own LoftQ recipe saves True as well, so
+            # that loading does not run LoftQ again.
+            "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
             "bias": "none",
             "fan_in_fan_out": _uses_conv1d(host),
             "modules_to_save": None,

@@ -12,14 +12,11 @@ import lightning.pytorch as pl
 from torch import nn
 
 from lightning_peft.injection import AdapterConfig, apply_adapters
-from lightning_peft.lightning.precision import PeftPrecision, prepare_base_for_precision
+from lightning_peft.lightning.precision import PeftPrecision, as_config_list, peft_precision
+
+__all__ = ["as_config_list", "attach_adapters_once"]
 
 _ATTACHED = "_lightning_peft_attached"
-
-
-def as_config_list(adapters: Any) -> list[Any]:
-    """One adapter config or a list / tuple of them, as a list."""
-    return list(adapters) if isinstance(adapters, (list, tuple)) else [adapters]
 
 
 def attach_adapters_once(
@@ -33,7 +30,10 @@ def attach_adapters_once(
     whether it happened now."""
     if module.__dict__.get(_ATTACHED, False):
         return False
-    plugin = prepare_base_for_precision(trainer, module)
-    apply_adapters(module, list(configs(plugin)), name=name)
+    plugin = peft_precision(trainer)
+    if plugin is None:
+        apply_adapters(module, list(configs(plugin)), name=name)
+    else:  # quantized on the device it trains on, then adapters (LoftQ needs both at once)
+        plugin.quantize_base(module, trainer.strategy.root_device, configs(plugin), name)
     module.__dict__[_ATTACHED] = True
     return True

@@ -203,8 +203,10 @@ class PeftCallback(_AdapterCheckpointHooks):
         super().setup(trainer, pl_module, stage)
 
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        # Before the sanity check (which puts back the modes it found) and before Lightning
+        # counts eval-mode modules at the start of training.
         if self.train_mode and not isinstance(pl_module, PeftMixin):  # the mixin does its own
             put_adapted_model_in_train_mode(pl_module)
 

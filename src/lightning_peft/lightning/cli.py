@@ -3,12 +3,14 @@
     lightning-peft fit --config examples/configs/smollm2-rt-qlora.yaml [--trainer.max_steps 10]
     lightning-peft validate --config ... --ckpt_path runs/cli/checkpoints/sentiment.ckpt
     lightning-peft export --config ... --ckpt runs/.../sentiment.ckpt --peft-dir out/ [--merged-dir out2/]
+        [--data.init_args.chat_template t.jinja ...]   (the fit command's overrides)
     lightning-peft memory 70B --gpu 48
 
 ``fit``, ``validate``, ``test`` and ``predict`` are Lightning's ``LightningCLI`` with this
 package's ``Trainer`` (so ``--trainer.precision nf4-lora`` works); the adapter method,
 precision mode, optimizer and checkpointing come from the YAML or from flags, and
-``--help`` documents them all. ``export`` rebuilds the model from the same YAML, attaches
+``--help`` documents them all. ``export`` rebuilds the model from the same YAML (and the
+same ``--model.*`` / ``--data.*`` / ``--trainer.*`` overrides as the fit), attaches
 the checkpoint's adapters and writes them in the PEFT format and/or merged into the base.
 ``memory`` prints the QLoRA paper's memory arithmetic for a model size.
 """
@@ -115,17 +117,20 @@ def export(argv: Sequence[str]) -> None:
         help="let --merged-dir hold other files: only the export's own files are replaced",
     )
     parser.add_argument("--base-model-name-or-path", help="recorded in adapter_config.json")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)
+    if any(not o.startswith(("--model.", "--data.", "--trainer.")) for o in overrides if o[:2] == "--"):
+        parser.error(
+            f"unrecognized arguments: {' '.join(overrides)} (besides its own options, export "
+            "takes the fit command's --model.*, --data.* and --trainer.* overrides)"
+        )
     if not (args.peft_dir or args.merged_dir):
         parser.error("give --peft-dir, --merged-dir or both")
     try:
         if args.merged_dir:  # before the (slow) load: a refused target costs nothing
             check_folder_target(args.merged_dir, is_export_file, overwrite=args.overwrite)
-        module = load_adapter_checkpoint(args.config, args.ckpt)
-        # The module's tokenizer, when it has one (the demo's task does), travels with it.
-        tokenizer = getattr(module, "tokenizer", None)
-        if not callable(getattr(tokenizer, "save_pretrained", None)):
-            tokenizer = None
+        cli = PeftCLI(args=["--config", args.config, *overrides], run=False)
+        module = load_adapter_checkpoint(args.config, args.ckpt, cli)
+        tokenizer = config_tokenizer(cli)
         if args.peft_dir:
             names = sorted({a["name"] for a in read_metadata(_load(args.ckpt))["adapters"]})
             save_peft(
@@ -143,10 +148,22 @@ def export(argv: Sequence[str]) -> None:
         sys.exit(f"lightning-peft export: {error}")
 
 
-def load_adapter_checkpoint(config: str, ckpt: str) -> Any:
+def config_tokenizer(cli: PeftCLI) -> Any:
+    """The tokenizer the config's module or data module holds (as ``tokenizer``), which
+    travels with the export; None when neither has one. The data module's comes first: it
+    is the one the run trained with (``ChatData`` may replace the chat template)."""
+    for holder in (cli.datamodule, cli.model):
+        tokenizer = getattr(holder, "tokenizer", None)
+        if callable(getattr(tokenizer, "save_pretrained", None)):
+            return tokenizer
+    return None
+
+
+def load_adapter_checkpoint(config: str, ckpt: str, cli: PeftCLI | None = None) -> Any:
     """The LightningModule of ``config`` with the adapters of ``ckpt`` attached and loaded
-    (its base quantized first when the config trains under ``PeftPrecision``)."""
-    cli = PeftCLI(args=["--config", config], run=False)
+    (its base quantized first when the config trains under ``PeftPrecision``); ``cli``: the
+    config already parsed."""
+    cli = cli or PeftCLI(args=["--config", config], run=False)
     checkpoint = _load(ckpt)
     metadata = read_metadata(checkpoint, ckpt)
     configs = [config_from_metadata(entry) for entry in metadata["adapters"]]

@@ -132,13 +132,15 @@ class PeftMixin:
     @override
     def on_fit_start(self) -> None:
         self._resume_checks().on_fit_start(self.trainer, self)
+        # Before the sanity check (which puts back the modes it found) and before Lightning
+        # counts eval-mode modules at the start of training.
+        if self.adapted_model_train_mode:
+            put_adapted_model_in_train_mode(self)
         super().on_fit_start()
 
     @override
     def on_train_start(self) -> None:
         self._resume_checks().on_train_start(self.trainer, self)
-        if self.adapted_model_train_mode:
-            put_adapted_model_in_train_mode(self)
         super().on_train_start()
 
     @override

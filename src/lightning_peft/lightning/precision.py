@@ -31,6 +31,7 @@ from lightning_peft.lightning.checkpointing import write_adapter_only_
 from lightning_peft.quantization import (
     OPTIMIZER_NAMES,
     OptimizerName,
+    keep_norms_in_float32_,
     optimizer_class,
     quantize_model,
     rebind_scheduler,
@@ -58,6 +59,11 @@ def default_optimizer(mode: str, device: str) -> OptimizerName | None:
     if _QUANTIZATION[mode][0] == "int8":
         return None
     return "paged_adamw_8bit" if device == "cuda" else "adamw_8bit"
+
+
+def as_config_list(adapters: Any) -> list[Any]:
+    """One adapter config or a list / tuple of them, as a list."""
+    return list(adapters) if isinstance(adapters, (list, tuple)) else [adapters]
 
 
 def default_adapters() -> LoRA:
@@ -89,6 +95,10 @@ class PeftPrecision(MixedPrecision):
         device: ``"cpu"`` or ``"cuda"`` for autocast (default: CUDA when present).
         gradient_checkpointing: recompute layer activations in the backward pass (applied
             by the ``PeftCallback`` that ``lightning_peft.Trainer`` adds; see there).
+
+    Under the 4-bit modes, norm layers stored in 16 bit are kept in float32
+    (:func:`~lightning_peft.quantization.keep_norms_in_float32_`), as PEFT's
+    ``prepare_model_for_kbit_training`` does.
 
     For resuming from adapter checkpoints the adapters must exist before Lightning restores
     the model: use it with ``PeftCallback`` or ``PeftMixin``, or through
@@ -151,9 +161,18 @@ class PeftPrecision(MixedPrecision):
         self.gradient_checkpointing = gradient_checkpointing
         self._module: Any = None
 
-    def quantize_base(self, module: nn.Module, device: torch.device | None = None) -> None:
-        """Quantize ``module``'s linear layers for this mode, once (before adapters attach)."""
+    def quantize_base(
+        self,
+        module: nn.Module,
+        device: torch.device | None = None,
+        adapters: Sequence[Any] = (),
+        name: str = "default",
+    ) -> None:
+        """Quantize ``module``'s linear layers for this mode, once, then attach ``adapters``
+        (in one step, which ``LoRA(init="loftq")`` needs: it reads the float weights)."""
         if module.__dict__.get("_lightning_peft_quantized", False):
+            if adapters:
+                apply_adapters(module, list(adapters), name=name)
             return
         quant, double_quant = _QUANTIZATION[self.mode]
         quantize_model(
@@ -165,7 +184,11 @@ class PeftPrecision(MixedPrecision):
             blocksize=self.blocksize,
             quant_storage=self.quant_storage,
             device=device,
+            adapters=list(adapters) or None,
+            adapter_name=name,
         )
+        if quant != "int8":
+            keep_norms_in_float32_(module)
         module.__dict__["_lightning_peft_quantized"] = True
 
     @override
@@ -173,9 +196,10 @@ class PeftPrecision(MixedPrecision):
         # PeftCallback / PeftMixin have done both steps already, before checkpoint restore;
         # alone, the plugin does them here (fine for training, too late for resuming).
         trainer = getattr(module, "_trainer", None)
-        self.quantize_base(module, trainer.strategy.root_device if trainer is not None else None)
-        if not adapter_parameter_names(module):
-            apply_adapters(module, self.adapters or default_adapters())
+        device = trainer.strategy.root_device if trainer is not None else None
+        missing = not adapter_parameter_names(module)
+        adapters = self.adapters or default_adapters()
+        self.quantize_base(module, device, as_config_list(adapters) if missing else ())
         self._module = weakref.proxy(module)
         return module
 
@@ -230,13 +254,7 @@ def split_precision_flag(value: str) -> tuple[str, str] | None:
     return None
 
 
-def prepare_base_for_precision(
-    trainer: pl.Trainer | None, module: nn.Module
-) -> PeftPrecision | None:
-    """If ``trainer`` runs a :class:`PeftPrecision`, quantize ``module``'s base now, on the
-    device it will train on, and return the plugin (whose adapters apply by default)."""
+def peft_precision(trainer: pl.Trainer | None) -> PeftPrecision | None:
+    """The trainer's :class:`PeftPrecision`, or None when it runs another precision."""
     plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
-    if not isinstance(plugin, PeftPrecision):
-        return None
-    plugin.quantize_base(module, trainer.strategy.root_device)
-    return plugin
+    return plugin if isinstance(plugin, PeftPrecision) else None

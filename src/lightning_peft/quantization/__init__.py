@@ -18,7 +18,11 @@ from lightning_peft.quantization.layers import (
     write_weight_,
 )
 from lightning_peft.quantization.memory import MemoryReport, memory_report
-from lightning_peft.quantization.model import dequantize_model, quantize_model
+from lightning_peft.quantization.model import (
+    dequantize_model,
+    keep_norms_in_float32_,
+    quantize_model,
+)
 from lightning_peft.quantization.optimizers import (
     OPTIMIZER_NAMES,
     OptimizerName,
@@ -39,6 +43,7 @@ __all__ = [
     "is_linear_layer",
     "is_quantized",
     "keep_4bit_storage_exact_",
+    "keep_norms_in_float32_",
     "linear_layer_types",
     "memory_report",
     "optimizer_class",

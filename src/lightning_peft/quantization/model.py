@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from lightning_peft.quantization.layers import (
     quantize_linear,
     share_lookup_tables_,
 )
+from lightning_peft.quantization.loftq import loftq_layer
 
 
 def quantize_model(
@@ -29,6 +31,8 @@ def quantize_model(
     blocksize: int = 64,
     quant_storage: torch.dtype = torch.uint8,
     device: torch.device | str | None = None,
+    adapters: Any = None,
+    adapter_name: str = "default",
 ) -> nn.Module:
     """Replace every float linear layer of ``model`` by a frozen bitsandbytes one, in place.
 
@@ -44,6 +48,10 @@ def quantize_model(
         quant_storage: storage dtype of packed 4-bit codes (``torch.float32`` for FSDP1).
         device: quantize on this device (layer by layer, so the float weights never all sit
             there at once); default: where each layer is.
+        adapters: adapter configs to attach right after, as ``apply_adapters(model,
+            adapters, name=adapter_name)`` does. Needed for ``LoRA(init="loftq")``, whose
+            initial values come from the float weights together with their 4-bit base; if
+            anything fails, the model is left as it was.
 
     Returns:
         ``model``, for chaining.
@@ -51,7 +59,10 @@ def quantize_model(
     Raises:
         ValueError: adapters are already attached (quantize first: the adapters' own layers
             must stay in float), or nothing was left to quantize.
+        AdapterConfigError: LoftQ asked of an int8 base or of a layer kept in float.
     """
+    from lightning_peft.injection import restored_on_error
+
     if isinstance(skip_modules, str):  # one name, not its characters
         skip_modules = (skip_modules,)
     modules = dict(model.named_modules())
@@ -73,26 +84,119 @@ def quantize_model(
             f"no float linear layer left to quantize in {type(model).__name__} "
             f"(skipped: {sorted(skipped)})"
         )
-    for name in targets:
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layer = getattr(parent, child_name)
-        if device is not None:
-            layer = layer.to(device)
-        quantized = quantize_linear(
-            layer,
-            mode,
-            compute_dtype=compute_dtype,
-            double_quant=double_quant,
-            blocksize=blocksize,
-            quant_storage=quant_storage,
-        )
-        setattr(parent, child_name, quantized)
-    if mode in ("nf4", "fp4"):
-        share_lookup_tables_(model)
-        # Hugging Face PEFT and transformers read this flag to dispatch 4-bit code paths.
-        model.is_loaded_in_4bit = True
+    configs = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters]
+    configs = [c for c in configs if c is not None]
+    loftq = loftq_targets(model, configs, mode, set(targets))
+    options = dict(
+        compute_dtype=compute_dtype,
+        double_quant=double_quant,
+        blocksize=blocksize,
+        quant_storage=quant_storage,
+    )
+    presets = {}
+    prefix = _host_prefix(model)
+    with restored_on_error(model):
+        for name in targets:
+            parent_name, _, child_name = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            layer = getattr(parent, child_name)
+            if device is not None:
+                layer = layer.to(device)
+            if name in loftq:
+                config = loftq[name]
+                quantized, lora_a, lora_b = loftq_layer(
+                    layer,
+                    config.rank,
+                    config.scaling,
+                    iterations=config.loftq_iterations,
+                    mode=mode,
+                    **options,
+                )
+                presets[name.removeprefix(prefix)] = (lora_a, lora_b)
+            else:
+                quantized = quantize_linear(layer, mode, **options)
+            setattr(parent, child_name, quantized)
+        if mode in ("nf4", "fp4"):
+            share_lookup_tables_(model)
+            # Hugging Face PEFT and transformers read this flag to dispatch 4-bit code paths.
+            model.is_loaded_in_4bit = True
+        if configs:
+            from lightning_peft.adapters.init import preset_values
+            from lightning_peft.injection import apply_adapters
+
+            with preset_values(presets):
+                apply_adapters(model, configs, name=adapter_name)
     return model
+
+
+def loftq_targets(
+    model: nn.Module, configs: Sequence[Any], mode: str, quantizable: set[str]
+) -> dict[str, Any]:
+    """The layers each ``LoRA(init="loftq")`` of ``configs`` targets, with its config.
+
+    Raises:
+        AdapterConfigError: LoftQ with an int8 base, or on a layer that stays in float.
+    """
+    from lightning_peft.errors import AdapterConfigError
+    from lightning_peft.targeting import find_targets
+
+    chosen: dict[str, Any] = {}
+    for config in configs:
+        if getattr(config, "init", None) != "loftq":
+            continue
+        if mode not in ("nf4", "fp4"):
+            raise AdapterConfigError(
+                f"LoRA(init='loftq') needs a 4-bit base ('nf4' or 'fp4'), got {mode!r}"
+            )
+        names = find_targets(
+            model,
+            config.target_modules,
+            config.exclude_modules,
+            can_wrap=config.can_wrap,
+            method="LoRA",
+        )
+        kept = sorted(set(names) - quantizable)
+        if kept:
+            raise AdapterConfigError(
+                f"LoRA(init='loftq') targets {', '.join(kept)}, which stays in float (the output "
+                "head or skip_modules): LoftQ fits a 4-bit base's error; exclude it "
+                "(exclude_modules=[...]) or use another init"
+            )
+        chosen.update(dict.fromkeys(names, config))
+    return chosen
+
+
+def _host_prefix(model: nn.Module) -> str:
+    from lightning_peft.injection import transformers_model_prefix
+
+    return transformers_model_prefix(model)
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """LayerNorm, GroupNorm, RMSNorm and the transformers norms (``LlamaRMSNorm``, ``T5LayerNorm``,
+    ...): the modules whose class name says they normalize."""
+    return "norm" in type(module).__name__.lower()
+
+
+def keep_norms_in_float32_(model: nn.Module) -> int:
+    """Store 16-bit norm parameters of ``model`` in float32, in place; returns how many.
+
+    Under a 4-bit base with 16-bit compute the norms are the only frozen float layers in
+    the residual stream; in bfloat16 their 8-bit mantissa rounds the scale of every hidden
+    state. PEFT's ``prepare_model_for_kbit_training`` keeps them in float32 for the same
+    reason. The values do not change (16-bit to float32 is exact), only their precision
+    from here on: outputs of a float32 norm stay float32 until the next quantized matmul
+    casts them to its compute dtype.
+    """
+    count = 0
+    for module in model.modules():
+        if not is_norm_layer(module):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
+                count += 1
+    return count
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -1,0 +1,229 @@
+"""Chat instruction tuning from the command line: a causal-LM module and a chat data module.
+
+``CausalLMTuning`` trains any causal LM on batches that carry their own ``labels``;
+``ChatData`` reads ``{"messages": [...]}`` rows from JSON Lines files, renders them with a
+tokenizer's chat template (or one given) and batches them with
+:class:`~lightning_peft.sft.ChatCollator`. Neither knows about adapters: the YAML's
+``PeftCallback`` or ``--trainer.precision nf4-lora`` brings them. Without files, ``ChatData``
+serves the built-in example: Rotten Tomatoes reviews as one-word questions to SmolLM2.
+
+    lightning-peft fit --config examples/configs/smollm2-chat-qlora.yaml
+    lightning-peft fit --config ... --data.train_file my_chats.jsonl --data.chat_template t.jinja
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_peft.errors import AdapterConfigError
+from lightning_peft.sft import ChatCollator
+
+BUILT_IN = "smollm2"  # SmolLM2-135M-Instruct, installed with the package data
+QUESTION = "Is this movie review positive or negative? Answer with one word.\n\n{review}"
+ANSWERS = ("negative", "positive")
+
+
+def review_chat(review: str, label: int | None = None) -> dict[str, Any]:
+    """A Rotten Tomatoes review as a conversation; with ``label``, the assistant's answer."""
+    messages = [{"role": "user", "content": QUESTION.format(review=review)}]
+    if label is not None:
+        messages.append({"role": "assistant", "content": ANSWERS[label]})
+    return {"messages": messages}
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """``"smollm2"`` (the built-in model's tokenizer) or a local folder holding a tokenizer."""
+    if name_or_path == BUILT_IN:
+        from lightning_peft.data import smollm2_tokenizer
+
+        return smollm2_tokenizer()
+    if not Path(name_or_path).is_dir():
+        raise AdapterConfigError(
+            f"tokenizer {name_or_path!r} is not a folder; give a local folder a tokenizer was "
+            f"saved to (save_pretrained), or {BUILT_IN!r} for the built-in one (nothing is "
+            "downloaded)"
+        )
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return tokenizer
+
+
+def read_chats(path: str) -> list[dict[str, Any]]:
+    """The rows of a JSON Lines file, each checked to be ``{"messages": [{"role", "content"}, ...]}``.
+
+    Raises:
+        AdapterConfigError: a missing file, or a row that is not a conversation (file and line named).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise AdapterConfigError(f"chat file {path!r} does not exist")
+    rows = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise AdapterConfigError(f"{path}:{number}: not JSON ({error.msg})") from error
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if not (
+            isinstance(messages, list)
+            and messages
+            and all(
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+                for m in messages
+            )
+        ):
+            raise AdapterConfigError(
+                f'{path}:{number}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}}, '
+                f"got {line[:80]!r}"
+            )
+        rows.append(row)
+    if not rows:
+        raise AdapterConfigError(f"chat file {path!r} holds no rows")
+    return rows
+
+
+class ChatData(pl.LightningDataModule):
+    """Chat rows batched for instruction tuning.
+
+    Args:
+        train_file: JSON Lines, one ``{"messages": [...]}`` per line. Default: the built-in
+            example (Rotten Tomatoes reviews as chats, ``train_size`` of them).
+        val_file: the same, for validation. Default: ``val_size`` held-out built-in rows when
+            ``train_file`` is not given, else no validation.
+        tokenizer: a local folder holding a tokenizer, or ``"smollm2"`` (the built-in model's).
+        chat_template: replaces the tokenizer's template: a Jinja string, or a path to a file
+            holding one. It is saved with the tokenizer in exports.
+        max_length: tokens per row (cut beyond), or per packed sequence.
+        train_on: ``"assistant"`` (loss on the assistant's turns only) or ``"all"``.
+        pack: pack rows into ``max_length`` sequences instead of padding each.
+        batch_size: rows (or packed sequences' worth of rows) per batch.
+        train_size, val_size, seed: the built-in example's split.
+
+    Raises:
+        AdapterConfigError: at construction, before any training: a missing file, a row that
+            is not a conversation, a tokenizer folder that does not exist, a template that
+            does not render, or a bad collator option.
+    """
+
+    def __init__(
+        self,
+        train_file: str | None = None,
+        val_file: str | None = None,
+        tokenizer: str = BUILT_IN,
+        chat_template: str | None = None,
+        max_length: int = 256,
+        train_on: Literal["assistant", "all"] = "assistant",
+        pack: bool = False,
+        batch_size: int = 8,
+        train_size: int = 480,
+        val_size: int = 16,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = load_tokenizer(tokenizer)
+        if chat_template is not None:
+            if "{" not in chat_template:  # every Jinja template has a tag; this is a path
+                if not Path(chat_template).is_file():
+                    raise AdapterConfigError(
+                        f"chat_template {chat_template!r} is neither a Jinja template nor a file"
+                    )
+                chat_template = Path(chat_template).read_text(encoding="utf-8")
+            self.tokenizer.chat_template = chat_template
+        self.collate = ChatCollator(self.tokenizer, max_length, train_on, pack)
+        if train_file is None:
+            from lightning_peft.data import rotten_tomatoes, stratified_split
+
+            train, held_out = stratified_split(rotten_tomatoes(), train_size, val_size, seed=seed)
+            self.train_rows = [review_chat(text, label) for text, label in train]
+            self.val_rows = [review_chat(text, label) for text, label in held_out]
+        else:
+            self.train_rows = read_chats(train_file)
+            self.val_rows = []
+        if val_file is not None:
+            self.val_rows = read_chats(val_file)
+        try:  # a template that cannot render the first row fails here, not mid-run
+            self.collate(self.train_rows[:1])
+        except AdapterConfigError:
+            raise
+        except Exception as error:
+            raise AdapterConfigError(
+                f"the chat template cannot render the first training row: {error}"
+            ) from error
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_rows, self.batch_size, shuffle=True, collate_fn=self.collate
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_rows:
+            return []
+        return DataLoader(self.val_rows, self.batch_size, collate_fn=self.collate)
+
+
+class CausalLMTuning(pl.LightningModule):
+    """A causal LM trained on its own loss (batches bring ``labels``); knows nothing of adapters.
+
+    Args:
+        model: a local folder holding a transformers causal LM (``save_pretrained``), or
+            ``"smollm2"`` for the built-in SmolLM2-135M-Instruct.
+        lr: AdamW learning rate over the trainable tensors.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up of the learning rate, then constant.
+    """
+
+    def __init__(
+        self,
+        model: str = BUILT_IN,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if model == BUILT_IN:
+            from lightning_peft.data import load_smollm2
+
+            self.model, _ = load_smollm2()
+        elif Path(model).is_dir():
+            from transformers import AutoModelForCausalLM
+
+            self.model = AutoModelForCausalLM.from_pretrained(model)
+        else:
+            raise AdapterConfigError(
+                f"model {model!r} is not a folder; give a local folder a causal LM was saved "
+                f"to (save_pretrained), or {BUILT_IN!r} for the built-in one"
+            )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        rows = len(batch["input_ids"])
+        self.log("val_loss", self.model(**batch).loss, prog_bar=True, batch_size=rows)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+        warmup = max(1, self.hparams.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,112 @@
+"""Chat instruction tuning from the YAML: ChatData's files, tokenizer and template options."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from transformers import AutoTokenizer
+
+from lightning_peft import AdapterConfigError
+from lightning_peft.lightning.chat import ChatData
+from lightning_peft.lightning.cli import main
+from lightning_peft.sft import IGNORE
+
+pytestmark = pytest.mark.slow  # SmolLM2's tokenizer (and model) from the asset package
+
+CONFIG = "examples/configs/smollm2-chat-qlora.yaml"
+# A template unlike SmolLM2's own, so the tests can tell which one was used.
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CHATS = [
+    {"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
+    for w in ("yes", "no", "maybe", "never")
+]
+
+
+def write_chats(path, rows=CHATS):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_files_and_a_template_file_make_completion_only_batches(tmp_path):
+    (tmp_path / "t.jinja").write_text(TEMPLATE)
+    data = ChatData(
+        train_file=write_chats(tmp_path / "train.jsonl"),
+        val_file=write_chats(tmp_path / "val.jsonl", CHATS[:2]),
+        chat_template=str(tmp_path / "t.jinja"),
+        batch_size=4,
+    )
+    assert data.tokenizer.chat_template == TEMPLATE
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 4
+    decoded = data.tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
+    assert decoded.startswith("<|user|>Say ")  # rendered with the given template
+    trained = [
+        data.tokenizer.decode([t for t in row if t != IGNORE]) for row in batch["labels"].tolist()
+    ]
+    assert sorted(trained) == sorted(f"{w}<|end|>\n" for w in ("yes", "no", "maybe", "never"))
+    assert len(data.val_rows) == 2
+
+
+def test_without_files_it_serves_the_built_in_review_chats():
+    data = ChatData(train_size=8, val_size=4)
+    assert len(data.train_rows) == 8 and len(data.val_rows) == 4
+    answers = {row["messages"][-1]["content"] for row in data.train_rows}
+    assert answers == {"negative", "positive"}
+    assert "{%" in data.tokenizer.chat_template  # SmolLM2's own template
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (['{"messages": []}'], r"bad\.jsonl:1: expected \{\"messages\""),
+        (['{"messages": [{"role": "user", "content": "hi"}]}', "not json"], r"bad\.jsonl:2: not JSON"),
+        (['{"text": "hi"}'], r"bad\.jsonl:1: expected"),
+        ([""], r"holds no rows"),
+    ],
+)
+def test_bad_rows_are_refused_with_file_and_line(tmp_path, lines, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(AdapterConfigError, match=message):
+        ChatData(train_file=str(path))
+
+
+def test_bad_paths_and_templates_are_refused_before_training(tmp_path):
+    with pytest.raises(AdapterConfigError, match=r"chat file 'missing.jsonl' does not exist"):
+        ChatData(train_file="missing.jsonl")
+    with pytest.raises(AdapterConfigError, match=r"tokenizer 'org/some-model' is not a folder"):
+        ChatData(tokenizer="org/some-model")
+    with pytest.raises(AdapterConfigError, match=r"'t.jinja' is neither a Jinja template nor a file"):
+        ChatData(chat_template="t.jinja")
+    with pytest.raises(AdapterConfigError, match="cannot render the first training row"):
+        ChatData(chat_template="{{ messages[0]['nope'] + 1 }}", train_size=2, val_size=2)
+
+
+def test_fit_from_the_chat_yaml_with_a_template_then_export(tmp_path, monkeypatch, capsys):
+    root = os.getcwd()
+    monkeypatch.chdir(tmp_path)  # the YAML writes under runs/
+    config = os.path.join(root, CONFIG)
+    (tmp_path / "t.jinja").write_text(TEMPLATE)
+    data_args = [
+        "--data.init_args.train_file",
+        write_chats(tmp_path / "train.jsonl"),
+        "--data.init_args.val_file",
+        write_chats(tmp_path / "val.jsonl", CHATS[:2]),
+        "--data.init_args.chat_template",
+        "t.jinja",
+        "--data.init_args.batch_size",
+        "2",
+    ]
+    main(["fit", "--config", config, "--trainer.max_steps", "2", *data_args])
+    out = capsys.readouterr().out
+    assert "[step 2]" in out  # GenerationSamples ran at the end of training's validation
+    folder = tmp_path / "runs/chat/checkpoints/chat-peft"
+    assert AutoTokenizer.from_pretrained(folder).chat_template == TEMPLATE
+    ckpt = tmp_path / "runs/chat/checkpoints/chat.ckpt"
+    main(["export", "--config", config, *data_args, "--ckpt", str(ckpt), "--peft-dir", "peft"])
+    assert AutoTokenizer.from_pretrained(tmp_path / "peft").chat_template == TEMPLATE
