@@ -17,7 +17,8 @@ parameters, adapter checkpoint size), a PNG plot of accuracy against trainable p
 and the raw numbers as fidelity-<task>.json (``--replot`` redraws from them).
 
     python benchmarks/fidelity.py --task bbc --seeds 0 1 2      # about 6 minutes on 2 cores
-    python benchmarks/fidelity.py --task rt --seeds 0 1 2       # about 50 minutes
+    python benchmarks/fidelity.py --task rt --seeds 0 1 2       # about 70 minutes
+    python benchmarks/fidelity.py --task rt --add --methods "LoRA r=8 (q, v)"   # one row again
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ BBC_METHODS = {
         True,
         1e-3,
     ),
+    "QLoRA + LoftQ: NF4 + LoRA r=8": (
+        [LoRA(rank=8, alpha=16, target_modules=["query", "value"], init="loftq"), HEAD],
+        True,
+        1e-3,
+    ),
     "(IA)^3": (
         [IA3(target_modules=["key", "value", "intermediate.dense"], feedforward_modules=[]), HEAD],
         False,
@@ -99,11 +105,19 @@ def rt_methods() -> dict:
         "tokenizer_name_or_path": str(smollm2_path()),
     }
     lora = LoRA(rank=8, alpha=16, target_modules=["q_proj", "v_proj"])
+    loftq = LoRA(rank=8, alpha=16, target_modules=["q_proj", "v_proj"], init="loftq")
+    loftq_all = LoRA(rank=8, alpha=16, target_modules="all-linear", init="loftq")
     return {
         ZERO_SHOT: (None, False, None),
+        # What the 4-bit base costs before training, and what LoftQ's start wins back.
+        "zero-shot, NF4 base": (None, True, None),
+        "zero-shot, NF4 + LoftQ r=8 (q, v) at init": (loftq, True, None),
+        "zero-shot, NF4 + LoftQ r=8 (all linear) at init": (loftq_all, True, None),
         "full fine-tuning": (None, False, 1e-5),
         "LoRA r=8 (q, v)": (lora, False, 3e-4),
         "QLoRA: NF4 + LoRA r=8 (q, v)": (lora, True, 3e-4),
+        "QLoRA + LoftQ: NF4 + LoRA r=8 (q, v)": (loftq, True, 3e-4),
+        "QLoRA + LoftQ: NF4 + LoRA r=8 (all linear)": (loftq_all, True, 3e-4),
         "(IA)^3": (IA3(), False, 1e-2),
         "bottleneck (Pfeiffer, /16)": (
             BottleneckAdapter(reduction_factor=16, placement="pfeiffer", activation="silu"),
@@ -130,12 +144,12 @@ def checkpoint_bytes(model: torch.nn.Module, full: bool) -> int:
 
 
 def prepare(model: torch.nn.Module, adapters, nf4: bool) -> torch.nn.Module:
-    if nf4:
-        quantize_model(model, "nf4")
+    if nf4:  # with the adapters in the same call: LoftQ reads the float weights
+        quantize_model(model, "nf4", adapters=adapters)
+    elif adapters is not None:
+        apply_adapters(model, adapters)
     if adapters is None:
         model.requires_grad_(True)
-    else:
-        apply_adapters(model, adapters)
     return model
 
 
@@ -190,7 +204,8 @@ def run_rt(method: str, seed: int) -> dict:
     torch.manual_seed(seed)
     model, tokenizer = load_smollm2()
     train, test = review_split(640, 200, seed=0)
-    if method == ZERO_SHOT:  # the reference: the model as shipped, nothing trained or saved
+    if lr is None:  # a reference: the model as shipped (or as it starts), nothing trained
+        model = prepare(model, adapters, nf4) if nf4 else model
         acc = accuracy(model.requires_grad_(False), tokenizer, test)
         return {"accuracy": acc, "trainable": 0, "checkpoint_bytes": 0}
     model = prepare(model, adapters, nf4).train()
@@ -251,8 +266,8 @@ def plot(task: str, rows: dict[str, list[dict]], path: Path) -> None:
     figure, axes = plt.subplots(figsize=(8.4, 4))
     for method, runs in rows.items():
         accs = [r["accuracy"] for r in runs]
-        if method == ZERO_SHOT:  # nothing trained: a reference line, not a point on a log axis
-            axes.axhline(statistics.mean(accs), color="gray", linestyle="--", label=method)
+        if not runs[0]["trainable"]:  # nothing trained: a reference line, not a log-axis point
+            axes.axhline(statistics.mean(accs), linestyle="--", linewidth=1, label=method)
             continue
         axes.errorbar(
             runs[0]["trainable"],
@@ -279,6 +294,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="*", help="a subset of the method names")
     parser.add_argument(
+        "--add",
+        action="store_true",
+        help="keep the saved results of the other methods (same seeds) and add or replace "
+        "these methods' rows",
+    )
+    parser.add_argument(
         "--replot",
         action="store_true",
         help="rewrite the table and plot from the saved results/fidelity-<task>.json; trains nothing",
@@ -290,7 +311,15 @@ def main() -> None:
             parser.error(f"--replot reads {raw}, which does not exist: run without --replot first")
         saved = json.loads(raw.read_text())
     else:
+        previous = json.loads(raw.read_text()) if args.add and raw.exists() else None
+        if previous is not None and previous["seeds"] != args.seeds:
+            parser.error(f"--add needs the saved seeds {previous['seeds']}, got {args.seeds}")
         saved = measure(parser, args)
+        if previous is not None:  # the methods' order stays the table's, new ones in place
+            order = list(rt_methods() if args.task == "rt" else BBC_METHODS)
+            rows = {**previous["rows"], **saved["rows"]}
+            saved["rows"] = {m: rows[m] for m in sorted(rows, key=order.index)}
+            saved["seconds"] += previous["seconds"]
         RESULTS.mkdir(exist_ok=True)
         raw.write_text(json.dumps(saved, indent=1) + "\n")
     text = write(args.task, **saved)

@@ -11,6 +11,7 @@ Face PEFT format.
 
     python examples/demo.py                 # about 6 minutes on 2 CPU cores (make demo)
     python examples/demo.py --steps 10      # a quicker look
+    python examples/demo.py --init loftq    # LoftQ adapters: start near the float model
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from pathlib import Path
 import lightning as L
 
 import lightning_peft
-from lightning_peft import AdapterCheckpoint, count_parameters
+from lightning_peft import (
+    AdapterCheckpoint,
+    LoRA,
+    PeftCallback,
+    count_parameters,
+    disable_adapters,
+)
 from lightning_peft.lightning.tasks import ReviewData, ReviewSentiment
 from lightning_peft.quantization import memory_report
 
@@ -40,6 +47,13 @@ def main() -> None:
     parser.add_argument("--eval-size", type=int, default=200, help="held-out reviews")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    parser.add_argument(
+        "--init",
+        choices=["kaiming", "loftq"],
+        default="kaiming",
+        help="LoRA's initialisation: B = 0 (the adapted model starts as the NF4 base) or LoftQ "
+        "(it starts near the float model)",
+    )
     args = parser.parse_args()
     clock: dict[str, float] = {}
     mark = time.perf_counter()
@@ -57,6 +71,7 @@ def main() -> None:
     lap("load model and data")
 
     checkpoints = args.out / "checkpoints"
+    adapters = [PeftCallback(LoRA(rank=8, alpha=16, init="loftq"))] if args.init == "loftq" else []
     trainer = lightning_peft.Trainer(
         precision="nf4-lora",  # NF4 + double quantization, LoRA r=8 on all linear layers
         accelerator="cpu",
@@ -68,6 +83,7 @@ def main() -> None:
         val_check_interval=None,
         check_val_every_n_epoch=None,
         callbacks=[
+            *adapters,
             AdapterCheckpoint(
                 dirpath=checkpoints,
                 filename="sentiment",
@@ -78,6 +94,9 @@ def main() -> None:
         ],
     )
     before = trainer.validate(module, data, verbose=False)[0]["val_acc"]
+    if args.init == "loftq":  # the NF4 base alone, for comparison
+        with disable_adapters(module.model):
+            base = trainer.validate(module, data, verbose=False)[0]["val_acc"]
     lap("score held-out reviews (before)")
     trainer.fit(module, data)
     lap("train")
@@ -92,7 +111,11 @@ def main() -> None:
     print(
         f"\nQLoRA (nf4-lora) on SmolLM2-135M-Instruct, Rotten Tomatoes, {args.eval_size} held-out reviews"
     )
-    print(f"  accuracy before: {before:.3f}   (the NF4 base, zero-shot)")
+    if args.init == "loftq":
+        print(f"  accuracy before: {base:.3f}   (the NF4 base, zero-shot)")
+        print(f"                   {before:.3f}   (NF4 base + LoftQ adapters at init)")
+    else:
+        print(f"  accuracy before: {before:.3f}   (the NF4 base, zero-shot)")
     print(f"  accuracy after:  {after:.3f}   ({args.steps} steps of {args.batch_size} reviews)")
     print(
         f"  trainable:       {counts.trainable:,} of {counts.total:,} parameters ({100 * counts.trainable_fraction:.2f}%)"
@@ -115,11 +138,12 @@ def main() -> None:
         f"                   {peft_file.parent}/ ({peft_file.stat().st_size / 2**20:.1f} MiB, Hugging Face PEFT)"
     )
     print(f"                   the float32 base they adapt: {float_bytes / 2**20:.0f} MiB")
-    print(
-        "  resume (20 more steps, from the command line):\n"
-        f"    lightning-peft fit --config {CLI_CONFIG} --ckpt_path {checkpoint} "
-        f"--trainer.max_steps {args.steps + 20}"
-    )
+    if args.init == "kaiming":  # the YAML's adapters are the default ones
+        print(
+            "  resume (20 more steps, from the command line):\n"
+            f"    lightning-peft fit --config {CLI_CONFIG} --ckpt_path {checkpoint} "
+            f"--trainer.max_steps {args.steps + 20}"
+        )
     print("  where the time went:")
     for phase, seconds in clock.items():
         print(f"    {phase:<34} {seconds:6.0f} s")

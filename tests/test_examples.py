@@ -107,6 +107,16 @@ def test_demo_fine_tunes_smollm2_in_nf4_reports_and_resumes_from_the_command_lin
     assert resumed["global_step"] == 4  # went on from step 2
 
 
+@pytest.mark.slow
+def test_demo_with_loftq_reports_the_start_both_ways(capsys, tmp_path):
+    args = ("--steps", "1", "--eval-size", "16", "--out", str(tmp_path), "--init", "loftq")
+    out = run_example("demo.py", capsys, *args)
+    base = accuracy("accuracy before", out)
+    at_init = float(re.search(r"([0-9.]+) +\(NF4 base \+ LoftQ adapters at init\)", out).group(1))
+    assert 0.4 < base <= 1 and 0.4 < at_init <= 1
+    assert "lightning-peft fit" not in out  # the YAML's default adapters would not fit it
+
+
 def test_multi_adapter_example_trains_two_tasks_in_mixed_batches(capsys):
     out = run_example("multi_adapter.py", capsys)
     scores = re.findall(r"counting up ([0-9.]+), counting down ([0-9.]+)", out)

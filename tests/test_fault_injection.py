@@ -148,7 +148,7 @@ def test_cli_export_fails_at_each_step_without_a_trace(tmp_path, monkeypatch):
     """The command line's errors are one line; the folder stays as it was."""
     from lightning_peft.lightning import cli
 
-    monkeypatch.setattr(cli, "load_adapter_checkpoint", lambda config, ckpt: adapted(int(ckpt)))
+    monkeypatch.setattr(cli, "load_for_export", lambda config, ckpt, o: (adapted(int(ckpt)), None))
     model_class = type(tiny_llama())
     for i, step in enumerate([(model_class, "save_pretrained", 1), rename(1), rename(6)]):
         target = tmp_path / str(i) / "merged"
@@ -162,7 +162,7 @@ def test_cli_export_fails_at_each_step_without_a_trace(tmp_path, monkeypatch):
                 raise OSError(str(exit_info.code)) from None
 
         first_then_failing_second(write, target, monkeypatch, step)
-        monkeypatch.setattr(cli, "load_adapter_checkpoint", lambda c, k: adapted(int(k)))
+        monkeypatch.setattr(cli, "load_for_export", lambda c, k, o: (adapted(int(k)), None))
 
 
 # -- killed mid-save ------------------------------------------------------------------------

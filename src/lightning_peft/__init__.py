@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from lightning_peft.lightning import (
         AdapterCheckpoint,
         AdapterModelParallelStrategy,
+        Distillation,
         PeftCallback,
         PeftMixin,
         PeftModelSummary,
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
 _LIGHTNING_NAMES = (
     "AdapterModelParallelStrategy",
     "AdapterCheckpoint",
+    "Distillation",
     "PeftCallback",
     "PeftMixin",
     "PeftModelSummary",
@@ -77,6 +79,7 @@ __all__ = [
     "AdapterStateKeyError",
     "BitFit",
     "BottleneckAdapter",
+    "Distillation",
     "IA3",
     "LoRA",
     "LoRALinear",

@@ -1,6 +1,7 @@
 """The only layer that imports Lightning: callbacks, the mixin, the precision plugin, the Trainer."""
 
 from lightning_peft.lightning.callbacks import AdapterCheckpoint, PeftCallback
+from lightning_peft.lightning.distillation import Distillation
 from lightning_peft.lightning.generation import GenerationSamples
 from lightning_peft.lightning.mixin import PeftMixin
 from lightning_peft.lightning.precision import PeftPrecision
@@ -11,6 +12,7 @@ from lightning_peft.lightning.trainer import Trainer
 __all__ = [
     "AdapterModelParallelStrategy",
     "AdapterCheckpoint",
+    "Distillation",
     "GenerationSamples",
     "PeftCallback",
     "PeftMixin",

@@ -128,9 +128,7 @@ def export(argv: Sequence[str]) -> None:
     try:
         if args.merged_dir:  # before the (slow) load: a refused target costs nothing
             check_folder_target(args.merged_dir, is_export_file, overwrite=args.overwrite)
-        cli = PeftCLI(args=["--config", args.config, *overrides], run=False)
-        module = load_adapter_checkpoint(args.config, args.ckpt, cli)
-        tokenizer = config_tokenizer(cli)
+        module, tokenizer = load_for_export(args.config, args.ckpt, overrides)
         if args.peft_dir:
             names = sorted({a["name"] for a in read_metadata(_load(args.ckpt))["adapters"]})
             save_peft(
@@ -146,6 +144,13 @@ def export(argv: Sequence[str]) -> None:
             print(f"merged model written to {args.merged_dir}")
     except (OSError, ValueError, KeyError, TypeError, ImportError) as error:
         sys.exit(f"lightning-peft export: {error}")
+
+
+def load_for_export(config: str, ckpt: str, overrides: Sequence[str] = ()) -> tuple[Any, Any]:
+    """``(module, tokenizer)``: :func:`load_adapter_checkpoint` of the config with the fit
+    command's overrides, and :func:`config_tokenizer` (None when there is none)."""
+    cli = PeftCLI(args=["--config", config, *overrides], run=False)
+    return load_adapter_checkpoint(config, ckpt, cli), config_tokenizer(cli)
 
 
 def config_tokenizer(cli: PeftCLI) -> Any:

@@ -1,0 +1,161 @@
+"""Knowledge distillation (Hinton et al. 2015; DistilBERT, Sanh et al. 2019): a student
+learns the teacher's predicted distribution, not only the labels.
+
+    kd_loss = T² · KL( softmax(teacher / T) ‖ softmax(student / T) )
+
+summed over classes and averaged over examples (or over the unmasked tokens of a language
+model). The temperature ``T`` softens both distributions so the student sees how the teacher
+ranks the wrong answers too; ``T²`` keeps the gradient's scale the same across temperatures.
+:func:`shrink` builds DistilBERT's student: the teacher with every other layer kept.
+The Lightning side is :class:`lightning_peft.Distillation`, a callback.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_peft.errors import AdapterConfigError
+
+# The class-name endings of the modules a transformers model stacks into its layer lists.
+_LAYER_SUFFIXES = ("Layer", "Block")
+# Config fields holding a stack's depth, by the name of the stack inside the model.
+_DEPTH_FIELDS = {"decoder.block": "num_decoder_layers", "encoder.block": "num_layers"}
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 2.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, a scalar.
+
+    Args:
+        student_logits, teacher_logits: ``(..., classes)``, the same shape.
+        temperature: ``T > 0``.
+        mask: ``student_logits.shape[:-1]``, true (or 1) where a position counts (an
+            attention mask, say); the loss is averaged over those positions. Default: every
+            position counts.
+
+    Raises:
+        AdapterConfigError: shapes that differ (another vocabulary or label count) or a
+            temperature that is not a positive number.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise AdapterConfigError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ: distillation needs the same vocabulary "
+            "(or label count) and the same inputs"
+        )
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+        temperature > 0
+    ):
+        raise AdapterConfigError(f"temperature must be a positive number, got {temperature!r}")
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    # KL(t || s) per position, summed over classes
+    per_position = (teacher.exp() * (teacher - student)).sum(-1)
+    if mask is None:
+        loss = per_position.mean()
+    else:
+        if mask.shape != per_position.shape:
+            raise AdapterConfigError(
+                f"mask has shape {tuple(mask.shape)}, the logits' positions "
+                f"{tuple(per_position.shape)}"
+            )
+        weight = mask.to(per_position.dtype)
+        loss = (per_position * weight).sum() / weight.sum().clamp(min=1)
+    return loss * temperature**2
+
+
+def layer_stacks(model: nn.Module) -> dict[str, nn.ModuleList]:
+    """The layer lists of a transformers model by name (``model.layers``, ``transformer.h``,
+    ``bert.encoder.layer``, ``encoder.block`` and ``decoder.block``): module lists of
+    ``...Layer`` / ``...Block`` modules not nested in another such list."""
+    stacks: dict[str, nn.ModuleList] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or not len(module):
+            continue
+        if any(name.startswith(f"{outer}.") for outer in stacks):
+            continue
+        if all(type(m).__name__.endswith(_LAYER_SUFFIXES) for m in module):
+            stacks[name] = module
+    return stacks
+
+
+def shrink(
+    model: nn.Module, keep: Literal["every-other"] | Sequence[int] = "every-other"
+) -> nn.Module:
+    """A copy of ``model`` with only some of its layers: DistilBERT's student initialisation.
+
+    Args:
+        model: a transformers model (Llama-like, GPT-2, BERT, RoBERTa, T5, ...); left as it is.
+        keep: ``"every-other"`` (layers 0, 2, 4, ...) or the layer indices to keep, applied
+            to every layer stack (T5's encoder and decoder each).
+
+    Returns:
+        A new model: each kept layer identical to its source (weights copied), the config's
+        depth (and per-layer fields such as ``layer_types``) updated and the layers' cache
+        indices renumbered, ready for ``save_pretrained``.
+
+    Raises:
+        AdapterConfigError: no layer stack found, or a ``keep`` that is empty, repeats, is out
+            of range, or drops T5's block 0 (which holds the position bias).
+    """
+    stacks = layer_stacks(model)
+    if not stacks:
+        raise AdapterConfigError(
+            f"shrink finds no layer stack in {type(model).__name__} (a ModuleList of ...Layer "
+            "or ...Block modules)"
+        )
+    plans = {}
+    for name, stack in stacks.items():
+        depth = len(stack)
+        if isinstance(keep, str) and keep != "every-other":
+            raise AdapterConfigError(f"keep must be 'every-other' or a list of indices, got {keep!r}")
+        kept = list(range(0, depth, 2)) if keep == "every-other" else list(keep)
+        if (
+            not kept
+            or len(set(kept)) != len(kept)
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < depth for i in kept)
+        ):
+            raise AdapterConfigError(
+                f"keep must be distinct layer indices in [0, {depth}) for {name}, got {keep!r}"
+            )
+        holds_bias = any(getattr(m, "has_relative_attention_bias", False) for m in stack[0].modules())
+        if holds_bias and 0 not in kept:
+            raise AdapterConfigError(
+                f"{name}: layer 0 holds the relative position bias the others use (T5); keep "
+                "must include 0"
+            )
+        plans[name] = sorted(kept)
+    student = copy.deepcopy(model)
+    config = getattr(student, "config", None)
+    for name, kept in plans.items():
+        stack = student.get_submodule(name)
+        old_depth = len(stack)
+        layers = [stack[i] for i in kept]
+        for index, layer in enumerate(layers):
+            for module in layer.modules():  # the key/value cache is indexed by layer
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = index
+        parent_name, _, child = name.rpartition(".")
+        setattr(student.get_submodule(parent_name), child, nn.ModuleList(layers))
+        if config is not None:
+            _update_depth(config, name, old_depth, kept)
+    return student
+
+
+def _update_depth(config: object, stack: str, old_depth: int, kept: list[int]) -> None:
+    field = next((f for suffix, f in _DEPTH_FIELDS.items() if stack.endswith(suffix)), None)
+    field = field or "num_hidden_layers"
+    setattr(config, field, len(kept))
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == old_depth:
+        config.layer_types = [layer_types[i] for i in kept]

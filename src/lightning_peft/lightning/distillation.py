@@ -1,0 +1,222 @@
+"""``Distillation``: train a student on its labels and on a teacher's distribution, from a
+callback, with the module's ``training_step`` unchanged."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from typing_extensions import override
+
+from lightning_peft.adapters.inputs import find_transformers_model
+from lightning_peft.checkpoint.metadata import fingerprint_frozen
+from lightning_peft.distillation import kd_loss
+from lightning_peft.errors import AdapterConfigError, AdapterStateError
+from lightning_peft.injection import adapter_parameter_names
+from lightning_peft.switching import disable_adapters
+
+SELF = "base"  # Distillation(teacher="base"): the student's own base, adapters off
+
+
+class Distillation(Callback):
+    """Make each training loss ``alpha * kd + (1 - alpha) * loss``, ``kd`` being
+    :func:`~lightning_peft.distillation.kd_loss` between the student's logits and the teacher's
+    on the same inputs.
+
+    The module stays as it is: its ``training_step`` returns its model's loss on the labels.
+    The callback watches the transformers model inside the module (the student); when it runs
+    during a training step, the teacher runs on the same inputs without gradients. Validation,
+    test and predict see the student alone.
+
+    Args:
+        teacher: a frozen transformers model with the student's vocabulary (or label count),
+            or ``"base"``: the student's own base model with its adapters off (self-
+            distillation, a guard against forgetting, without a second copy of the weights;
+            needs adapters, e.g. ``PeftCallback`` alongside).
+        temperature: ``T`` of the softened distributions.
+        alpha: weight of the distillation term; ``None`` leaves the loss as the module
+            returns it (a module that combines its own reads :attr:`teacher_logits`).
+        quantize: ``"nf4"`` (or ``"fp4"``, ``"int8"``) stores the teacher's linear layers in
+            that format, to save memory.
+
+    The teacher is put in eval mode and frozen, moved to the student's device (on every rank
+    under DDP), never given to the optimizer and never saved: checkpoints hold its
+    fingerprint, and resuming with another teacher is refused. For language models the loss
+    is averaged over the positions the batch's ``attention_mask`` keeps.
+
+    Raises:
+        AdapterConfigError: a bad argument, or (at setup, before training) a teacher whose
+            vocabulary or label count differs from the student's.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module | str,
+        temperature: float = 2.0,
+        alpha: float | None = 0.5,
+        quantize: str | None = None,
+    ) -> None:
+        problems = []
+        if isinstance(teacher, str) and teacher != SELF:
+            problems.append(f"teacher must be a model or {SELF!r}, got {teacher!r}")
+        elif not isinstance(teacher, (nn.Module, str)):
+            problems.append(f"teacher must be a model or {SELF!r}, got {type(teacher).__name__}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            temperature > 0
+        ):
+            problems.append(f"temperature must be a positive number, got {temperature!r}")
+        if alpha is not None and (
+            isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1
+        ):
+            problems.append(f"alpha must be in [0, 1] or None, got {alpha!r}")
+        if quantize not in (None, "nf4", "fp4", "int8"):
+            problems.append(f"quantize must be None, 'nf4', 'fp4' or 'int8', got {quantize!r}")
+        if quantize is not None and teacher == SELF:
+            problems.append("quantize applies to a separate teacher, not to teacher='base'")
+        if problems:
+            raise AdapterConfigError("invalid Distillation:\n  - " + "\n  - ".join(problems))
+        self.teacher = teacher
+        self.temperature, self.alpha, self.quantize = temperature, alpha, quantize
+        self.teacher_logits: torch.Tensor | None = None
+        self.last_kd: torch.Tensor | None = None
+        self._armed = False
+        self._in_teacher = False
+        self._hook: Any = None
+        self._fingerprint: str | None = None
+        self._restored_fingerprint: str | None = None
+
+    @property
+    def is_self_distillation(self) -> bool:
+        return isinstance(self.teacher, str)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self._hook is not None:
+            return
+        student = find_transformers_model(pl_module, "Distillation")
+        if not self.is_self_distillation:
+            teacher = self.teacher
+            if any(teacher is m for m in pl_module.modules()):
+                raise AdapterConfigError(
+                    "the teacher is a submodule of the LightningModule: it would be trained and "
+                    "saved; keep it outside the module (or use teacher='base')"
+                )
+            _check_same_outputs(student, teacher)
+            teacher.requires_grad_(False).eval()
+        self._hook = student.register_forward_hook(self._after_student, with_kwargs=True)
+        self._wrap_training_step(pl_module)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self._hook is None:
+            return
+        self._hook.remove()
+        self._hook = None
+        pl_module.__dict__.pop("training_step", None)  # the class's own again
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here the strategy has put the student on its device, and every callback's setup
+        # (PeftCallback's adapters included) has run.
+        if self.is_self_distillation:
+            if not adapter_parameter_names(pl_module):
+                raise AdapterConfigError(
+                    "teacher='base' distills from the student's base with its adapters off, "
+                    "and the module has no adapters: add PeftCallback(...) (or use PeftMixin)"
+                )
+            return
+        teacher = self.teacher
+        if self.quantize is not None and not teacher.__dict__.get("_distillation_quantized"):
+            from lightning_peft.quantization import quantize_model
+
+            quantize_model(teacher, self.quantize, device=pl_module.device)
+            teacher.__dict__["_distillation_quantized"] = True
+        teacher.to(pl_module.device)
+        self._fingerprint = fingerprint_frozen(teacher)
+        restored = self._restored_fingerprint
+        if restored is not None and self._fingerprint is not None and restored != self._fingerprint:
+            raise AdapterStateError(
+                "the checkpoint was trained with another teacher (its fingerprint differs); "
+                "resume with the teacher the run started with"
+            )
+
+    def _wrap_training_step(self, pl_module: pl.LightningModule) -> None:
+        # The instance attribute wins over the class's method; Lightning (and its DDP
+        # wrapper) look training_step up on the instance.
+        original = type(pl_module).training_step.__get__(pl_module)
+
+        @functools.wraps(original)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            self._armed, self.teacher_logits, self.last_kd = True, None, None
+            try:
+                output = original(*args, **kwargs)
+            finally:
+                self._armed = False
+            if self.alpha is None or output is None:
+                return output
+            if self.last_kd is None:
+                raise AdapterStateError(
+                    "Distillation: the student model did not run inside training_step, so "
+                    "there is no student output to distill into"
+                )
+            loss = output["loss"] if isinstance(output, dict) else output
+            combined = self.alpha * self.last_kd + (1 - self.alpha) * loss
+            pl_module.log("kd_loss", self.last_kd.detach(), prog_bar=False)
+            return {**output, "loss": combined} if isinstance(output, dict) else combined
+
+        pl_module.training_step = training_step  # type: ignore[method-assign]
+
+    def _after_student(
+        self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any
+    ) -> None:
+        if not self._armed or self._in_teacher:
+            return
+        logits = getattr(output, "logits", None)
+        if logits is None and isinstance(output, (tuple, list)):
+            logits = output[0]
+        inputs = {k: v for k, v in kwargs.items() if k not in ("labels", "return_dict")}
+        self._in_teacher = True
+        try:
+            with torch.no_grad():
+                if self.is_self_distillation:
+                    with disable_adapters(module):
+                        teacher_output = module(*args, **inputs)
+                else:
+                    teacher_output = self.teacher(*args, **inputs)
+        finally:
+            self._in_teacher = False
+        teacher_logits = getattr(teacher_output, "logits", None)
+        if teacher_logits is None:
+            teacher_logits = teacher_output[0]
+        mask = kwargs.get("attention_mask") if logits.dim() == 3 else None
+        if mask is not None and mask.shape != logits.shape[:-1]:
+            mask = None  # prompt tuning and the like add positions the mask does not cover
+        self.teacher_logits = teacher_logits
+        kd = kd_loss(logits, teacher_logits, self.temperature, mask)
+        self.last_kd = kd if self.last_kd is None else self.last_kd + kd
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"teacher_fingerprint": self._fingerprint}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored_fingerprint = state_dict.get("teacher_fingerprint")
+
+
+def _check_same_outputs(student: nn.Module, teacher: nn.Module) -> None:
+    """Refuse a teacher whose vocabulary or label count differs from the student's."""
+    for field in ("vocab_size", "num_labels"):
+        ours = getattr(getattr(student, "config", None), field, None)
+        theirs = getattr(getattr(teacher, "config", None), field, None)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise AdapterConfigError(
+                f"teacher {type(teacher).__name__} has {field}={theirs}, the student "
+                f"{type(student).__name__} {field}={ours}: distillation compares their output "
+                "distributions, which need the same classes"
+            )
+

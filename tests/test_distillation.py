@@ -1,0 +1,272 @@
+"""Distillation: kd_loss, shrink (DistilBERT's student) and the Distillation callback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning_modules import QV_LORA, CausalLM, fit, token_data
+from snapshots import refused_without_a_trace
+from tiny_models import VOCAB, tiny_llama
+from transformers import (
+    AutoModel,
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from lightning_peft import (
+    AdapterCheckpoint,
+    AdapterConfigError,
+    AdapterStateError,
+    Distillation,
+    PeftCallback,
+    adapter_state_dict,
+)
+from lightning_peft.distillation import kd_loss, layer_stacks, shrink
+
+# ---------------------------------------------------------------------------- kd_loss
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+def test_kd_loss_is_t_squared_kl_averaged_over_examples(temperature):
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7, generator=generator)
+    expected = 0.0
+    for s, t in zip(student, teacher, strict=True):
+        p = torch.softmax(t / temperature, -1)
+        q = torch.softmax(s / temperature, -1)
+        expected += (p * (p.log() - q.log())).sum()
+    expected = temperature**2 * expected / 5
+    assert torch.allclose(kd_loss(student, teacher, temperature), expected, atol=1e-6)
+
+
+def test_kd_loss_averages_over_unmasked_tokens_only():
+    generator = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(2, 2, 4, 11, generator=generator)  # (B=2, T=4, V=11) each
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    kept = mask.bool()
+    expected = kd_loss(student[kept], teacher[kept], 2.0)  # the 5 unmasked positions alone
+    assert torch.allclose(kd_loss(student, teacher, 2.0, mask), expected, atol=1e-6)
+    student[~kept] += 100  # masked positions change nothing
+    assert torch.allclose(kd_loss(student, teacher, 2.0, mask), expected, atol=1e-6)
+
+
+def test_kd_loss_is_zero_for_equal_logits_and_keeps_its_gradient_scale_across_temperatures():
+    generator = torch.Generator().manual_seed(2)
+    teacher = torch.randn(64, 10, generator=generator)
+    assert kd_loss(teacher.clone(), teacher, 3.0).abs() < 1e-6
+    norms = []
+    for temperature in (8.0, 16.0):
+        student = torch.randn(64, 10, generator=torch.Generator().manual_seed(3))
+        student.requires_grad_(True)
+        kd_loss(student, teacher, temperature).backward()
+        norms.append(student.grad.norm().item())
+    # Hinton et al.: the T² factor makes the gradient ~ (z_s - z_t) / (N·C), whatever T
+    assert 0.9 < norms[0] / norms[1] < 1.1
+
+
+def test_kd_loss_refuses_other_vocabularies_and_bad_temperatures():
+    with pytest.raises(AdapterConfigError, match=r"student logits \(2, 5\) and teacher logits \(2, 6\) differ"):
+        kd_loss(torch.zeros(2, 5), torch.zeros(2, 6))
+    with pytest.raises(AdapterConfigError, match="temperature must be a positive number, got 0"):
+        kd_loss(torch.zeros(2, 5), torch.zeros(2, 5), temperature=0)
+
+
+# ----------------------------------------------------------------------------- shrink
+
+
+def four_layers(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    small = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, vocab_size=VOCAB)
+    if family == "llama":
+        config = LlamaConfig(**small, num_hidden_layers=4, num_key_value_heads=2)
+        return LlamaForCausalLM(config).eval()
+    if family == "gpt2":
+        config = GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=VOCAB, n_positions=64)
+        return GPT2LMHeadModel(config).eval()
+    if family == "bert":
+        return BertForSequenceClassification(BertConfig(**small, num_hidden_layers=4)).eval()
+    if family == "roberta":
+        config = RobertaConfig(**small, num_hidden_layers=4, pad_token_id=1)
+        return RobertaForSequenceClassification(config).eval()
+    config = T5Config(
+        d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=4, num_decoder_layers=4,
+        vocab_size=VOCAB, decoder_start_token_id=0,
+    )
+    return T5ForConditionalGeneration(config).eval()
+
+
+def run(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        if model.config.is_encoder_decoder:
+            return model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "roberta", "t5"])
+def test_shrink_keeps_every_other_layer_identical_and_saves(family, tmp_path):
+    teacher = four_layers(family)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = shrink(teacher)
+    stacks, sources = layer_stacks(student), layer_stacks(teacher)
+    assert stacks.keys() == sources.keys() and len(stacks) == (2 if family == "t5" else 1)
+    for name, stack in stacks.items():
+        assert len(stack) == 2
+        for index, source in zip((0, 1), (0, 2), strict=True):
+            ours, theirs = stack[index].state_dict(), sources[name][source].state_dict()
+            assert ours.keys() == theirs.keys()
+            assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert student.config.num_hidden_layers == 2
+    if family == "t5":
+        assert (student.config.num_layers, student.config.num_decoder_layers) == (2, 2)
+    # the teacher is untouched; the student saves and loads as an ordinary model
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    assert teacher.config.num_hidden_layers == 4
+    student.save_pretrained(tmp_path)
+    loaded = type(student).from_pretrained(tmp_path).eval()
+    ids = torch.randint(2, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(run(loaded, ids), run(student, ids))
+    assert not torch.allclose(run(student, ids), run(teacher, ids))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_shrunk_decoder_generates_with_its_cache(family):
+    student = shrink(four_layers(family), keep=[1, 3])
+    ids = torch.randint(2, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+    out = student.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    # the cache (indexed by layer) gives what recomputing the whole sequence gives
+    full = ids
+    for _ in range(4):
+        full = torch.cat([full, run(student, full)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, full)
+
+
+def test_shrink_refuses_bad_keeps_and_models_without_layers():
+    model = four_layers("llama")
+    with pytest.raises(AdapterConfigError, match=r"distinct layer indices in \[0, 4\) for model.layers, got \[0, 4\]"):
+        shrink(model, keep=[0, 4])
+    with pytest.raises(AdapterConfigError, match=r"got \[1, 1\]"):
+        shrink(model, keep=[1, 1])
+    with pytest.raises(AdapterConfigError, match="keep must be 'every-other'"):
+        shrink(model, keep="every-third")
+    with pytest.raises(AdapterConfigError, match="layer 0 holds the relative position bias"):
+        shrink(four_layers("t5"), keep=[1, 3])
+    with pytest.raises(AdapterConfigError, match="finds no layer stack in Linear"):
+        shrink(torch.nn.Linear(2, 2))
+
+
+# --------------------------------------------------------------------- the callback
+
+
+def teacher_model() -> LlamaForCausalLM:
+    return tiny_llama(seed=5)  # another model of the student's architecture
+
+
+def held_out_kl(student: torch.nn.Module, teacher: torch.nn.Module) -> float:
+    ids = token_data(8).dataset
+    ids = torch.stack(list(ids))
+    with torch.no_grad():
+        return kd_loss(student(input_ids=ids).logits, teacher(input_ids=ids).logits, 1.0).item()
+
+
+def test_the_callback_pulls_a_student_that_knows_nothing_of_it_toward_the_teacher(tmp_path):
+    module = CausalLM()
+    module.model.eval()  # the mechanism does not depend on train mode
+    teacher = teacher_model()
+    before = held_out_kl(module.model, teacher)
+    distill = Distillation(teacher, temperature=2.0, alpha=1.0)
+    fit(module, tmp_path, 20, [distill], data=token_data(48))
+    after = held_out_kl(module.model, teacher)
+    assert after < 0.7 * before, (before, after)
+    hard_labels_only = CausalLM()  # the same steps on the labels alone move away from it
+    fit(hard_labels_only, tmp_path / "hard", 20, [], data=token_data(48))
+    assert held_out_kl(hard_labels_only.model, teacher) > before > after
+    assert distill.last_kd is not None and distill.teacher_logits.shape[-1] == VOCAB
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    assert "training_step" not in module.__dict__  # the module is as it was after fit
+
+
+def test_alpha_none_leaves_the_loss_and_provides_the_teacher_logits(tmp_path):
+    module = CausalLM()
+    straight = fit(CausalLM(), tmp_path / "a", 3, [])
+    distill = Distillation(teacher_model(), alpha=None)
+    run_ = fit(module, tmp_path / "b", 3, [distill])
+    assert run_.losses == straight.losses  # the module's own loss, untouched
+    assert distill.teacher_logits is not None
+
+
+def test_teacher_stays_out_of_checkpoint_and_optimizer_and_resume_is_exact(tmp_path):
+    teacher = teacher_model()
+
+    def callbacks():
+        return [PeftCallback(QV_LORA), Distillation(teacher, alpha=0.5)]
+
+    straight = CausalLM()
+    reference = fit(straight, tmp_path / "a", 6, callbacks())
+    first = CausalLM()
+    saver = AdapterCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    run_ = fit(first, tmp_path / "b", 3, [*callbacks(), saver])
+    optimizer_params = {id(p) for group in run_.trainer.optimizers[0].param_groups for p in group["params"]}
+    assert not optimizer_params & {id(p) for p in teacher.parameters()}
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
+    checkpoint = torch.load(ckpt, weights_only=True)
+    assert set(checkpoint["state_dict"]) == set(adapter_state_dict(first))
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("Distillation")]
+    assert set(state) == {"teacher_fingerprint"} and len(state["teacher_fingerprint"]) == 64
+
+    resumed = CausalLM()
+    second = fit(resumed, tmp_path / "c", 6, callbacks(), ckpt_path=str(ckpt))
+    assert second.losses == reference.losses[3:]
+    final, expected = adapter_state_dict(resumed), adapter_state_dict(straight)
+    assert all(torch.equal(final[k], expected[k]) for k in final)
+
+    other = [PeftCallback(QV_LORA), Distillation(tiny_llama(seed=6), alpha=0.5)]
+    with pytest.raises(AdapterStateError, match="trained with another teacher"):
+        fit(CausalLM(), tmp_path / "d", 6, other, ckpt_path=str(ckpt))
+
+
+def test_another_vocabulary_is_refused_before_training(tmp_path):
+    module = CausalLM()
+    teacher = tiny_llama(seed=1, vocab_size=VOCAB + 8)
+    with refused_without_a_trace(module, AdapterConfigError, r"vocab_size=264, the student"):
+        fit(module, tmp_path, 2, [Distillation(teacher)])
+
+
+def test_self_distillation_uses_the_base_with_adapters_off(tmp_path):
+    module = CausalLM(lr=5e-2)
+    distill = Distillation("base", alpha=0.5)
+    fit(module, tmp_path, 4, [PeftCallback(QV_LORA), distill])
+    assert distill.last_kd.item() > 0  # the adapters moved the student away from its base
+    with pytest.raises(AdapterConfigError, match="the module has no adapters"):
+        fit(CausalLM(), tmp_path / "b", 2, [Distillation("base")])
+
+
+def test_an_nf4_teacher_is_quantized_once_and_teaches(tmp_path):
+    import bitsandbytes as bnb
+
+    teacher = teacher_model()
+    module = CausalLM()
+    before = held_out_kl(module.model, teacher)
+    fit(module, tmp_path, 20, [Distillation(teacher, alpha=1.0, quantize="nf4")], data=token_data(48))
+    layer = teacher.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, bnb.nn.Linear4bit)
+    assert held_out_kl(module.model, teacher) < 0.7 * before
+
+
+def test_bad_arguments_are_refused_together():
+    with pytest.raises(AdapterConfigError) as info:
+        Distillation("teacher.pt", temperature=-1, alpha=2, quantize="q2")
+    message = str(info.value)
+    for part in ("teacher must be a model or 'base', got 'teacher.pt'",
+                 "temperature must be a positive number, got -1",
+                 "alpha must be in [0, 1] or None, got 2",
+                 "quantize must be None, 'nf4', 'fp4' or 'int8', got 'q2'"):
+        assert part in message
