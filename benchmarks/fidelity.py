@@ -205,7 +205,8 @@ def run_rt(method: str, seed: int) -> dict:
     model, tokenizer = load_smollm2()
     train, test = review_split(640, 200, seed=0)
     if lr is None:  # a reference: the model as shipped (or as it starts), nothing trained
-        model = prepare(model, adapters, nf4) if nf4 else model
+        if nf4:  # the NF4 base, with LoftQ's starting adapters where the row has them
+            quantize_model(model, "nf4", adapters=adapters)
         acc = accuracy(model.requires_grad_(False), tokenizer, test)
         return {"accuracy": acc, "trainable": 0, "checkpoint_bytes": 0}
     model = prepare(model, adapters, nf4).train()

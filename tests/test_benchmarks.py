@@ -54,3 +54,17 @@ def test_fidelity_refuses_an_unknown_method_before_training(fidelity, monkeypatc
     error = capsys.readouterr().err
     assert "unknown --methods ['LoRA']; the bbc methods are" in error
     assert "'LoRA r=8 (q, v)'" in error
+
+
+def test_distillation_table_matches_its_raw_numbers_and_the_readme():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import distillation
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    saved = json.loads((RESULTS / "distillation.json").read_text())
+    table = distillation.write(**saved)
+    assert table == (RESULTS / "distillation.md").read_text()
+    assert table.strip() in (ROOT / "README.md").read_text()
+    assert len(saved["seeds"]) >= 3
+    assert all(len(runs) == len(saved["seeds"]) for runs in saved["rows"].values())

@@ -270,3 +270,13 @@ def test_bad_arguments_are_refused_together():
                  "alpha must be in [0, 1] or None, got 2",
                  "quantize must be None, 'nf4', 'fp4' or 'int8', got 'q2'"):
         assert part in message
+
+
+def test_manual_optimization_is_told_to_combine_the_loss_itself(tmp_path):
+    class Manual(CausalLM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+    with pytest.raises(AdapterConfigError, match="optimizes manually .* pass alpha=None"):
+        fit(Manual(), tmp_path, 2, [Distillation(teacher_model())])

@@ -81,6 +81,20 @@ def test_each_named_adapter_alone_and_the_base_are_one_switch_away(method, token
         assert not torch.allclose(both, only(method, "a", model)(input_ids=tokens).logits)
 
 
+
+@pytest.mark.parametrize("method", CONFIGS)
+def test_inactive_adapters_are_frozen_and_reactivated_ones_train(method):
+    model = two_adapters(method)
+    set_active_adapters(model, "a")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".a." in f"{n}." for n in trainable)
+    assert all(".b." in f"{n}." for n in set(adapter_parameter_names(model)) - trainable)
+    set_active_adapters(model, ["a", "b"])
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(
+        adapter_parameter_names(model)
+    )
+
+
 @pytest.mark.parametrize("method", CONFIGS)
 def test_deleting_adapters_leaves_the_others_and_finally_the_plain_base(method, tokens):
     model = two_adapters(method)
@@ -123,6 +137,7 @@ def test_a_mixed_batch_gives_each_row_its_own_adapters_output_and_gradient(metho
     loss_a = model(input_ids=tokens[[0, 3]], labels=tokens[[0, 3]]).loss
     set_active_adapters(model, "b")
     loss_b = model(input_ids=tokens[[1, 2]], labels=tokens[[1, 2]]).loss
+    set_active_adapters(model, ["a", "b"])  # an inactive adapter is frozen
     separate = torch.autograd.grad((loss_a + loss_b) / 2, params, allow_unused=True)
     for name, r, s in zip(adapter_parameter_names(model), routed, separate, strict=True):
         assert s is not None, name

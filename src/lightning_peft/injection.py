@@ -227,10 +227,19 @@ def _claim(claimed: dict[str, str], targets: list[str], method: str) -> None:
 
 
 def freeze_base_(model: nn.Module) -> None:
-    """Set ``requires_grad`` on exactly the adapter tensors of ``model``."""
+    """Set ``requires_grad`` on exactly the adapter tensors of ``model`` that can train: in
+    a layer holding several named adapters, those of the active ones."""
     model.requires_grad_(False)
     for tensor in adapter_parameters(model).values():
         tensor.requires_grad_(True)
+    for _, module in adapter_modules(model):
+        active = getattr(module, "active_adapters", None)
+        if active is None:
+            continue
+        for tensor_name in module.adapter_params():  # "lora_A.<name>.weight", "ia3_l.<name>"
+            owner = next(n for n in module.configs if n in tensor_name.split("."))
+            if owner not in active:
+                module.get_parameter(tensor_name).requires_grad_(False)
 
 
 def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:

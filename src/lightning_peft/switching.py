@@ -45,7 +45,8 @@ def _check_names(model: nn.Module, names: Sequence[str]) -> None:
 
 def set_active_adapters(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make ``names`` the adapters every layer applies (in a layer holding several of them,
-    their updates add up). Training then updates only these; the others keep their values.
+    their updates add up). Training then updates only these: the others are frozen
+    (``requires_grad=False``), so an optimizer built afterwards leaves them alone.
 
     Raises:
         AdapterStateError: a name is not attached, or a layer is merged.
@@ -56,6 +57,7 @@ def set_active_adapters(model: nn.Module, names: str | Sequence[str]) -> None:
         if getattr(module, "merged", False):
             raise AdapterStateError("unmerge_adapters(model) before switching adapters")
         module.active_adapters = [n for n in names if n in module.configs]
+    freeze_base_(model)  # the inactive adapters' tensors freeze, the active ones' train
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -122,7 +124,9 @@ def mixed_batch(
 
     Each layer gathers the rows' adapter weights and applies them in one batched matmul (no
     loop over rows); a row's adapter receives gradient from that row only. LoRA (not DoRA)
-    and IA3 layers route; rows whose adapter a layer lacks pass through it unchanged.
+    and IA3 layers route; rows whose adapter a layer lacks pass through it unchanged. To
+    train, keep every routed adapter active (as attached, or ``set_active_adapters(model,
+    [...])``): an inactive adapter is frozen.
 
     Raises:
         AdapterStateError: an unknown name, a merged layer, or a model with nothing to route.

@@ -71,6 +71,14 @@ def test_data_parallel_training_matches_one_process(runs, strategy, design, base
     assert_same_adapters(runs("--strategy", "single", *common), distributed)
 
 
+def test_distillation_under_ddp_runs_the_teacher_on_every_rank(runs):
+    common = ("--design", "callback", "--steps", "3", "--distill")
+    distributed = runs("--strategy", "ddp", *common)
+    assert_same_adapters(runs("--strategy", "single", *common), distributed)
+    without = runs("--strategy", "single", "--design", "callback", "--steps", "3")
+    assert distributed["losses"] != without["losses"]  # the teacher's term is in the loss
+
+
 def save_at_step_3(
     tmp_path: Path, strategy: str, *args: str
 ) -> tuple[Path, subprocess.CompletedProcess]:

@@ -20,7 +20,7 @@ import cpu_paths  # noqa: E402
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from lightning_modules import CausalLM, LossRecorder, MixinLM  # noqa: E402
-from tiny_models import VOCAB  # noqa: E402
+from tiny_models import VOCAB, tiny_llama  # noqa: E402
 from torch.distributed._composable.fsdp import fully_shard  # noqa: E402
 from torch.utils.data import DataLoader, Sampler  # noqa: E402
 
@@ -28,6 +28,7 @@ import lightning_peft  # noqa: E402
 from lightning_peft import (  # noqa: E402
     AdapterCheckpoint,
     AdapterModelParallelStrategy,
+    Distillation,
     LoRA,
     PeftCallback,
     PeftPrecision,
@@ -104,6 +105,7 @@ def main() -> None:
     parser.add_argument("--ckpt-dir", type=Path)
     parser.add_argument("--resume", type=str)
     parser.add_argument("--different-base", action="store_true", help="seed the base by rank")
+    parser.add_argument("--distill", action="store_true", help="a Distillation teacher too")
     parser.add_argument(
         "--seed-first", action="store_true", help="seed, then build the module (draws after)"
     )
@@ -125,6 +127,8 @@ def main() -> None:
     callbacks: list = [LossRecorder()]
     if args.design == "callback":
         callbacks.append(PeftCallback(LORA))
+    if args.distill:
+        callbacks.append(Distillation(tiny_llama(seed=5), temperature=2.0, alpha=0.5))
     if args.save_every:
         callbacks.append(
             AdapterCheckpoint(

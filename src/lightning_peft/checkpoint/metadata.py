@@ -36,8 +36,10 @@ def fingerprint_frozen(model: nn.Module) -> str:
     """
     digest = hashlib.sha256()
     named = [*model.named_parameters(), *model.named_buffers()]
+    # Adapter tensors by name, not by requires_grad: an inactive adapter is frozen too.
+    adapters = set(adapter_parameter_names(model))
     for name, tensor in sorted(named, key=lambda item: item[0]):
-        if tensor.requires_grad:
+        if tensor.requires_grad or name in adapters:
             continue
         _hash_sample(digest, name, tensor)
         quant_state = getattr(tensor, "quant_state", None)

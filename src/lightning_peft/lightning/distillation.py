@@ -98,6 +98,12 @@ class Distillation(Callback):
         if stage != "fit" or self._hook is not None:
             return
         student = find_transformers_model(pl_module, "Distillation")
+        if not pl_module.automatic_optimization and self.alpha is not None:
+            raise AdapterConfigError(
+                f"{type(pl_module).__name__} optimizes manually (its training_step calls "
+                "backward itself), so Distillation cannot add to the loss it returns: pass "
+                "alpha=None and add kd_loss(logits, callback.teacher_logits) in training_step"
+            )
         if not self.is_self_distillation:
             teacher = self.teacher
             if any(teacher is m for m in pl_module.modules()):
