@@ -16,7 +16,7 @@ LOCK := requirements-lock.txt
 TORCH := torch==2.13.0
 # The tests whose results depend on the CPU path bitsandbytes takes for 4-bit layers.
 CPU_PATH_TESTS := tests/quantization tests/lightning tests/adapters/test_contract.py \
-	tests/checkpoint tests/test_switching.py
+	tests/checkpoint tests/test_switching.py tests/test_distillation.py
 
 .PHONY: demo test install test-cpu-paths test-oldest test-latest clean
 

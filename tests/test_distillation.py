@@ -73,11 +73,20 @@ def test_kd_loss_is_zero_for_equal_logits_and_keeps_its_gradient_scale_across_te
     assert 0.9 < norms[0] / norms[1] < 1.1
 
 
+def test_kd_loss_ignores_classes_the_teacher_rules_out():
+    teacher = torch.tensor([[2.0, -float("inf"), 0.5]])
+    student = torch.tensor([[1.0, 3.0, 0.0]])
+    p = torch.softmax(teacher, -1)[0, [0, 2]]
+    q = torch.softmax(student, -1)[0, [0, 2]]
+    assert torch.allclose(kd_loss(student, teacher, 1.0), (p * (p.log() - q.log())).sum())
+
+
 def test_kd_loss_refuses_other_vocabularies_and_bad_temperatures():
     with pytest.raises(AdapterConfigError, match=r"student logits \(2, 5\) and teacher logits \(2, 6\) differ"):
         kd_loss(torch.zeros(2, 5), torch.zeros(2, 6))
-    with pytest.raises(AdapterConfigError, match="temperature must be a positive number, got 0"):
-        kd_loss(torch.zeros(2, 5), torch.zeros(2, 5), temperature=0)
+    for bad in (0, float("inf"), True):
+        with pytest.raises(AdapterConfigError, match="temperature must be a positive finite"):
+            kd_loss(torch.zeros(2, 5), torch.zeros(2, 5), temperature=bad)
 
 
 # ----------------------------------------------------------------------------- shrink
@@ -266,7 +275,7 @@ def test_bad_arguments_are_refused_together():
         Distillation("teacher.pt", temperature=-1, alpha=2, quantize="q2")
     message = str(info.value)
     for part in ("teacher must be a model or 'base', got 'teacher.pt'",
-                 "temperature must be a positive number, got -1",
+                 "temperature must be a positive finite number, got -1",
                  "alpha must be in [0, 1] or None, got 2",
                  "quantize must be None, 'nf4', 'fp4' or 'int8', got 'q2'"):
         assert part in message
@@ -280,3 +289,68 @@ def test_manual_optimization_is_told_to_combine_the_loss_itself(tmp_path):
 
     with pytest.raises(AdapterConfigError, match="optimizes manually .* pass alpha=None"):
         fit(Manual(), tmp_path, 2, [Distillation(teacher_model())])
+
+
+class Seq2SeqLM(CausalLM):
+    """An encoder-decoder whose training_step passes labels only (the decoder inputs are
+    built from them inside the model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = four_layers("t5").train()
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch, labels=batch).loss
+
+
+def test_an_encoder_decoder_student_learns_from_its_teacher(tmp_path):
+    module = Seq2SeqLM()
+    teacher = shrink(four_layers("t5"), keep=[0, 1, 2])
+    distill = Distillation(teacher, alpha=1.0)
+    fit(module, tmp_path, 3, [distill])
+    assert distill.last_kd is not None and distill.teacher_logits.shape[-1] == VOCAB
+
+
+def test_a_second_fit_after_a_failed_one_distills_into_the_new_module(tmp_path):
+    class Boom(CausalLM):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 1:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    distill = Distillation(teacher_model(), alpha=0.5)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(Boom(), tmp_path / "a", 3, [distill])
+    distill.last_kd = None
+    module = CausalLM()
+    fit(module, tmp_path / "b", 2, [distill])
+    assert distill.last_kd is not None and "training_step" not in module.__dict__
+
+
+def test_the_base_as_teacher_runs_without_dropout_and_keeps_the_modes():
+    from lightning_peft import LoRA, apply_adapters, disable_adapters
+
+    model = tiny_llama(init_std=0.3)
+    for layer in model.model.layers:  # dropout that would change the teacher's logits
+        layer.self_attn.attention_dropout = 0.5
+    apply_adapters(model, LoRA(rank=4, dropout=0.5))
+    distill = Distillation("base", alpha=None)
+    model.register_forward_pre_hook(distill._before_student, with_kwargs=True, prepend=True)
+    model.register_forward_hook(distill._after_student, with_kwargs=True)
+    model.train()
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    distill._armed = True
+    model(input_ids=ids)
+    distill._armed = False
+    assert model.training and all(m.training for m in model.modules())  # modes kept
+    with torch.no_grad(), disable_adapters(model):
+        expected = model.eval()(input_ids=ids).logits
+    assert torch.equal(distill.teacher_logits, expected)
+
+
+def test_prompt_tuning_students_get_a_teacher_on_their_own_inputs(tmp_path):
+    from lightning_peft import PromptTuning
+
+    distill = Distillation(teacher_model(), alpha=0.5)
+    fit(CausalLM(), tmp_path, 2, [PeftCallback(PromptTuning(num_virtual_tokens=4)), distill])
+    assert distill.teacher_logits.shape[1] == 16  # the rows' 16 tokens, not 4 + 16

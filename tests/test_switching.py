@@ -188,3 +188,22 @@ def test_disabling_refuses_methods_that_train_base_tensors():
     ):
         with disable_adapters(model):
             pass
+
+
+def test_deleting_the_only_active_adapter_of_some_layers_removes_it_everywhere():
+    model = tiny_llama()
+    apply_adapters(model, LoRA(rank=4, target_modules=["q_proj", "v_proj"]), name="a")
+    apply_adapters(model, LoRA(rank=4, target_modules=["q_proj"]), name="b")
+    set_active_adapters(model, "b")  # v_proj now has no active adapter
+    delete_adapter(model, "b")
+    assert adapter_names(model) == ["a"]
+    assert all("lora_A.b." not in n for n in adapter_parameter_names(model))
+
+
+def test_an_adapter_named_like_a_tensor_does_not_confuse_the_freezing():
+    model = tiny_llama()
+    apply_adapters(model, LoRA(rank=4, target_modules=["q_proj"]), name="weight")
+    apply_adapters(model, LoRA(rank=4, target_modules=["q_proj"]), name="default")
+    set_active_adapters(model, "default")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in n for n in trainable)

@@ -13,6 +13,7 @@ The Lightning side is :class:`lightning_peft.Distillation`, a callback.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -53,14 +54,16 @@ def kd_loss(
             f"{tuple(teacher_logits.shape)} differ: distillation needs the same vocabulary "
             "(or label count) and the same inputs"
         )
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-        temperature > 0
-    ):
-        raise AdapterConfigError(f"temperature must be a positive number, got {temperature!r}")
+    if not is_temperature(temperature):
+        raise AdapterConfigError(
+            f"temperature must be a positive finite number, got {temperature!r}"
+        )
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    # KL(t || s) per position, summed over classes
-    per_position = (teacher.exp() * (teacher - student)).sum(-1)
+    # KL(t || s) per position, summed over classes; classes the teacher rules out (-inf
+    # logits, probability 0) contribute 0, not 0 * inf
+    terms = teacher.exp() * (teacher - student)
+    per_position = torch.where(teacher > -math.inf, terms, 0.0).sum(-1)
     if mask is None:
         loss = per_position.mean()
     else:
@@ -72,6 +75,16 @@ def kd_loss(
         weight = mask.to(per_position.dtype)
         loss = (per_position * weight).sum() / weight.sum().clamp(min=1)
     return loss * temperature**2
+
+
+def is_temperature(value: object) -> bool:
+    """A positive finite number (not a bool)."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 def layer_stacks(model: nn.Module) -> dict[str, nn.ModuleList]:

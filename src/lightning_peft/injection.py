@@ -237,8 +237,7 @@ def freeze_base_(model: nn.Module) -> None:
         if active is None:
             continue
         for tensor_name in module.adapter_params():  # "lora_A.<name>.weight", "ia3_l.<name>"
-            owner = next(n for n in module.configs if n in tensor_name.split("."))
-            if owner not in active:
+            if tensor_name.split(".")[1] not in active:
                 module.get_parameter(tensor_name).requires_grad_(False)
 
 

@@ -45,8 +45,10 @@ def _check_names(model: nn.Module, names: Sequence[str]) -> None:
 
 def set_active_adapters(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make ``names`` the adapters every layer applies (in a layer holding several of them,
-    their updates add up). Training then updates only these: the others are frozen
-    (``requires_grad=False``), so an optimizer built afterwards leaves them alone.
+    their updates add up). Training then updates only these: the other LoRA and IA3
+    adapters are frozen (``requires_grad=False``), so an optimizer built afterwards leaves
+    them alone. Methods that are not layers (prompts, prefixes, BitFit, Unfreeze) are not
+    switched.
 
     Raises:
         AdapterStateError: a name is not attached, or a layer is merged.
@@ -69,14 +71,15 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             cannot be unwrapped (a method other than LoRA / IA3).
     """
     _check_names(model, [name])
+    for module_name, module in adapter_modules(model):  # every refusal before any change
+        if getattr(module, "configs", None) is None and _single_name(module) == name:
+            raise AdapterStateError(
+                f"{module_name} ({type(module).__name__}) holds one adapter and cannot "
+                "delete it; rebuild the model without it"
+            )
     for module_name, module in list(adapter_modules(model)):
         configs = getattr(module, "configs", None)
         if configs is None or name not in configs:
-            if _single_name(module) == name:
-                raise AdapterStateError(
-                    f"{module_name} ({type(module).__name__}) holds one adapter and cannot "
-                    "delete it; rebuild the model without it"
-                )
             continue
         module.delete_adapter(name)
         if not module.configs:

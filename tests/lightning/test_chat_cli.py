@@ -83,8 +83,25 @@ def test_bad_paths_and_templates_are_refused_before_training(tmp_path):
         ChatData(tokenizer="org/some-model")
     with pytest.raises(AdapterConfigError, match=r"'t.jinja' is neither a Jinja template nor a file"):
         ChatData(chat_template="t.jinja")
-    with pytest.raises(AdapterConfigError, match="cannot render the first training row"):
+    with pytest.raises(AdapterConfigError, match="row 1: the chat template cannot render it"):
         ChatData(chat_template="{{ messages[0]['nope'] + 1 }}", train_size=2, val_size=2)
+
+
+def test_rows_with_nothing_to_train_on_are_refused_with_their_numbers(tmp_path):
+    rows = [*CHATS, {"messages": [{"role": "user", "content": "no answer"}]}]
+    with pytest.raises(AdapterConfigError, match=r"1 row\(s\) have no token to train on \(rows 5\)"):
+        ChatData(train_file=write_chats(tmp_path / "t.jsonl", rows))
+    long = [{"messages": [{"role": "user", "content": "word " * 300}, CHATS[0]["messages"][1]]}]
+    with pytest.raises(AdapterConfigError, match=r"beyond max_length=32"):
+        ChatData(train_file=write_chats(tmp_path / "l.jsonl", long), max_length=32)
+
+
+def test_raw_line_separators_and_a_byte_order_mark_are_valid_json_lines(tmp_path):
+    row = {"messages": [{"role": "user", "content": "a\u2028b\u0085c"}, CHATS[0]["messages"][1]]}
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8-sig")
+    data = ChatData(train_file=str(path))
+    assert data.train_rows == [row]
 
 
 def test_fit_from_the_chat_yaml_with_a_template_then_export(tmp_path, monkeypatch, capsys):

@@ -165,3 +165,15 @@ def test_a_loftq_run_under_lightning_resumes_exactly(tmp_path):
     final, expected = adapter_state_dict(resumed), adapter_state_dict(straight)
     assert all(torch.equal(final[k], expected[k]) for k in final)
     assert reference.losses[-1] < reference.losses[0]
+
+
+def test_save_peft_warns_when_the_adapter_needs_its_loftq_base(tmp_path):
+    from lightning_peft import save_peft
+
+    with pytest.warns(UserWarning, match="2 alternations, which move the 4-bit base"):
+        save_peft(adapted("loftq", iterations=2), tmp_path / "two")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_peft(adapted("loftq"), tmp_path / "one")  # the usual NF4 base: nothing to say

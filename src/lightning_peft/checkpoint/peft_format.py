@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,14 @@ def save_peft(
     """
     host, _ = _host(model)
     config = _single_config(model, adapter_name)
+    if isinstance(config, LoRA) and config.init == "loftq" and config.loftq_iterations > 1:
+        warnings.warn(
+            f"adapter {adapter_name!r} was initialised by LoftQ with {config.loftq_iterations} "
+            "alternations, which move the 4-bit base away from the plain NF4 base: the saved "
+            "adapter computes its trained outputs only on that LoftQ base. Export the merged "
+            "model (merge_and_export) to use it elsewhere, or train with loftq_iterations=1",
+            stacklevel=2,
+        )
     tensors = _peft_tensors(host, config, adapter_name)
     fields = _peft_config(host, config, tensors)
     if base_model_name_or_path is None:  # as PEFT does: the model's own name or folder

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_peft.errors import AdapterConfigError
-from lightning_peft.sft import ChatCollator
+from lightning_peft.sft import IGNORE, ChatCollator
 
 BUILT_IN = "smollm2"  # SmolLM2-135M-Instruct, installed with the package data
 QUESTION = "Is this movie review positive or negative? Answer with one word.\n\n{review}"
@@ -66,7 +66,10 @@ def read_chats(path: str) -> list[dict[str, Any]]:
     if not file.is_file():
         raise AdapterConfigError(f"chat file {path!r} does not exist")
     rows = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines would also split at U+2028 and U+0085, which
+    # JSON strings may hold raw. utf-8-sig accepts a byte-order mark.
+    text = file.read_text(encoding="utf-8-sig")
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -94,6 +97,42 @@ def read_chats(path: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _is_file(value: str) -> bool:
+    try:
+        return Path(value).is_file()
+    except OSError:  # a template too long to be a path
+        return False
+
+
+def check_rows(collate: ChatCollator, rows: list[dict[str, Any]], source: str) -> None:
+    """Render and tokenize every row once, before training: a template that fails on some
+    row, or a row with nothing to train on (no assistant turn, or one cut off by
+    ``max_length``; a batch of such rows has a NaN loss), is refused with its row numbers.
+
+    Raises:
+        AdapterConfigError: naming the rows.
+    """
+    empty = []
+    for number, row in enumerate(rows, start=1):
+        try:
+            _, labels = collate.encode(row["messages"])
+        except AdapterConfigError as error:
+            raise AdapterConfigError(f"{source}, row {number}: {error}") from error
+        except Exception as error:  # the template's own error (jinja2, a missing key)
+            raise AdapterConfigError(
+                f"{source}, row {number}: the chat template cannot render it: {error}"
+            ) from error
+        if all(label == IGNORE for label in labels):
+            empty.append(number)
+    if empty:
+        shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
+        raise AdapterConfigError(
+            f"{source}: {len(empty)} row(s) have no token to train on (rows {shown}): no "
+            f"assistant turn, or one beyond max_length={collate.max_length}. Give them an "
+            "assistant turn, raise max_length, or drop them"
+        )
+
+
 class ChatData(pl.LightningDataModule):
     """Chat rows batched for instruction tuning.
 
@@ -113,8 +152,8 @@ class ChatData(pl.LightningDataModule):
 
     Raises:
         AdapterConfigError: at construction, before any training: a missing file, a row that
-            is not a conversation, a tokenizer folder that does not exist, a template that
-            does not render, or a bad collator option.
+            is not a conversation or has nothing to train on, a tokenizer folder that does not
+            exist, a template that does not render a row, or a bad collator option.
     """
 
     def __init__(
@@ -134,12 +173,12 @@ class ChatData(pl.LightningDataModule):
         super().__init__()
         self.tokenizer = load_tokenizer(tokenizer)
         if chat_template is not None:
-            if "{" not in chat_template:  # every Jinja template has a tag; this is a path
-                if not Path(chat_template).is_file():
-                    raise AdapterConfigError(
-                        f"chat_template {chat_template!r} is neither a Jinja template nor a file"
-                    )
+            if _is_file(chat_template):
                 chat_template = Path(chat_template).read_text(encoding="utf-8")
+            elif "{" not in chat_template:  # every Jinja template has a tag
+                raise AdapterConfigError(
+                    f"chat_template {chat_template!r} is neither a Jinja template nor a file"
+                )
             self.tokenizer.chat_template = chat_template
         self.collate = ChatCollator(self.tokenizer, max_length, train_on, pack)
         if train_file is None:
@@ -153,14 +192,8 @@ class ChatData(pl.LightningDataModule):
             self.val_rows = []
         if val_file is not None:
             self.val_rows = read_chats(val_file)
-        try:  # a template that cannot render the first row fails here, not mid-run
-            self.collate(self.train_rows[:1])
-        except AdapterConfigError:
-            raise
-        except Exception as error:
-            raise AdapterConfigError(
-                f"the chat template cannot render the first training row: {error}"
-            ) from error
+        check_rows(self.collate, self.train_rows, train_file or "the built-in rows")
+        check_rows(self.collate, self.val_rows, val_file or "the built-in rows")
         self.batch_size = batch_size
 
     def train_dataloader(self) -> DataLoader:

@@ -3,7 +3,9 @@ callback, with the module's ``training_step`` unchanged."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,7 +16,7 @@ from typing_extensions import override
 
 from lightning_peft.adapters.inputs import find_transformers_model
 from lightning_peft.checkpoint.metadata import fingerprint_frozen
-from lightning_peft.distillation import kd_loss
+from lightning_peft.distillation import is_temperature, kd_loss
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.injection import adapter_parameter_names
 from lightning_peft.switching import disable_adapters
@@ -46,7 +48,9 @@ class Distillation(Callback):
     The teacher is put in eval mode and frozen, moved to the student's device (on every rank
     under DDP), never given to the optimizer and never saved: checkpoints hold its
     fingerprint, and resuming with another teacher is refused. For language models the loss
-    is averaged over the positions the batch's ``attention_mask`` keeps.
+    is averaged over the positions the batch's ``attention_mask`` keeps. If the student
+    runs more than once in a training step, the terms of its runs add up (and
+    :attr:`teacher_logits` holds the last run's).
 
     Raises:
         AdapterConfigError: a bad argument, or (at setup, before training) a teacher whose
@@ -65,10 +69,8 @@ class Distillation(Callback):
             problems.append(f"teacher must be a model or {SELF!r}, got {teacher!r}")
         elif not isinstance(teacher, (nn.Module, str)):
             problems.append(f"teacher must be a model or {SELF!r}, got {type(teacher).__name__}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            temperature > 0
-        ):
-            problems.append(f"temperature must be a positive number, got {temperature!r}")
+        if not is_temperature(temperature):
+            problems.append(f"temperature must be a positive finite number, got {temperature!r}")
         if alpha is not None and (
             isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1
         ):
@@ -85,7 +87,9 @@ class Distillation(Callback):
         self.last_kd: torch.Tensor | None = None
         self._armed = False
         self._in_teacher = False
-        self._hook: Any = None
+        self._hooks: list[Any] = []
+        self._module: pl.LightningModule | None = None
+        self._inputs: tuple[tuple, dict[str, Any]] | None = None
         self._fingerprint: str | None = None
         self._restored_fingerprint: str | None = None
 
@@ -95,8 +99,9 @@ class Distillation(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self._hook is not None:
+        if stage != "fit":
             return
+        self._release()  # a fit that raised skipped teardown: hook this run's module afresh
         student = find_transformers_model(pl_module, "Distillation")
         if not pl_module.automatic_optimization and self.alpha is not None:
             raise AdapterConfigError(
@@ -113,16 +118,27 @@ class Distillation(Callback):
                 )
             _check_same_outputs(student, teacher)
             teacher.requires_grad_(False).eval()
-        self._hook = student.register_forward_hook(self._after_student, with_kwargs=True)
+        # The inputs as the module passed them, before other pre-hooks (a soft prompt's)
+        # rewrite them: the teacher gets the same ones.
+        self._hooks = [
+            student.register_forward_pre_hook(self._before_student, with_kwargs=True, prepend=True),
+            student.register_forward_hook(self._after_student, with_kwargs=True),
+        ]
         self._wrap_training_step(pl_module)
+        self._module = pl_module
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self._hook is None:
-            return
-        self._hook.remove()
-        self._hook = None
-        pl_module.__dict__.pop("training_step", None)  # the class's own again
+        if stage == "fit":
+            self._release()
+
+    def _release(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self._module is not None:
+            self._module.__dict__.pop("training_step", None)  # the class's own again
+            self._module = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -176,21 +192,28 @@ class Distillation(Callback):
 
         pl_module.training_step = training_step  # type: ignore[method-assign]
 
+    def _before_student(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self._armed and not self._in_teacher:
+            self._inputs = (args, dict(kwargs))
+
     def _after_student(
         self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any
     ) -> None:
-        if not self._armed or self._in_teacher:
+        if not self._armed or self._in_teacher or self._inputs is None:
             return
         logits = getattr(output, "logits", None)
         if logits is None and isinstance(output, (tuple, list)):
             logits = output[0]
-        inputs = {k: v for k, v in kwargs.items() if k not in ("labels", "return_dict")}
+        args, kwargs = self._inputs
+        self._inputs = None
+        inputs = teacher_inputs(module, kwargs)
         self._in_teacher = True
         try:
             with torch.no_grad():
                 if self.is_self_distillation:
-                    with disable_adapters(module):
-                        teacher_output = module(*args, **inputs)
+                    # the base as the student's teacher: adapters off, dropout off
+                    with disable_adapters(module), modes_kept(module):
+                        teacher_output = module.eval()(*args, **inputs)
                 else:
                     teacher_output = self.teacher(*args, **inputs)
         finally:
@@ -212,6 +235,35 @@ class Distillation(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored_fingerprint = state_dict.get("teacher_fingerprint")
+
+
+def teacher_inputs(student: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The student's keyword inputs for the teacher: without ``labels`` (the teacher's loss
+    is not needed), but with the decoder inputs an encoder-decoder builds from them."""
+    inputs = {k: v for k, v in kwargs.items() if k not in ("labels", "return_dict")}
+    labels = kwargs.get("labels")
+    shift = getattr(student, "prepare_decoder_input_ids_from_labels", None)
+    config = getattr(student, "config", None)
+    if (
+        labels is not None
+        and getattr(config, "is_encoder_decoder", False)
+        and inputs.get("decoder_input_ids") is None
+        and inputs.get("decoder_inputs_embeds") is None
+        and callable(shift)
+    ):
+        inputs["decoder_input_ids"] = shift(labels=labels)
+    return inputs
+
+
+@contextlib.contextmanager
+def modes_kept(module: nn.Module) -> Iterator[None]:
+    """Every submodule's train/eval mode as it was when the block ends."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _check_same_outputs(student: nn.Module, teacher: nn.Module) -> None:
