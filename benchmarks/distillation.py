@@ -112,7 +112,7 @@ def run_seed(seed: int) -> dict[str, dict]:
     teacher, tokenizer = load_minilm(num_labels=len(BBC_TOPICS))
     pretrained = shrink(teacher)  # before the teacher trains: DistilBERT's initialisation
     data, test = loaders(tokenizer, seed)
-    teacher = train(teacher, data)
+    teacher = train(teacher, data)  # each model below gets a fresh loader: the same order
     results = {}
     for name, model, callbacks in (
         (ROWS[0], teacher, None),
@@ -120,8 +120,8 @@ def run_seed(seed: int) -> dict[str, dict]:
         (ROWS[2], copy.deepcopy(pretrained), (Distillation(teacher, temperature=2.0, alpha=0.5),)),
     ):
         if callbacks is not None:
-            L.seed_everything(seed, verbose=False)  # both students see the same order
-            model = train(model, data, callbacks)
+            L.seed_everything(seed, verbose=False)
+            model = train(model, loaders(tokenizer, seed)[0], callbacks)
         results[name] = {
             "accuracy": accuracy(model, test),
             "parameters": sum(p.numel() for p in model.parameters()),

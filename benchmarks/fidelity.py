@@ -319,7 +319,8 @@ def main() -> None:
         if previous is not None:  # the methods' order stays the table's, new ones in place
             order = list(rt_methods() if args.task == "rt" else BBC_METHODS)
             rows = {**previous["rows"], **saved["rows"]}
-            saved["rows"] = {m: rows[m] for m in sorted(rows, key=order.index)}
+            rank = {m: i for i, m in enumerate(order)}  # rows no longer in the table last
+            saved["rows"] = {m: rows[m] for m in sorted(rows, key=lambda m: rank.get(m, len(order)))}
             saved["seconds"] += previous["seconds"]
         RESULTS.mkdir(exist_ok=True)
         raw.write_text(json.dumps(saved, indent=1) + "\n")

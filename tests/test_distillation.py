@@ -254,8 +254,11 @@ def test_self_distillation_uses_the_base_with_adapters_off(tmp_path):
     distill = Distillation("base", alpha=0.5)
     fit(module, tmp_path, 4, [PeftCallback(QV_LORA), distill])
     assert distill.last_kd.item() > 0  # the adapters moved the student away from its base
+    plain = CausalLM()
     with pytest.raises(AdapterConfigError, match="the module has no adapters"):
-        fit(CausalLM(), tmp_path / "b", 2, [Distillation("base")])
+        fit(plain, tmp_path / "b", 2, [Distillation("base")])
+    assert "training_step" not in plain.__dict__  # a refused fit leaves no hook behind
+    assert not plain.model._forward_hooks and not plain.model._forward_pre_hooks
 
 
 def test_an_nf4_teacher_is_quantized_once_and_teaches(tmp_path):

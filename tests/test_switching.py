@@ -207,3 +207,12 @@ def test_an_adapter_named_like_a_tensor_does_not_confuse_the_freezing():
     set_active_adapters(model, "default")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".default." in n for n in trainable)
+
+
+def test_switching_leaves_tensors_the_user_unfroze_alone():
+    model = tiny_llama()
+    apply_adapters(model, LoRA(rank=4, target_modules=["q_proj"]), name="a")
+    apply_adapters(model, LoRA(rank=4, target_modules=["q_proj"]), name="b")
+    model.lm_head.weight.requires_grad_(True)  # a head the user trains by hand
+    set_active_adapters(model, "a")
+    assert model.lm_head.weight.requires_grad

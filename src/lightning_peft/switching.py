@@ -59,7 +59,9 @@ def set_active_adapters(model: nn.Module, names: str | Sequence[str]) -> None:
         if getattr(module, "merged", False):
             raise AdapterStateError("unmerge_adapters(model) before switching adapters")
         module.active_adapters = [n for n in names if n in module.configs]
-    freeze_base_(model)  # the inactive adapters' tensors freeze, the active ones' train
+        for tensor_name in module.adapter_params():  # "lora_A.<name>.weight", "ia3_l.<name>"
+            owner = tensor_name.split(".")[1]
+            module.get_parameter(tensor_name).requires_grad_(owner in module.active_adapters)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

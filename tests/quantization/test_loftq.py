@@ -177,3 +177,21 @@ def test_save_peft_warns_when_the_adapter_needs_its_loftq_base(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         save_peft(adapted("loftq"), tmp_path / "one")  # the usual NF4 base: nothing to say
+
+
+def test_a_rank_above_a_layers_size_is_refused_before_anything_changes():
+    model = float_llama()
+    with refused_without_a_trace(model, AdapterConfigError, r"rank=200\) needs layers of at least"):
+        quantize_model(model, "nf4", adapters=LoRA(rank=200, init="loftq"))
+
+
+def test_loftq_adapters_attach_empty_where_a_checkpoint_brings_their_values():
+    from lightning_peft import load_adapter_state_dict
+    from lightning_peft.adapters.init import values_to_be_loaded
+
+    trained = adapter_state_dict(adapted("loftq"))
+    model = quantize_model(float_llama(), "nf4")
+    with values_to_be_loaded():  # as PeftMixin.load_state_dict (load_from_checkpoint) does
+        apply_adapters(model, LoRA(rank=RANK, alpha=2 * RANK, init="loftq"))
+    load_adapter_state_dict(model, trained)
+    assert all(torch.equal(adapter_state_dict(model)[k], v) for k, v in trained.items())

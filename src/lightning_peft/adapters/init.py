@@ -53,6 +53,24 @@ def preset_values(table: dict[str, tuple[torch.Tensor, ...]]) -> Iterator[None]:
         _PRESETS.reset(token)
 
 
+_LOADING: ContextVar[bool] = ContextVar("lightning_peft_loading", default=False)
+
+
+@contextmanager
+def values_to_be_loaded() -> Iterator[None]:
+    """Adapters created inside get their values from a state dict right after, so an init
+    that needs more than the layer (LoftQ needs the float weight) may start empty."""
+    token = _LOADING.set(True)
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)
+
+
+def values_will_be_loaded() -> bool:
+    return _LOADING.get()
+
+
 def preset_for_layer() -> tuple[torch.Tensor, ...] | None:
     """The preset values of the layer being initialised, or None."""
     layer, table = _LAYER.get(), _PRESETS.get()

@@ -34,6 +34,7 @@ from lightning_peft.adapters.init import (
     init_generator,
     preset_for_layer,
     reset_linear_,
+    values_will_be_loaded,
 )
 from lightning_peft.adapters.wrapper import BaseLayerWrapper, NamedAdapters
 from lightning_peft.adapters.routing import Routing
@@ -176,7 +177,9 @@ class LoRALinear(NamedAdapters, BaseLayerWrapper):
         lora_b = empty_linear(config.rank, out_features, bias=False, device=device)
         if config.init == "loftq":
             preset = preset_for_layer()
-            if preset is None or not is_quantized(self.base_layer):
+            if values_will_be_loaded():  # a checkpoint's values come next
+                preset = (torch.zeros_like(lora_a.weight), torch.zeros_like(lora_b.weight))
+            elif preset is None or not is_quantized(self.base_layer):
                 raise AdapterConfigError(LOFTQ_NEEDS_FLOAT)
             with torch.no_grad():
                 lora_a.weight.copy_(preset[0])

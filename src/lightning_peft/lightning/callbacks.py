@@ -226,7 +226,8 @@ class AdapterCheckpoint(_AdapterCheckpointHooks, ModelCheckpoint):
         base_model_name_or_path: recorded in those folders' ``adapter_config.json``.
         tokenizer: saved in those folders too (files and chat template), so each works on
             its own. ``"auto"`` (default): the LightningModule's or the DataModule's
-            ``tokenizer`` attribute, if either has one; ``None``: no tokenizer.
+            ``tokenizer`` attribute (the DataModule's first), if either has one; ``None``: no
+            tokenizer.
         *args, **kwargs: as for ``ModelCheckpoint``.
 
     Raises:
@@ -277,7 +278,9 @@ class AdapterCheckpoint(_AdapterCheckpointHooks, ModelCheckpoint):
     def _tokenizer(self, trainer: pl.Trainer) -> Any:
         if not (isinstance(self.tokenizer, str) and self.tokenizer == "auto"):
             return self.tokenizer
-        for holder in (trainer.lightning_module, trainer.datamodule):
+        # The data module's first: it is the one the run's batches were made with (ChatData
+        # may replace the chat template), as `lightning-peft export` chooses.
+        for holder in (trainer.datamodule, trainer.lightning_module):
             tokenizer = getattr(holder, "tokenizer", None)
             if callable(getattr(tokenizer, "save_pretrained", None)):
                 return tokenizer

@@ -132,6 +132,12 @@ class Distillation(Callback):
         if stage == "fit":
             self._release()
 
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._release()  # Lightning skips teardown when fit raises
+
     def _release(self) -> None:
         for hook in self._hooks:
             hook.remove()
@@ -150,6 +156,8 @@ class Distillation(Callback):
                     "teacher='base' distills from the student's base with its adapters off, "
                     "and the module has no adapters: add PeftCallback(...) (or use PeftMixin)"
                 )
+            with disable_adapters(pl_module):  # raises now for BitFit / Unfreeze, not mid-run
+                pass
             return
         teacher = self.teacher
         if self.quantize is not None and not teacher.__dict__.get("_distillation_quantized"):
@@ -221,9 +229,7 @@ class Distillation(Callback):
         teacher_logits = getattr(teacher_output, "logits", None)
         if teacher_logits is None:
             teacher_logits = teacher_output[0]
-        mask = kwargs.get("attention_mask") if logits.dim() == 3 else None
-        if mask is not None and mask.shape != logits.shape[:-1]:
-            mask = None  # prompt tuning and the like add positions the mask does not cover
+        mask = token_mask(kwargs, logits)
         self.teacher_logits = teacher_logits
         kd = kd_loss(logits, teacher_logits, self.temperature, mask)
         self.last_kd = kd if self.last_kd is None else self.last_kd + kd
@@ -253,6 +259,22 @@ def teacher_inputs(student: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]
     ):
         inputs["decoder_input_ids"] = shift(labels=labels)
     return inputs
+
+
+def token_mask(kwargs: dict[str, Any], logits: torch.Tensor) -> torch.Tensor | None:
+    """The positions kd averages over: the decoder's (its attention mask, else its labels
+    that are not -100) for an encoder-decoder, the attention mask for a decoder; None for
+    classifiers or when no mask fits the logits."""
+    if logits.dim() != 3:
+        return None
+    for key in ("decoder_attention_mask", "attention_mask"):
+        mask = kwargs.get(key)
+        if mask is not None and mask.shape == logits.shape[:-1]:
+            return mask
+    labels = kwargs.get("labels")
+    if labels is not None and labels.shape == logits.shape[:-1]:
+        return labels != -100
+    return None
 
 
 @contextlib.contextmanager

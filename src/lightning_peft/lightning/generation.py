@@ -28,7 +28,7 @@ class GenerationSamples(Callback):
     Args:
         prompts: strings, chat conversations (``[{"role": "user", "content": ...}]``, given
             to the tokenizer's chat template) or token-id lists (no tokenizer needed).
-        tokenizer: a transformers tokenizer; default: the LightningModule's or DataModule's
+        tokenizer: a transformers tokenizer; default: the DataModule's or LightningModule's
             ``tokenizer`` attribute.
         max_new_tokens: tokens generated per prompt.
         generate_kwargs: passed to ``generate`` (``do_sample=True``, ``temperature``, ...).
@@ -81,7 +81,7 @@ class GenerationSamples(Callback):
     def _tokenizer(self, trainer: pl.Trainer) -> Any:
         if self.tokenizer is not None:
             return self.tokenizer
-        for holder in (trainer.lightning_module, trainer.datamodule):
+        for holder in (trainer.datamodule, trainer.lightning_module):  # the batches' first
             tokenizer = getattr(holder, "tokenizer", None)
             if callable(getattr(tokenizer, "decode", None)):
                 return tokenizer

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from lightning_peft.adapters.init import values_to_be_loaded
 from lightning_peft.adapters.inputs import find_transformers_model
 from lightning_peft.checkpoint import load_adapter_state_dict
 from lightning_peft.errors import UnsupportedLayerError
@@ -174,7 +175,8 @@ class PeftMixin:
         Adapters are attached first if they are not yet: after ``ddp_spawn`` Lightning loads
         the workers' weights into this process's module, which never ran ``configure_model``.
         """
-        self._attach_adapters_once()
+        with values_to_be_loaded():  # the state dict brings the values (LoftQ's too)
+            self._attach_adapters_once()
         if check_if_adapter_only(self, dict(state_dict)):
             load_adapter_state_dict(self, state_dict)
             return torch.nn.modules.module._IncompatibleKeys([], [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,6 +85,7 @@ def quantize_model(
             f"no float linear layer left to quantize in {type(model).__name__} "
             f"(skipped: {sorted(skipped)})"
         )
+    del modules  # no reference to a replaced float layer outlives its turn in the loop
     configs = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters]
     configs = [c for c in configs if c is not None]
     loftq = loftq_targets(model, configs, mode, set(targets))
@@ -100,8 +102,8 @@ def quantize_model(
             parent_name, _, child_name = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             layer = getattr(parent, child_name)
-            if device is not None:
-                layer = layer.to(device)
+            if device is not None:  # a copy: the original stays (for a rollback) where it was
+                layer = copy.deepcopy(layer).to(device)
             if name in loftq:
                 config = loftq[name]
                 quantized, lora_a, lora_b = loftq_layer(
@@ -161,6 +163,13 @@ def loftq_targets(
                 f"LoRA(init='loftq') targets {', '.join(kept)}, which stays in float (the output "
                 "head or skip_modules): LoftQ fits a 4-bit base's error; exclude it "
                 "(exclude_modules=[...]) or use another init"
+            )
+        too_small = [n for n in names if min(in_out_features(model.get_submodule(n))) < config.rank]
+        if too_small:
+            raise AdapterConfigError(
+                f"LoRA(init='loftq', rank={config.rank}) needs layers of at least that many "
+                f"inputs and outputs; {', '.join(too_small[:3])} has fewer: lower the rank or "
+                "exclude them"
             )
         chosen.update(dict.fromkeys(names, config))
     return chosen
