@@ -11,7 +11,7 @@ of 16, AdamW; the students' training_step is the teacher's. For each of several 
 prints held-out accuracy, and once the parameters and the inference latency (median of 20
 batches of 64 headlines). Writes benchmarks/results/distillation.md|json|png.
 
-    python benchmarks/distillation.py              # 3 seeds, about 5 minutes on 2 cores
+    python benchmarks/distillation.py              # 3 seeds, about 6 minutes on 2 cores
     python benchmarks/distillation.py --replot     # table and plot from the saved numbers
 """
 

@@ -357,3 +357,18 @@ def test_prompt_tuning_students_get_a_teacher_on_their_own_inputs(tmp_path):
     distill = Distillation(teacher_model(), alpha=0.5)
     fit(CausalLM(), tmp_path, 2, [PeftCallback(PromptTuning(num_virtual_tokens=4)), distill])
     assert distill.teacher_logits.shape[1] == 16  # the rows' 16 tokens, not 4 + 16
+
+
+def test_another_label_count_is_refused_before_training(tmp_path):
+    class Classifier(CausalLM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = four_layers("bert")  # 2 labels
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch, labels=batch[:, 0] % 2).loss
+
+    teacher = four_layers("bert")
+    teacher.config.num_labels = 5
+    with pytest.raises(AdapterConfigError, match=r"num_labels=5, the student .* num_labels=2"):
+        fit(Classifier(), tmp_path, 2, [Distillation(teacher)])
