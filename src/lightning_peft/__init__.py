@@ -34,7 +34,7 @@ from lightning_peft.switching import (
     mixed_batch,
     set_active_adapters,
 )
-from lightning_peft.tfew import RankClassificationAccuracy, tfew_losses
+from lightning_peft.tfew import tfew_losses
 
 __version__ = "0.1.0"
 
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
         PeftPrecision,
         Trainer,
     )
+    from lightning_peft.tfew_metric import RankClassificationAccuracy
 
 # Lightning takes seconds to import; plain-PyTorch users of apply_adapters never pay for it.
 _LIGHTNING_NAMES = (
@@ -64,6 +65,10 @@ _LIGHTNING_NAMES = (
 
 
 def __getattr__(name: str) -> Any:
+    if name == "RankClassificationAccuracy":  # torchmetrics, imported on first use
+        from lightning_peft.tfew_metric import RankClassificationAccuracy
+
+        return RankClassificationAccuracy
     if name in _LIGHTNING_NAMES:
         import lightning_peft.lightning
 

@@ -24,7 +24,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torchmetrics import Metric
 
 IGNORE_INDEX = -100
 _MIN_ONE_MINUS_P = 1e-6  # keeps log(1 - p) finite when the model is certain of a wrong token
@@ -113,29 +112,3 @@ def tfew_losses(
 
 def _choice_rows(values: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
     return values[torch.arange(len(choice), device=values.device), choice]  # (B, T)
-
-
-class RankClassificationAccuracy(Metric):
-    """Accuracy of rank classification: the predicted choice is the one with the highest
-    length-normalized log-likelihood ``β`` (T-Few §3.2). ``update(scores (B, C), correct (B,))``."""
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("hits", torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("total", torch.tensor(0), dist_reduce_fx="sum")
-
-    def update(self, scores: torch.Tensor, correct: torch.Tensor) -> None:
-        if scores.dim() != 2 or correct.shape != scores.shape[:1]:
-            raise ValueError(
-                f"scores must be (B, C) and correct (B,), got {tuple(scores.shape)} and "
-                f"{tuple(correct.shape)}"
-            )
-        self.hits += (scores.argmax(-1) == correct).sum()
-        self.total += correct.numel()
-
-    def compute(self) -> torch.Tensor:
-        return self.hits.float() / self.total.clamp(min=1)
