@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning_modules import QV_LORA, CausalLM, fit, token_data
 from snapshots import refused_without_a_trace
 from tiny_models import VOCAB, tiny_llama
 from transformers import (
-    AutoModel,
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
     RobertaConfig,
     RobertaForSequenceClassification,
@@ -96,8 +93,7 @@ def four_layers(family: str) -> torch.nn.Module:
     torch.manual_seed(0)
     small = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, vocab_size=VOCAB)
     if family == "llama":
-        config = LlamaConfig(**small, num_hidden_layers=4, num_key_value_heads=2)
-        return LlamaForCausalLM(config).eval()
+        return tiny_llama(num_hidden_layers=4)
     if family == "gpt2":
         config = GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=VOCAB, n_positions=64)
         return GPT2LMHeadModel(config).eval()

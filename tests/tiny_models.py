@@ -21,6 +21,8 @@ def tiny_llama(
     init_std: float = 0.02,
     vocab_size: int = VOCAB,
     tie_word_embeddings: bool = False,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
 ) -> LlamaForCausalLM:
     """A 2-layer Llama (grouped-query attention); ``bias=True`` gives its linear layers biases.
 
@@ -29,9 +31,9 @@ def tiny_llama(
     """
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=vocab_size,

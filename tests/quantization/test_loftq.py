@@ -6,8 +6,8 @@ import pytest
 import torch
 from lightning_modules import CausalLM, fit
 from snapshots import refused_without_a_trace
-from tiny_models import VOCAB
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from tiny_models import VOCAB, tiny_llama
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import lightning_peft
 from lightning_peft import (
@@ -27,16 +27,7 @@ RANK = 16
 
 def float_llama(seed: int = 0) -> LlamaForCausalLM:
     """hidden 128, as the LoftQ numbers in the issue were measured on."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(seed, hidden_size=128)
 
 
 def float_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

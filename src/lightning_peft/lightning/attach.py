@@ -6,7 +6,6 @@ Shared by ``PeftCallback.setup`` and ``PeftMixin.configure_model`` / ``load_stat
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import lightning.pytorch as pl
 from torch import nn
