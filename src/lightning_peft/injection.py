@@ -77,6 +77,8 @@ def apply_adapters(
     plans: list[tuple[Any, list[str]]] = []
     claimed: dict[str, str] = {}
     for item in configs:
+        if callable(getattr(item, "for_model", None)):  # defaults by model type (IA3)
+            item = item.for_model(model)
         if _is_layer_method(item):
             targets = find_targets(
                 model,

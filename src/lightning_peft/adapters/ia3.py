@@ -29,30 +29,83 @@ from lightning_peft.quantization import dequantize, in_out_features, is_linear_l
 from lightning_peft.targeting import Patterns, matches, normalize_patterns
 
 
+# Default (targets, feed-forward targets) by transformers model type: Hugging Face PEFT's
+# table (so trainable counts and files match), plus ViT and Whisper.
+_ATTENTION_BERT = (("key", "value", "output.dense"), ("output.dense",))
+_LLAMA = (("k_proj", "v_proj", "down_proj"), ("down_proj",))
+_QV_DOWN = (("q_proj", "v_proj", "down_proj"), ("down_proj",))
+DEFAULT_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "t5": (("k", "v", "wo"), ("wo",)),
+    "mt5": (("k", "v", "wi_1"), ()),
+    "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
+    "gpt_bigcode": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
+    "bloom": (("query_key_value", "mlp.dense_4h_to_h"), ("mlp.dense_4h_to_h",)),
+    "bert": _ATTENTION_BERT,
+    "roberta": _ATTENTION_BERT,
+    "vit": _ATTENTION_BERT,
+    "deberta-v2": (("key_proj", "value_proj", "output.dense"), ("output.dense",)),
+    "opt": (("q_proj", "k_proj", "fc2"), ("fc2",)),
+    "gptj": (("q_proj", "v_proj", "fc_out"), ("fc_out",)),
+    "gpt_neox": (("query_key_value", "dense_4h_to_h"), ("dense_4h_to_h",)),
+    "gpt_neo": (("q_proj", "v_proj", "c_proj"), ("c_proj",)),
+    "falcon": (("query_key_value", "dense_4h_to_h"), ("dense_4h_to_h",)),
+    "bart": (("q_proj", "v_proj", "fc2"), ("fc2",)),
+    "whisper": (("k_proj", "v_proj", "fc2"), ("fc2",)),
+    "phi": (("q_proj", "v_proj", "fc2"), ("fc2",)),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "mixtral": (("k_proj", "v_proj", "w2"), ("w2",)),
+    "gemma": _QV_DOWN,
+    "gemma2": _QV_DOWN,
+    "gemma3_text": _QV_DOWN,
+    "qwen2": _QV_DOWN,
+    "qwen3": _QV_DOWN,
+}
+
+
+def model_type(model: nn.Module) -> str | None:
+    """``config.model_type`` of the transformers model in ``model``, or None."""
+    from lightning_peft.adapters.inputs import find_transformers_model
+    from lightning_peft.errors import UnsupportedLayerError
+
+    try:
+        host = find_transformers_model(model, "")
+    except UnsupportedLayerError:
+        return None
+    return getattr(host.config, "model_type", None)
+
+
 @dataclass(frozen=True)
 class IA3:
     """Configuration of (IA)^3 vectors.
 
     Args:
-        target_modules: the layers that get a vector (patterns as in :class:`LoRA`). The
-            default is Llama's: keys, values and the second feed-forward projection. GPT-2:
-            ``["c_attn", "mlp.c_proj"]``; BERT: ``["key", "value", "output.dense"]``.
+        target_modules: the layers that get a vector (patterns as in :class:`LoRA`).
+            Default: chosen by the model's type when the adapters attach, as Hugging Face
+            PEFT chooses them (:data:`DEFAULT_TARGETS`): keys, values and the second
+            feed-forward projection for Llama, ``["c_attn", "mlp.c_proj"]`` for GPT-2,
+            ``["key", "value", "output.dense"]`` for BERT, ...
         feedforward_modules: which of the targets are feed-forward layers, whose *input* is
             scaled (``l_ff``); the others have their output scaled. Must select targets only.
+            Default: the model type's feed-forward targets among ``target_modules``.
         exclude_modules: patterns left alone.
 
     Raises:
         AdapterConfigError: listing every invalid field with the value received.
     """
 
-    target_modules: Patterns = ("k_proj", "v_proj", "down_proj")
-    feedforward_modules: Patterns = ("down_proj",)
+    target_modules: Patterns | None = None
+    feedforward_modules: Patterns | None = None
     exclude_modules: Patterns = ()
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        targets = normalize_patterns(self.target_modules, "target_modules", problems)
-        feedforward = normalize_patterns(self.feedforward_modules, "feedforward_modules", problems)
+        targets = self.target_modules
+        if targets is not None:
+            targets = normalize_patterns(targets, "target_modules", problems)
+        feedforward = self.feedforward_modules
+        if feedforward is not None:
+            feedforward = normalize_patterns(feedforward, "feedforward_modules", problems)
         excludes = normalize_patterns(self.exclude_modules, "exclude_modules", problems)
         if isinstance(targets, tuple) and isinstance(feedforward, tuple):
             stray = [f for f in feedforward if f not in targets]
@@ -65,6 +118,35 @@ class IA3:
         object.__setattr__(self, "target_modules", targets)
         object.__setattr__(self, "feedforward_modules", feedforward)
         object.__setattr__(self, "exclude_modules", excludes)
+
+    def for_model(self, model: nn.Module) -> IA3:
+        """This config with the defaults of ``model``'s type filled in.
+
+        Raises:
+            AdapterConfigError: no ``target_modules`` and a model type without defaults.
+        """
+        if self.target_modules is not None and self.feedforward_modules is not None:
+            return self
+        kind = model_type(model)
+        defaults = DEFAULT_TARGETS.get(kind) if kind else None
+        targets = self.target_modules
+        if targets is None:
+            if defaults is None:
+                described = f"model type {kind!r}" if kind else f"{type(model).__name__} (not a transformers model)"
+                raise AdapterConfigError(
+                    f"IA3() picks its targets by model type and knows none for {described}: "
+                    "pass target_modules=[the key, value and second feed-forward layers' "
+                    "names] and feedforward_modules=[the feed-forward one]; known types: "
+                    f"{', '.join(sorted(DEFAULT_TARGETS))}"
+                )
+            targets = defaults[0]
+        feedforward = self.feedforward_modules
+        if feedforward is None:
+            known = defaults[1] if defaults else ()
+            feedforward = tuple(
+                f for f in known if isinstance(targets, str) or f in targets
+            )
+        return IA3(targets, feedforward, self.exclude_modules)
 
     def can_wrap(self, module: nn.Module) -> bool:
         return is_linear_layer(module)
