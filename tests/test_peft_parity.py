@@ -70,3 +70,15 @@ def test_trainable_parameter_count_matches_peft():
     trainable, _ = peft_model.get_nb_trainable_parameters()
     ours = apply_adapters(tiny_llama(), LoRA(rank=8, target_modules=targets))
     assert sum(t.numel() for t in adapter_state_dict(ours).values()) == trainable
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["gqa-llama", "gpt2"])
+def test_reparametrized_prefix_has_peft_trainable_count(build):
+    from lightning_peft import PrefixTuning, count_parameters
+
+    ours = apply_adapters(build(), PrefixTuning(num_virtual_tokens=4))
+    theirs = peft.get_peft_model(
+        build(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True)
+    )
+    expected = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    assert count_parameters(ours).trainable == expected

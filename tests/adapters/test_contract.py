@@ -70,8 +70,9 @@ PAPER_COUNTS = {
     "ia3": LAYERS * (KV + KV + FFN),
     # Prompt tuning (Lester §2): n d.
     "prompt": 4 * D,
-    # Prefix tuning, reparametrized (Li & Liang §4.3): n d + MLP(d -> h -> L·2·kv).
-    "prefix": 3 * D + (D * 32 + 32) + (32 * LAYERS * 2 * KV + LAYERS * 2 * KV),
+    # Prefix tuning, reparametrized (Li & Liang §4.3), in PEFT's layout: n kv + MLP(kv -> h ->
+    # L·2·kv), kv the width of one layer's keys (grouped-query attention: less than d).
+    "prefix": 3 * KV + (KV * 32 + 32) + (32 * LAYERS * 2 * KV + LAYERS * 2 * KV),
     "prefix-direct": 3 * LAYERS * 2 * KV,
     # Bottleneck (Houlsby §2.1): 2 m d + d + m per adapter, m = d / reduction_factor.
     "houlsby": LAYERS * 2 * (2 * 8 * D + D + 8),

@@ -50,7 +50,8 @@ class PrefixTuning:
         num_virtual_tokens: prefix length ``n``.
         reparametrize: train the prefix through an MLP (Li & Liang §4.3); fold it away after
             training with :func:`fold_prefix_`.
-        encoder_hidden_size: the MLP's hidden width (default: the model's hidden size).
+        encoder_hidden_size: the MLP's hidden width (default: one layer's key width,
+            ``kv_heads · head_dim``, as PEFT's default).
         init: ``"random"`` (Gaussian, as Hugging Face PEFT) or ``"text"``: the frozen model's
             own keys and values for ``init_text`` (repeated or cut to ``n`` tokens), so the
             adapted model starts as the base with that text in front. Needs
@@ -164,7 +165,7 @@ class PrefixKV(nn.Module):
         super().__init__()
         self.config = config
         self.adapter_name = adapter_name
-        self.layers, self.kv_heads, self.head_dim, hidden = shape
+        self.layers, self.kv_heads, self.head_dim, _ = shape
         self.model_config = model_config
         n = config.num_virtual_tokens
         width = self.layers * 2 * self.kv_heads * self.head_dim
@@ -172,11 +173,15 @@ class PrefixKV(nn.Module):
         self.disabled = False
         generator = init_generator(adapter_name)
         if config.reparametrize:
-            inner = config.encoder_hidden_size or hidden
-            embedding = torch.randn(n, hidden, generator=generator)
+            # PEFT's layout: the embedding and (by default) the MLP's inner width are one
+            # layer's key width, kv_heads · head_dim (narrower than hidden under grouped-query
+            # attention), so the trainable counts and an unfolded file match PEFT's.
+            token_dim = self.kv_heads * self.head_dim
+            inner = config.encoder_hidden_size or token_dim
+            embedding = torch.randn(n, token_dim, generator=generator)
             self.embedding = nn.ParameterDict({adapter_name: nn.Parameter(embedding)})
             mlp = nn.Sequential(
-                reset_linear_(empty_linear(hidden, inner, bias=True, device="cpu"), generator),
+                reset_linear_(empty_linear(token_dim, inner, bias=True, device="cpu"), generator),
                 nn.Tanh(),
                 reset_linear_(empty_linear(inner, width, bias=True, device="cpu"), generator),
             )

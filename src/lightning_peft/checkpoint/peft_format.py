@@ -274,7 +274,7 @@ def _peft_config(host: nn.Module, config: Any, tensors: dict[str, torch.Tensor])
         "token_dim": kv_heads * head_dim,
         "num_attention_heads": kv_heads,
         "num_layers": layers,
-        "encoder_hidden_size": config.encoder_hidden_size or hidden,
+        "encoder_hidden_size": config.encoder_hidden_size or kv_heads * head_dim,
         "prefix_projection": config.reparametrize,
     }
 
