@@ -66,6 +66,13 @@ class PromptTuning:
 
     def check(self, model: nn.Module) -> None:
         host = find_transformers_model(model, "PromptTuning")
+        main_input = getattr(host, "main_input_name", "input_ids")
+        if main_input not in ("input_ids", "inputs_embeds"):
+            raise AdapterConfigError(
+                f"PromptTuning puts virtual tokens before the token embeddings, and "
+                f"{type(host).__name__} reads {main_input} (audio or image features), not "
+                "tokens; use LoRA or IA3 on this model"
+            )
         if CHILD_NAME in host._modules:
             raise AdapterConfigError(
                 f"{type(host).__name__} already has a soft prompt; a model takes one PromptTuning"
