@@ -22,18 +22,8 @@ from torch.utils.data import DataLoader
 import lightning_peft
 from lightning_peft.data import load_smollm2, rotten_tomatoes, stratified_split
 from lightning_peft.lightning import GenerationSamples
+from lightning_peft.lightning.chat import ANSWERS, review_chat
 from lightning_peft.sft import ChatCollator
-
-QUESTION = "Is this movie review positive or negative? Answer with one word.\n\n{review}"
-ANSWERS = ("negative", "positive")
-
-
-def conversation(review: str, label: int | None = None) -> dict:
-    messages = [{"role": "user", "content": QUESTION.format(review=review)}]
-    if label is not None:
-        messages.append({"role": "assistant", "content": ANSWERS[label]})
-    return {"messages": messages}
-
 
 class ChatModule(L.LightningModule):
     def __init__(self, lr: float) -> None:
@@ -62,7 +52,7 @@ def answer_accuracy(module: ChatModule, rows: list[tuple[str, int]]) -> float:
     hits = 0
     for review, label in rows:
         ids = tokenizer.apply_chat_template(
-            conversation(review)["messages"], add_generation_prompt=True, return_tensors="pt"
+            review_chat(review)["messages"], add_generation_prompt=True, return_tensors="pt"
         )
         ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
         out = model.generate(
@@ -97,13 +87,13 @@ def main() -> None:
     )
     collate = ChatCollator(module.tokenizer, max_length=256, pack=args.pack)
     data = DataLoader(
-        [conversation(r, y) for r, y in train], args.batch_size, shuffle=True, collate_fn=collate
+        [review_chat(r, y) for r, y in train], args.batch_size, shuffle=True, collate_fn=collate
     )
     val = DataLoader(
-        [conversation(r, y) for r, y in held_out[:16]], args.batch_size, collate_fn=collate
+        [review_chat(r, y) for r, y in held_out[:16]], args.batch_size, collate_fn=collate
     )
     samples = GenerationSamples(
-        [conversation(r)["messages"] for r, _ in held_out[:2]], max_new_tokens=4
+        [review_chat(r)["messages"] for r, _ in held_out[:2]], max_new_tokens=4
     )
 
     before = answer_accuracy(module, held_out)

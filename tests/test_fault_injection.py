@@ -18,18 +18,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_modules import QV_LORA, CausalLM, fit
 from snapshots import assert_folder_unchanged, folder_snapshot
+from tiny_models import adapted_llama as adapted
 from tiny_models import tiny_llama
 
 import lightning_peft.checkpoint.io as checkpoint_io
 from lightning_peft import (
     AdapterCheckpoint,
-    LoRA,
     PeftCallback,
-    apply_adapters,
     load_peft,
     save_peft,
 )
@@ -49,15 +47,6 @@ class Failing:
         if self.calls == self.n:
             raise OSError(f"injected failure at call {self.n}")
         return self.function(*args, **kwargs)
-
-
-def adapted(seed: int) -> torch.nn.Module:
-    model = apply_adapters(tiny_llama(), LoRA(rank=4, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.1, generator=torch.Generator().manual_seed(seed))
-    return model
 
 
 def hidden_leftovers(folder: Path) -> list[str]:

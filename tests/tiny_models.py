@@ -45,6 +45,19 @@ def tiny_llama(
     return LlamaForCausalLM(config).eval()
 
 
+def adapted_llama(seed: int = 0) -> LlamaForCausalLM:
+    """A tiny Llama with LoRA on q and v, its B moved off zero (so merges and exports differ
+    from the base), the same for the same ``seed``."""
+    from lightning_peft import LoRA, apply_adapters
+
+    model = apply_adapters(tiny_llama(), LoRA(rank=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1, generator=torch.Generator().manual_seed(seed))
+    return model
+
+
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)

@@ -71,7 +71,7 @@ def apply_adapters(
             "peft-injected layers); lightning_peft would wrap PEFT's own lora_A / base_layer. "
             "Use the base model, and bring a PEFT adapter in with load_peft(model, folder)"
         )
-    configs = list(config) if isinstance(config, (list, tuple)) else [config]
+    configs = as_config_list(config)
     if not configs:
         raise AdapterConfigError("apply_adapters got an empty list of adapter configs")
     plans: list[tuple[Any, list[str]]] = []
@@ -228,6 +228,11 @@ def _claim(claimed: dict[str, str], targets: list[str], method: str) -> None:
     claimed.update(dict.fromkeys(targets, method))
 
 
+def as_config_list(config: Any) -> list[Any]:
+    """One adapter config or a list / tuple of them, as a list."""
+    return list(config) if isinstance(config, (list, tuple)) else [config]
+
+
 def freeze_base_(model: nn.Module) -> None:
     """Set ``requires_grad`` on exactly the adapter tensors of ``model`` that can train: in
     a layer holding several named adapters, those of the active ones."""
@@ -235,12 +240,16 @@ def freeze_base_(model: nn.Module) -> None:
     for tensor in adapter_parameters(model).values():
         tensor.requires_grad_(True)
     for _, module in adapter_modules(model):
-        active = getattr(module, "active_adapters", None)
-        if active is None:
-            continue
-        for tensor_name in module.adapter_params():  # "lora_A.<name>.weight", "ia3_l.<name>"
-            if tensor_name.split(".")[1] not in active:
-                module.get_parameter(tensor_name).requires_grad_(False)
+        if hasattr(module, "active_adapters"):
+            train_active_adapters_only_(module)
+
+
+def train_active_adapters_only_(module: nn.Module) -> None:
+    """In a layer holding named adapters (LoRA, IA3), the active ones' tensors require grad
+    and the others' do not."""
+    for tensor_name in module.adapter_params():  # "lora_A.<name>.weight", "ia3_l.<name>"
+        owner = tensor_name.split(".")[1]
+        module.get_parameter(tensor_name).requires_grad_(owner in module.active_adapters)
 
 
 def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:

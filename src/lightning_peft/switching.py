@@ -17,7 +17,7 @@ from torch import nn
 from lightning_peft.adapters.protocol import trained_marks
 from lightning_peft.adapters.routing import Routing
 from lightning_peft.errors import AdapterStateError
-from lightning_peft.injection import adapter_modules, freeze_base_
+from lightning_peft.injection import adapter_modules, freeze_base_, train_active_adapters_only_
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -59,9 +59,7 @@ def set_active_adapters(model: nn.Module, names: str | Sequence[str]) -> None:
         if getattr(module, "merged", False):
             raise AdapterStateError("unmerge_adapters(model) before switching adapters")
         module.active_adapters = [n for n in names if n in module.configs]
-        for tensor_name in module.adapter_params():  # "lora_A.<name>.weight", "ia3_l.<name>"
-            owner = tensor_name.split(".")[1]
-            module.get_parameter(tensor_name).requires_grad_(owner in module.active_adapters)
+        train_active_adapters_only_(module)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

@@ -14,20 +14,12 @@ from snapshots import (
     model_snapshot,
 )
 from tiny_models import VOCAB, tiny_llama
+from tiny_models import adapted_llama as adapted
 from transformers import AutoModelForCausalLM
 
 from lightning_peft import LoRA, apply_adapters, load_peft, save_peft
 from lightning_peft.checkpoint.export import merge_and_export
 from lightning_peft.lightning.cli import main as cli_main
-
-
-def adapted(seed: int = 0) -> torch.nn.Module:
-    model = apply_adapters(tiny_llama(), LoRA(rank=4, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.1, generator=torch.Generator().manual_seed(seed))
-    return model
 
 
 @pytest.fixture

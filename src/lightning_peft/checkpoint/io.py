@@ -162,6 +162,16 @@ def is_tokenizer_file(name: str) -> bool:
     return _TOKENIZER_FILES.fullmatch(name) is not None
 
 
+def held_tokenizer(*holders: Any, needs: str = "save_pretrained") -> Any:
+    """The first ``tokenizer`` attribute among ``holders`` (a DataModule, a LightningModule,
+    ...; None is skipped) that has the method ``needs``, or None."""
+    for holder in holders:
+        tokenizer = getattr(holder, "tokenizer", None)
+        if callable(getattr(tokenizer, needs, None)):
+            return tokenizer
+    return None
+
+
 def owned_with_tokenizer(owned: Callable[[str], bool], tokenizer: Any) -> Callable[[str], bool]:
     """``owned``, plus the tokenizer's files when a tokenizer is written too (only then: a
     tokenizer already in the folder is someone else's when this write brings none)."""

@@ -11,9 +11,7 @@ import lightning.pytorch as pl
 from torch import nn
 
 from lightning_peft.injection import AdapterConfig, apply_adapters
-from lightning_peft.lightning.precision import PeftPrecision, as_config_list, peft_precision
-
-__all__ = ["as_config_list", "attach_adapters_once"]
+from lightning_peft.lightning.precision import PeftPrecision, peft_precision
 
 _ATTACHED = "_lightning_peft_attached"
 

@@ -14,10 +14,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_peft.adapters import MethodConfig
+from lightning_peft.checkpoint.io import held_tokenizer
 from lightning_peft.checkpoint.peft_format import check_peft_exportable, save_peft
 from lightning_peft.errors import AdapterConfigError
-from lightning_peft.injection import AdapterConfig, is_adapter_config
-from lightning_peft.lightning.attach import as_config_list, attach_adapters_once
+from lightning_peft.injection import AdapterConfig, as_config_list, is_adapter_config
+from lightning_peft.lightning.attach import attach_adapters_once
 from lightning_peft.lightning.checkpoint_io import make_checkpoint_writes_atomic
 from lightning_peft.lightning.checkpointing import (
     ResumeChecks,
@@ -280,11 +281,7 @@ class AdapterCheckpoint(_AdapterCheckpointHooks, ModelCheckpoint):
             return self.tokenizer
         # The data module's first: it is the one the run's batches were made with (ChatData
         # may replace the chat template), as `lightning-peft export` chooses.
-        for holder in (trainer.datamodule, trainer.lightning_module):
-            tokenizer = getattr(holder, "tokenizer", None)
-            if callable(getattr(tokenizer, "save_pretrained", None)):
-                return tokenizer
-        return None
+        return held_tokenizer(trainer.datamodule, trainer.lightning_module)
 
     @override
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:

@@ -104,18 +104,21 @@ def _is_file(value: str) -> bool:
         return False
 
 
-def check_rows(collate: ChatCollator, rows: list[dict[str, Any]], source: str) -> None:
-    """Render and tokenize every row once, before training: a template that fails on some
-    row, or a row with nothing to train on (no assistant turn, or one cut off by
-    ``max_length``; a batch of such rows has a NaN loss), is refused with its row numbers.
+def encode_rows(
+    collate: ChatCollator, rows: list[dict[str, Any]], source: str
+) -> list[tuple[list[int], list[int]]]:
+    """Every row rendered and tokenized once, before training (the batches reuse them): a
+    template that fails on some row, or a row with nothing to train on (no assistant turn,
+    or one cut off by ``max_length``; a batch of such rows has a NaN loss), is refused with
+    its row numbers.
 
     Raises:
         AdapterConfigError: naming the rows.
     """
-    empty = []
+    encoded, empty = [], []
     for number, row in enumerate(rows, start=1):
         try:
-            _, labels = collate.encode(row["messages"])
+            ids, labels = collate.encode(row["messages"])
         except AdapterConfigError as error:
             raise AdapterConfigError(f"{source}, row {number}: {error}") from error
         except Exception as error:  # the template's own error (jinja2, a missing key)
@@ -124,6 +127,7 @@ def check_rows(collate: ChatCollator, rows: list[dict[str, Any]], source: str) -
             ) from error
         if all(label == IGNORE for label in labels):
             empty.append(number)
+        encoded.append((ids, labels))
     if empty:
         shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
         raise AdapterConfigError(
@@ -131,6 +135,7 @@ def check_rows(collate: ChatCollator, rows: list[dict[str, Any]], source: str) -
             f"assistant turn, or one beyond max_length={collate.max_length}. Give them an "
             "assistant turn, raise max_length, or drop them"
         )
+    return encoded
 
 
 class ChatData(pl.LightningDataModule):
@@ -192,19 +197,19 @@ class ChatData(pl.LightningDataModule):
             self.val_rows = []
         if val_file is not None:
             self.val_rows = read_chats(val_file)
-        check_rows(self.collate, self.train_rows, train_file or "the built-in rows")
-        check_rows(self.collate, self.val_rows, val_file or "the built-in rows")
+        self.train_encoded = encode_rows(self.collate, self.train_rows, train_file or "the built-in rows")
+        self.val_encoded = encode_rows(self.collate, self.val_rows, val_file or "the built-in rows")
         self.batch_size = batch_size
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.train_rows, self.batch_size, shuffle=True, collate_fn=self.collate
+            self.train_encoded, self.batch_size, shuffle=True, collate_fn=self.collate.batch
         )
 
     def val_dataloader(self) -> DataLoader | list:
-        if not self.val_rows:
+        if not self.val_encoded:
             return []
-        return DataLoader(self.val_rows, self.batch_size, collate_fn=self.collate)
+        return DataLoader(self.val_encoded, self.batch_size, collate_fn=self.collate.batch)
 
 
 class CausalLMTuning(pl.LightningModule):

@@ -34,7 +34,7 @@ from lightning_peft.checkpoint import (
     read_metadata,
 )
 from lightning_peft.checkpoint.export import is_export_file, merge_and_export
-from lightning_peft.checkpoint.io import check_folder_target
+from lightning_peft.checkpoint.io import check_folder_target, held_tokenizer
 from lightning_peft.checkpoint.peft_format import save_peft
 from lightning_peft.errors import AdapterStateError
 from lightning_peft.lightning.attach import attach_adapters_once
@@ -157,11 +157,7 @@ def config_tokenizer(cli: PeftCLI) -> Any:
     """The tokenizer the config's module or data module holds (as ``tokenizer``), which
     travels with the export; None when neither has one. The data module's comes first: it
     is the one the run trained with (``ChatData`` may replace the chat template)."""
-    for holder in (cli.datamodule, cli.model):
-        tokenizer = getattr(holder, "tokenizer", None)
-        if callable(getattr(tokenizer, "save_pretrained", None)):
-            return tokenizer
-    return None
+    return held_tokenizer(cli.datamodule, cli.model)
 
 
 def load_adapter_checkpoint(config: str, ckpt: str, cli: PeftCLI | None = None) -> Any:

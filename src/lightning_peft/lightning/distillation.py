@@ -168,7 +168,7 @@ class Distillation(Callback):
         teacher.to(pl_module.device)
         self._fingerprint = fingerprint_frozen(teacher)
         restored = self._restored_fingerprint
-        if restored is not None and self._fingerprint is not None and restored != self._fingerprint:
+        if restored is not None and restored != self._fingerprint:
             raise AdapterStateError(
                 "the checkpoint was trained with another teacher (its fingerprint differs); "
                 "resume with the teacher the run started with"
@@ -209,9 +209,7 @@ class Distillation(Callback):
     ) -> None:
         if not self._armed or self._in_teacher or self._inputs is None:
             return
-        logits = getattr(output, "logits", None)
-        if logits is None and isinstance(output, (tuple, list)):
-            logits = output[0]
+        logits = output_logits(output)
         args, kwargs = self._inputs
         self._inputs = None
         inputs = teacher_inputs(module, kwargs)
@@ -226,9 +224,7 @@ class Distillation(Callback):
                     teacher_output = self.teacher(*args, **inputs)
         finally:
             self._in_teacher = False
-        teacher_logits = getattr(teacher_output, "logits", None)
-        if teacher_logits is None:
-            teacher_logits = teacher_output[0]
+        teacher_logits = output_logits(teacher_output)
         mask = token_mask(kwargs, logits)
         self.teacher_logits = teacher_logits
         kd = kd_loss(logits, teacher_logits, self.temperature, mask)
@@ -241,6 +237,13 @@ class Distillation(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored_fingerprint = state_dict.get("teacher_fingerprint")
+
+
+def output_logits(output: Any) -> torch.Tensor:
+    """The logits of a transformers model's output (a ``ModelOutput`` or, with
+    ``return_dict=False``, a tuple whose first item they are)."""
+    logits = getattr(output, "logits", None)
+    return output[0] if logits is None else logits
 
 
 def teacher_inputs(student: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:

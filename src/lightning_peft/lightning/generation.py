@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_peft.adapters.inputs import find_transformers_model
+from lightning_peft.checkpoint.io import held_tokenizer
 from lightning_peft.errors import AdapterConfigError
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]
@@ -81,11 +82,8 @@ class GenerationSamples(Callback):
     def _tokenizer(self, trainer: pl.Trainer) -> Any:
         if self.tokenizer is not None:
             return self.tokenizer
-        for holder in (trainer.datamodule, trainer.lightning_module):  # the batches' first
-            tokenizer = getattr(holder, "tokenizer", None)
-            if callable(getattr(tokenizer, "decode", None)):
-                return tokenizer
-        return None
+        # the data module's first, as AdapterCheckpoint chooses
+        return held_tokenizer(trainer.datamodule, trainer.lightning_module, needs="decode")
 
     def _complete(self, host: Any, tokenizer: Any, prompt: Prompt, step: int) -> dict[str, Any]:
         device = host.get_input_embeddings().weight.device

@@ -13,8 +13,8 @@ from lightning_peft.adapters.init import values_to_be_loaded
 from lightning_peft.adapters.inputs import find_transformers_model
 from lightning_peft.checkpoint import load_adapter_state_dict
 from lightning_peft.errors import UnsupportedLayerError
-from lightning_peft.injection import AdapterConfig
-from lightning_peft.lightning.attach import as_config_list, attach_adapters_once
+from lightning_peft.injection import AdapterConfig, as_config_list
+from lightning_peft.lightning.attach import attach_adapters_once
 from lightning_peft.lightning.checkpointing import (
     ResumeChecks,
     check_if_adapter_only,

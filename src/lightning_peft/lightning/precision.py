@@ -25,6 +25,7 @@ from lightning_peft.errors import AdapterConfigError
 from lightning_peft.injection import (
     adapter_parameter_names,
     apply_adapters,
+    as_config_list,
     is_adapter_config,
 )
 from lightning_peft.lightning.checkpointing import write_adapter_only_
@@ -59,11 +60,6 @@ def default_optimizer(mode: str, device: str) -> OptimizerName | None:
     if _QUANTIZATION[mode][0] == "int8":
         return None
     return "paged_adamw_8bit" if device == "cuda" else "adamw_8bit"
-
-
-def as_config_list(adapters: Any) -> list[Any]:
-    """One adapter config or a list / tuple of them, as a list."""
-    return list(adapters) if isinstance(adapters, (list, tuple)) else [adapters]
 
 
 def default_adapters() -> LoRA:

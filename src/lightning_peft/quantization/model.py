@@ -62,7 +62,12 @@ def quantize_model(
             must stay in float), or nothing was left to quantize.
         AdapterConfigError: LoftQ asked of an int8 base or of a layer kept in float.
     """
-    from lightning_peft.injection import restored_on_error
+    from lightning_peft.injection import (
+        apply_adapters,
+        as_config_list,
+        restored_on_error,
+        transformers_model_prefix,
+    )
 
     if isinstance(skip_modules, str):  # one name, not its characters
         skip_modules = (skip_modules,)
@@ -86,8 +91,7 @@ def quantize_model(
             f"(skipped: {sorted(skipped)})"
         )
     del modules  # no reference to a replaced float layer outlives its turn in the loop
-    configs = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters]
-    configs = [c for c in configs if c is not None]
+    configs = [c for c in as_config_list(adapters) if c is not None]
     loftq = loftq_targets(model, configs, mode, set(targets))
     options = dict(
         compute_dtype=compute_dtype,
@@ -96,7 +100,7 @@ def quantize_model(
         quant_storage=quant_storage,
     )
     presets = {}
-    prefix = _host_prefix(model)
+    prefix = transformers_model_prefix(model)
     with restored_on_error(model):
         for name in targets:
             parent_name, _, child_name = name.rpartition(".")
@@ -124,7 +128,6 @@ def quantize_model(
             model.is_loaded_in_4bit = True
         if configs:
             from lightning_peft.adapters.init import preset_values
-            from lightning_peft.injection import apply_adapters
 
             with preset_values(presets):
                 apply_adapters(model, configs, name=adapter_name)
@@ -173,12 +176,6 @@ def loftq_targets(
             )
         chosen.update(dict.fromkeys(names, config))
     return chosen
-
-
-def _host_prefix(model: nn.Module) -> str:
-    from lightning_peft.injection import transformers_model_prefix
-
-    return transformers_model_prefix(model)
 
 
 def is_norm_layer(module: nn.Module) -> bool:
