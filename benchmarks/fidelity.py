@@ -320,7 +320,9 @@ def main() -> None:
             order = list(rt_methods() if args.task == "rt" else BBC_METHODS)
             rows = {**previous["rows"], **saved["rows"]}
             rank = {m: i for i, m in enumerate(order)}  # rows no longer in the table last
-            saved["rows"] = {m: rows[m] for m in sorted(rows, key=lambda m: rank.get(m, len(order)))}
+            saved["rows"] = {
+                m: rows[m] for m in sorted(rows, key=lambda m: rank.get(m, len(order)))
+            }
             saved["seconds"] += previous["seconds"]
         RESULTS.mkdir(exist_ok=True)
         raw.write_text(json.dumps(saved, indent=1) + "\n")

@@ -25,6 +25,7 @@ from lightning_peft.lightning import GenerationSamples
 from lightning_peft.lightning.chat import ANSWERS, review_chat
 from lightning_peft.sft import ChatCollator
 
+
 class ChatModule(L.LightningModule):
     def __init__(self, lr: float) -> None:
         super().__init__()

@@ -90,7 +90,7 @@ def main() -> None:
                 every_n_train_steps=args.steps,
                 export_peft=True,
                 base_model_name_or_path=BASE,
-            )
+            ),
         ],
     )
     before = trainer.validate(module, data, verbose=False)[0]["val_acc"]

@@ -79,7 +79,9 @@ def test_kd_loss_ignores_classes_the_teacher_rules_out():
 
 
 def test_kd_loss_refuses_other_vocabularies_and_bad_temperatures():
-    with pytest.raises(AdapterConfigError, match=r"student logits \(2, 5\) and teacher logits \(2, 6\) differ"):
+    with pytest.raises(
+        AdapterConfigError, match=r"student logits \(2, 5\) and teacher logits \(2, 6\) differ"
+    ):
         kd_loss(torch.zeros(2, 5), torch.zeros(2, 6))
     for bad in (0, float("inf"), True):
         with pytest.raises(AdapterConfigError, match="temperature must be a positive finite"):
@@ -103,8 +105,14 @@ def four_layers(family: str) -> torch.nn.Module:
         config = RobertaConfig(**small, num_hidden_layers=4, pad_token_id=1)
         return RobertaForSequenceClassification(config).eval()
     config = T5Config(
-        d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=4, num_decoder_layers=4,
-        vocab_size=VOCAB, decoder_start_token_id=0,
+        d_model=64,
+        d_ff=128,
+        d_kv=16,
+        num_heads=4,
+        num_layers=4,
+        num_decoder_layers=4,
+        vocab_size=VOCAB,
+        decoder_start_token_id=0,
     )
     return T5ForConditionalGeneration(config).eval()
 
@@ -156,7 +164,10 @@ def test_a_shrunk_decoder_generates_with_its_cache(family):
 
 def test_shrink_refuses_bad_keeps_and_models_without_layers():
     model = four_layers("llama")
-    with pytest.raises(AdapterConfigError, match=r"distinct layer indices in \[0, 4\) for model.layers, got \[0, 4\]"):
+    with pytest.raises(
+        AdapterConfigError,
+        match=r"distinct layer indices in \[0, 4\) for model.layers, got \[0, 4\]",
+    ):
         shrink(model, keep=[0, 4])
     with pytest.raises(AdapterConfigError, match=r"got \[1, 1\]"):
         shrink(model, keep=[1, 1])
@@ -219,7 +230,9 @@ def test_teacher_stays_out_of_checkpoint_and_optimizer_and_resume_is_exact(tmp_p
     first = CausalLM()
     saver = AdapterCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
     run_ = fit(first, tmp_path / "b", 3, [*callbacks(), saver])
-    optimizer_params = {id(p) for group in run_.trainer.optimizers[0].param_groups for p in group["params"]}
+    optimizer_params = {
+        id(p) for group in run_.trainer.optimizers[0].param_groups for p in group["params"]
+    }
     assert not optimizer_params & {id(p) for p in teacher.parameters()}
     ckpt = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
     checkpoint = torch.load(ckpt, weights_only=True)
@@ -263,7 +276,13 @@ def test_an_nf4_teacher_is_quantized_once_and_teaches(tmp_path):
     teacher = teacher_model()
     module = CausalLM()
     before = held_out_kl(module.model, teacher)
-    fit(module, tmp_path, 20, [Distillation(teacher, alpha=1.0, quantize="nf4")], data=token_data(48))
+    fit(
+        module,
+        tmp_path,
+        20,
+        [Distillation(teacher, alpha=1.0, quantize="nf4")],
+        data=token_data(48),
+    )
     layer = teacher.model.layers[0].self_attn.q_proj
     assert isinstance(layer, bnb.nn.Linear4bit)
     assert held_out_kl(module.model, teacher) < 0.7 * before
@@ -273,10 +292,12 @@ def test_bad_arguments_are_refused_together():
     with pytest.raises(AdapterConfigError) as info:
         Distillation("teacher.pt", temperature=-1, alpha=2, quantize="q2")
     message = str(info.value)
-    for part in ("teacher must be a model or 'base', got 'teacher.pt'",
-                 "temperature must be a positive finite number, got -1",
-                 "alpha must be in [0, 1] or None, got 2",
-                 "quantize must be None, 'nf4', 'fp4' or 'int8', got 'q2'"):
+    for part in (
+        "teacher must be a model or 'base', got 'teacher.pt'",
+        "temperature must be a positive finite number, got -1",
+        "alpha must be in [0, 1] or None, got 2",
+        "quantize must be None, 'nf4', 'fp4' or 'int8', got 'q2'",
+    ):
         assert part in message
 
 

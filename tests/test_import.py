@@ -11,7 +11,9 @@ HEAVY = ("lightning", "torchmetrics", "datasets")
 
 def loaded_after(code: str) -> set[str]:
     script = f"import sys\n{code}\nprint(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
     return set(result.stdout.split())
 
 

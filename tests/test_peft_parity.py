@@ -78,7 +78,10 @@ def test_reparametrized_prefix_has_peft_trainable_count(build):
 
     ours = apply_adapters(build(), PrefixTuning(num_virtual_tokens=4))
     theirs = peft.get_peft_model(
-        build(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True)
+        build(),
+        peft.PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True
+        ),
     )
     expected = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
     assert count_parameters(ours).trainable == expected

@@ -145,22 +145,49 @@ def test_training_a_merged_model_says_it_is_merged(tmp_path):
 
 
 def test_prompt_tuning_refuses_models_that_read_features_not_tokens():
-    from transformers import ViTConfig, ViTForImageClassification, WhisperConfig, WhisperForConditionalGeneration
+    from transformers import (
+        ViTConfig,
+        ViTForImageClassification,
+        WhisperConfig,
+        WhisperForConditionalGeneration,
+    )
 
     from snapshots import refused_without_a_trace
 
     from lightning_peft import PromptTuning, UnsupportedLayerError
 
     vit = ViTForImageClassification(
-        ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=8, patch_size=4)
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=8,
+            patch_size=4,
+        )
     )
     whisper = WhisperForConditionalGeneration(
-        WhisperConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                      decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=64,
-                      num_mel_bins=8, max_source_positions=16, max_target_positions=16,
-                      pad_token_id=1, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+        WhisperConfig(
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            vocab_size=64,
+            num_mel_bins=8,
+            max_source_positions=16,
+            max_target_positions=16,
+            pad_token_id=1,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=1,
+        )
     )
-    with refused_without_a_trace(whisper, AdapterConfigError, "reads input_features .* use LoRA or IA3"):
+    with refused_without_a_trace(
+        whisper, AdapterConfigError, "reads input_features .* use LoRA or IA3"
+    ):
         apply_adapters(whisper, PromptTuning(num_virtual_tokens=2))
     with refused_without_a_trace(vit, UnsupportedLayerError, "or use a layer method such as LoRA"):
         apply_adapters(vit, PromptTuning(num_virtual_tokens=2))

@@ -81,7 +81,6 @@ def test_each_named_adapter_alone_and_the_base_are_one_switch_away(method, token
         assert not torch.allclose(both, only(method, "a", model)(input_ids=tokens).logits)
 
 
-
 @pytest.mark.parametrize("method", CONFIGS)
 def test_inactive_adapters_are_frozen_and_reactivated_ones_train(method):
     model = two_adapters(method)

@@ -131,17 +131,23 @@ def shrink(
     for name, stack in stacks.items():
         depth = len(stack)
         if isinstance(keep, str) and keep != "every-other":
-            raise AdapterConfigError(f"keep must be 'every-other' or a list of indices, got {keep!r}")
+            raise AdapterConfigError(
+                f"keep must be 'every-other' or a list of indices, got {keep!r}"
+            )
         kept = list(range(0, depth, 2)) if keep == "every-other" else list(keep)
         if (
             not kept
             or len(set(kept)) != len(kept)
-            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < depth for i in kept)
+            or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < depth for i in kept
+            )
         ):
             raise AdapterConfigError(
                 f"keep must be distinct layer indices in [0, {depth}) for {name}, got {keep!r}"
             )
-        holds_bias = any(getattr(m, "has_relative_attention_bias", False) for m in stack[0].modules())
+        holds_bias = any(
+            getattr(m, "has_relative_attention_bias", False) for m in stack[0].modules()
+        )
         if holds_bias and 0 not in kept:
             raise AdapterConfigError(
                 f"{name}: layer 0 holds the relative position bias the others use (T5); keep "

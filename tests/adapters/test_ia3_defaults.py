@@ -28,8 +28,12 @@ def tiny_t5():
 def tiny_qwen2():
     torch.manual_seed(0)
     config = Qwen2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
     )
     return Qwen2ForCausalLM(config)
 
@@ -37,7 +41,10 @@ def tiny_qwen2():
 def tiny_neox():
     torch.manual_seed(0)
     config = GPTNeoXConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
         vocab_size=VOCAB,
     )
     return GPTNeoXForCausalLM(config)
@@ -73,12 +80,16 @@ def test_default_targets_follow_the_model_type_and_match_peft(family):
 def test_an_unknown_model_type_is_named_with_what_to_pass():
     model = tiny_llama()
     model.config.model_type = "my_llama"
-    with pytest.raises(AdapterConfigError, match=r"knows none for model type 'my_llama': pass target_modules="):
+    with pytest.raises(
+        AdapterConfigError, match=r"knows none for model type 'my_llama': pass target_modules="
+    ):
         apply_adapters(model, IA3())
     with pytest.raises(AdapterConfigError, match=r"Sequential \(not a transformers model\)"):
         apply_adapters(torch.nn.Sequential(torch.nn.Linear(4, 4)), IA3())
     # explicit targets need no table; their feed-forward part is the type's where known
-    apply_adapters(model, IA3(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    apply_adapters(
+        model, IA3(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    )
 
 
 def test_explicit_targets_take_the_types_feedforward_layers_among_them():

@@ -183,7 +183,10 @@ def test_dropout_only_acts_in_training():
         ({"dropout": float("nan")}, r"dropout must be in \[0, 1\), got nan"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
         ({"dropout": -0.1}, r"dropout must be in \[0, 1\), got -0.1"),
-        ({"init": "xavier"}, r"init must be one of \('kaiming', 'gaussian', 'loftq'\), got 'xavier'"),
+        (
+            {"init": "xavier"},
+            r"init must be one of \('kaiming', 'gaussian', 'loftq'\), got 'xavier'",
+        ),
         ({"target_modules": "q_proj("}, r"target_modules is not a valid regular expression"),
         ({"target_modules": ["q_proj", 3]}, r"target_modules must be a regex string"),
     ],

@@ -64,7 +64,10 @@ def test_without_files_it_serves_the_built_in_review_chats():
     ("lines", "message"),
     [
         (['{"messages": []}'], r"bad\.jsonl:1: expected \{\"messages\""),
-        (['{"messages": [{"role": "user", "content": "hi"}]}', "not json"], r"bad\.jsonl:2: not JSON"),
+        (
+            ['{"messages": [{"role": "user", "content": "hi"}]}', "not json"],
+            r"bad\.jsonl:2: not JSON",
+        ),
         (['{"text": "hi"}'], r"bad\.jsonl:1: expected"),
         ([""], r"holds no rows"),
     ],
@@ -81,7 +84,9 @@ def test_bad_paths_and_templates_are_refused_before_training(tmp_path):
         ChatData(train_file="missing.jsonl")
     with pytest.raises(AdapterConfigError, match=r"tokenizer 'org/some-model' is not a folder"):
         ChatData(tokenizer="org/some-model")
-    with pytest.raises(AdapterConfigError, match=r"'t.jinja' is neither a Jinja template nor a file"):
+    with pytest.raises(
+        AdapterConfigError, match=r"'t.jinja' is neither a Jinja template nor a file"
+    ):
         ChatData(chat_template="t.jinja")
     with pytest.raises(AdapterConfigError, match="row 1: the chat template cannot render it"):
         ChatData(chat_template="{{ messages[0]['nope'] + 1 }}", train_size=2, val_size=2)
@@ -89,7 +94,9 @@ def test_bad_paths_and_templates_are_refused_before_training(tmp_path):
 
 def test_rows_with_nothing_to_train_on_are_refused_with_their_numbers(tmp_path):
     rows = [*CHATS, {"messages": [{"role": "user", "content": "no answer"}]}]
-    with pytest.raises(AdapterConfigError, match=r"1 row\(s\) have no token to train on \(rows 5\)"):
+    with pytest.raises(
+        AdapterConfigError, match=r"1 row\(s\) have no token to train on \(rows 5\)"
+    ):
         ChatData(train_file=write_chats(tmp_path / "t.jsonl", rows))
     long = [{"messages": [{"role": "user", "content": "word " * 300}, CHATS[0]["messages"][1]]}]
     with pytest.raises(AdapterConfigError, match=r"beyond max_length=32"):

@@ -92,7 +92,12 @@ def test_a_bf16_base_keeps_its_norms_in_float32_under_4bit(tmp_path):
     norms = {n: p.clone() for n, p in module.named_parameters() if "norm" in n}
     assert len(norms) == 5 and all(p.dtype == torch.bfloat16 for p in norms.values())
     run = fit(
-        module, tmp_path, 3, [], trainer_class=lightning_peft.Trainer, precision="nf4-lora-bf16-mixed"
+        module,
+        tmp_path,
+        3,
+        [],
+        trainer_class=lightning_peft.Trainer,
+        precision="nf4-lora-bf16-mixed",
     )
     after = dict(module.named_parameters())
     for name, before in norms.items():  # float32 now, same values (the upcast is exact)

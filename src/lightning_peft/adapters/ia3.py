@@ -132,7 +132,11 @@ class IA3:
         targets = self.target_modules
         if targets is None:
             if defaults is None:
-                described = f"model type {kind!r}" if kind else f"{type(model).__name__} (not a transformers model)"
+                described = (
+                    f"model type {kind!r}"
+                    if kind
+                    else f"{type(model).__name__} (not a transformers model)"
+                )
                 raise AdapterConfigError(
                     f"IA3() picks its targets by model type and knows none for {described}: "
                     "pass target_modules=[the key, value and second feed-forward layers' "
@@ -143,9 +147,7 @@ class IA3:
         feedforward = self.feedforward_modules
         if feedforward is None:
             known = defaults[1] if defaults else ()
-            feedforward = tuple(
-                f for f in known if isinstance(targets, str) or f in targets
-            )
+            feedforward = tuple(f for f in known if isinstance(targets, str) or f in targets)
         return IA3(targets, feedforward, self.exclude_modules)
 
     def can_wrap(self, module: nn.Module) -> bool:

@@ -197,7 +197,9 @@ class ChatData(pl.LightningDataModule):
             self.val_rows = []
         if val_file is not None:
             self.val_rows = read_chats(val_file)
-        self.train_encoded = encode_rows(self.collate, self.train_rows, train_file or "the built-in rows")
+        self.train_encoded = encode_rows(
+            self.collate, self.train_rows, train_file or "the built-in rows"
+        )
         self.val_encoded = encode_rows(self.collate, self.val_rows, val_file or "the built-in rows")
         self.batch_size = batch_size
 
@@ -264,4 +266,7 @@ class CausalLMTuning(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / warmup)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

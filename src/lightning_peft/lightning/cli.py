@@ -118,7 +118,9 @@ def export(argv: Sequence[str]) -> None:
     )
     parser.add_argument("--base-model-name-or-path", help="recorded in adapter_config.json")
     args, overrides = parser.parse_known_args(argv)
-    if any(not o.startswith(("--model.", "--data.", "--trainer.")) for o in overrides if o[:2] == "--"):
+    if any(
+        not o.startswith(("--model.", "--data.", "--trainer.")) for o in overrides if o[:2] == "--"
+    ):
         parser.error(
             f"unrecognized arguments: {' '.join(overrides)} (besides its own options, export "
             "takes the fit command's --model.*, --data.* and --trainer.* overrides)"

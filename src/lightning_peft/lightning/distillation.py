@@ -302,4 +302,3 @@ def _check_same_outputs(student: nn.Module, teacher: nn.Module) -> None:
                 f"{type(student).__name__} {field}={ours}: distillation compares their output "
                 "distributions, which need the same classes"
             )
-
