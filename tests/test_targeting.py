@@ -90,8 +90,9 @@ def test_excluding_every_match_is_refused():
     ("target", "message"),
     [
         (
-            "embed_tokens",
-            r"(?s)LoRA cannot wrap.*model\.embed_tokens \(Embedding\).*Supported layer types: Linear",
+            "norm",
+            r"(?s)LoRA cannot wrap.*model\.norm \(LlamaRMSNorm\).*LoRA wraps these layer types: "
+            r"Linear, .*Embedding, Conv1d, Conv2d, Conv3d, MultiheadAttention",
         ),
         (
             "self_attn",

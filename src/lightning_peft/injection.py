@@ -9,6 +9,8 @@ from typing import Any, Protocol, TypeVar, Union
 
 from torch import nn
 
+from lightning_peft.adapters.bitfit import Unfreeze
+from lightning_peft.adapters.heads import head_to_train
 from lightning_peft.adapters.init import initial_values_for
 from lightning_peft.adapters.inputs import find_transformers_model
 from lightning_peft.adapters.protocol import AdapterModule, is_adapter, trained_marks
@@ -44,7 +46,11 @@ AdapterConfig = Union[LayerAdapterConfig, ModelAdapterConfig]
 
 
 def apply_adapters(
-    model: ModelT, config: AdapterConfig | Sequence[AdapterConfig], *, name: str = "default"
+    model: ModelT,
+    config: AdapterConfig | Sequence[AdapterConfig],
+    *,
+    name: str = "default",
+    train_head: bool = True,
 ) -> ModelT:
     """Attach the adapters of ``config`` (one config or a list of them), in place, and freeze
     everything else.
@@ -53,6 +59,12 @@ def apply_adapters(
     ``[LoRA(target_modules=["q_proj"]), BitFit()]``. Every config is checked and every
     target resolved before any module is replaced, so a bad config leaves the model untouched.
     Afterwards exactly the adapter tensors require grad.
+
+    The head a transformers task class adds on top of its backbone (``classifier`` of
+    ``BertForSequenceClassification``, ``score`` of ``LlamaForSequenceClassification``)
+    starts random at ``from_pretrained``, so it trains too, as part of adapter ``name``
+    (Hugging Face PEFT's ``modules_to_save``), unless ``train_head=False`` or a config
+    already selects it. One head serves all of a model's adapters.
 
     Returns:
         ``model`` itself, for chaining.
@@ -71,11 +83,14 @@ def apply_adapters(
             "peft-injected layers); lightning_peft would wrap PEFT's own lora_A / base_layer. "
             "Use the base model, and bring a PEFT adapter in with load_peft(model, folder)"
         )
+    if not isinstance(train_head, bool):
+        raise AdapterConfigError(f"train_head must be True or False, got {train_head!r}")
     configs = as_config_list(config)
     if not configs:
         raise AdapterConfigError("apply_adapters got an empty list of adapter configs")
     plans: list[tuple[Any, list[str]]] = []
     claimed: dict[str, str] = {}
+    selected: set[str] = set()  # modules some config wraps or unfreezes (heads among them)
     for item in configs:
         if callable(getattr(item, "for_model", None)):  # defaults by model type (IA3)
             item = item.for_model(model)
@@ -91,13 +106,19 @@ def apply_adapters(
             targets = _joinable(model, targets, item, name)
             _claim(claimed, targets, type(item).__name__)
             plans.append((item, targets))
+            selected.update(targets)
         elif is_adapter_config(item):
             item.check(model)
             plans.append((item, []))
+            if isinstance(item, Unfreeze):
+                selected.update(item.selected_names(model))
         else:
             raise AdapterConfigError(
                 f"expected an adapter config (LoRA(...), IA3(...), BitFit(), ...), got {item!r}"
             )
+    head = head_to_train(model, selected) if train_head else None
+    if head is not None:
+        plans.append((head, []))
     on_meta = [t for _, targets in plans for t in targets if _on_meta(model.get_submodule(t))]
     if on_meta:
         raise AdapterConfigError(

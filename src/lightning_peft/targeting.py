@@ -163,11 +163,19 @@ def _unsupported_message(unsupported: list[str], modules: dict[str, nn.Module], 
         for n in modules
         if is_linear_layer(modules[n]) and any(n.startswith(u + ".") for u in unsupported)
     ]
-    hint = f"Supported layer types: {_type_names()}."
+    hint = f"{method} wraps these layer types: {_type_names(method)}."
     if inside:
         hint += f" Target the linear layers inside instead, e.g. {', '.join(inside[:4])}."
     return "\n".join([*lines, hint])
 
 
-def _type_names() -> str:
-    return ", ".join(cls.__name__ for cls in linear_layer_types())
+# Layer types a method wraps beside the linear ones (see each method's can_wrap).
+_MORE_TYPES = {
+    "LoRA": ("Embedding", "Conv1d", "Conv2d", "Conv3d", "MultiheadAttention"),
+    "IA3": ("Conv1d", "Conv2d", "Conv3d"),
+}
+
+
+def _type_names(method: str = "") -> str:
+    names = [cls.__name__ for cls in linear_layer_types()]
+    return ", ".join([*names, *_MORE_TYPES.get(method, ())])

@@ -123,7 +123,9 @@ class Unfreeze:
             names = tuple(name for name, _ in module.named_parameters())
             mark_trained_(module, names, self, adapter_name)
 
-    def _selected(self, model: nn.Module) -> list[nn.Module]:
+    def selected_names(self, model: nn.Module) -> list[str]:
+        """Names of the modules this config trains, outermost only (a selected module's
+        children are covered by the module itself)."""
         selected = find_targets(
             model,
             self.target_modules,
@@ -132,6 +134,7 @@ class Unfreeze:
             method="Unfreeze",
             allow_adapted=True,
         )
-        # A selected module's children are covered by the module itself.
-        tops = [n for n in selected if not any(n.startswith(p + ".") for p in selected)]
-        return [model.get_submodule(name) for name in tops]
+        return [n for n in selected if not any(n.startswith(p + ".") for p in selected)]
+
+    def _selected(self, model: nn.Module) -> list[nn.Module]:
+        return [model.get_submodule(name) for name in self.selected_names(model)]

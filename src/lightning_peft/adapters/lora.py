@@ -124,16 +124,22 @@ class LoRA:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     def can_wrap(self, module: nn.Module) -> bool:
-        return is_linear_layer(module)
+        from lightning_peft.adapters.lora_layers import is_embedding_or_conv
+
+        return is_linear_layer(module) or is_embedding_or_conv(module)
 
     def wrap(
         self, layer: nn.Module, adapter_name: str = "default", module_name: str = ""
     ) -> LoRALinear:
         """A new wrapper around ``layer``, or ``layer`` itself with this adapter added when it
         is a ``LoRALinear`` already (named adapters)."""
+        from lightning_peft.adapters.lora_layers import is_embedding_or_conv, wrap_embedding_or_conv
+
         if isinstance(layer, LoRALinear):
             layer.add_adapter(self, adapter_name)
             return layer
+        if is_embedding_or_conv(layer):
+            return wrap_embedding_or_conv(layer, self, adapter_name)
         return LoRALinear(layer, self, adapter_name)
 
 
@@ -169,12 +175,25 @@ class LoRALinear(NamedAdapters, BaseLayerWrapper):
         """Attach another adapter under ``adapter_name``; it becomes active too."""
         if self.merged:
             raise AdapterStateError("unmerge the layer before adding adapters to it")
-        in_features, out_features = in_out_features(self.base_layer)
         device = next(self.base_layer.parameters()).device
-        generator = init_generator(adapter_name)
         # Drawn on the CPU, where the generator is, so a GPU run starts from the same values.
+        lora_a, lora_b = self._new_factors(config, init_generator(adapter_name))
+        self.lora_A[adapter_name] = lora_a.to(device)
+        self.lora_B[adapter_name] = lora_b.to(device)
+        if config.use_dora:
+            # B = 0 at init, so ||W0 + sBA|| = ||W0||: the layer starts equal to the base.
+            norm = torch.linalg.norm(dequantize(self.base_layer).float(), dim=1)
+            self.lora_magnitude[adapter_name] = nn.Parameter(norm)
+        self.configs[adapter_name] = config
+        self.active_adapters.append(adapter_name)
+
+    def _new_factors(
+        self, config: LoRA, generator: torch.Generator | None
+    ) -> tuple[nn.Module, nn.Module]:
+        """A new adapter's ``A`` (``rank x in``) and ``B`` (``out x rank``), on the CPU."""
+        in_features, out_features = in_out_features(self.base_layer)
         lora_a = empty_linear(in_features, config.rank, bias=False, device="cpu")
-        lora_b = empty_linear(config.rank, out_features, bias=False, device=device)
+        lora_b = empty_linear(config.rank, out_features, bias=False, device="cpu")
         if config.init == "loftq":
             preset = preset_for_layer()
             if values_will_be_loaded():  # a checkpoint's values come next
@@ -190,14 +209,7 @@ class LoRALinear(NamedAdapters, BaseLayerWrapper):
             else:
                 reset_linear_(lora_a, generator)
             nn.init.zeros_(lora_b.weight)
-        self.lora_A[adapter_name] = lora_a.to(device)
-        self.lora_B[adapter_name] = lora_b
-        if config.use_dora:
-            # B = 0 at init, so ||W0 + sBA|| = ||W0||: the layer starts equal to the base.
-            norm = torch.linalg.norm(dequantize(self.base_layer).float(), dim=1)
-            self.lora_magnitude[adapter_name] = nn.Parameter(norm)
-        self.configs[adapter_name] = config
-        self.active_adapters.append(adapter_name)
+        return lora_a, lora_b
 
     def delete_adapter(self, adapter_name: str) -> None:
         for holder in (self.lora_A, self.lora_B, self.lora_magnitude):
@@ -230,6 +242,17 @@ class LoRALinear(NamedAdapters, BaseLayerWrapper):
     @property
     def lora_b(self) -> nn.Linear:
         return self.lora_B[self.adapter_name]
+
+    def peft_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``adapter_name``'s tensors under the names Hugging Face PEFT gives them
+        in its files (relative to this layer, the adapter name left out)."""
+        tensors = {
+            "lora_A.weight": self.lora_A[adapter_name].weight,
+            "lora_B.weight": self.lora_B[adapter_name].weight,
+        }
+        if adapter_name in self.lora_magnitude:
+            tensors["lora_magnitude_vector"] = self.lora_magnitude[adapter_name]
+        return tensors
 
     def delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
         """The update ``s · B A`` in ``(out, in)`` orientation, float32."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.adapters.bitfit import BitFit, Unfreeze
+from lightning_peft.adapters.bitfit import Unfreeze
 from lightning_peft.adapters.ia3 import IA3, IA3Linear
 from lightning_peft.adapters.inputs import find_transformers_model
 from lightning_peft.adapters.lora import LoRA, LoRALinear
 from lightning_peft.adapters.prefix import PrefixKV, PrefixTuning, cache_shape
 from lightning_peft.adapters.prompt import PromptTuning, SoftPrompt
+from lightning_peft.adapters.protocol import trained_marks
 from lightning_peft.checkpoint.io import owned_with_tokenizer, staged_folder
 from lightning_peft.checkpoint.state import check_adapter_values
 from lightning_peft.errors import AdapterConfigError, AdapterStateError, UnsupportedLayerError
@@ -88,8 +90,9 @@ def save_peft(
         )
     tensors = _peft_tensors(host, config, adapter_name)
     fields = _peft_config(host, config, tensors)
+    fields["modules_to_save"] = list(_saved_modules(host, adapter_name)) or None
     if base_model_name_or_path is None:  # as PEFT does: the model's own name or folder
-        base_model_name_or_path = getattr(host.config, "name_or_path", None) or None
+        base_model_name_or_path = getattr(getattr(host, "config", None), "name_or_path", None)
     fields.update(
         base_model_name_or_path=base_model_name_or_path,
         task_type=_task_type(host),
@@ -175,7 +178,9 @@ def load_peft(
         if quantize is not None:
             quantize_model(model, quantize)
         if adapter_name not in _names(model):
-            apply_adapters(model, config, name=adapter_name)
+            heads = _modules_to_save(model, fields.get("modules_to_save"))
+            # The file says which modules trained whole; no task head beyond those.
+            apply_adapters(model, [config, *heads], name=adapter_name, train_head=False)
         _copy_peft_tensors(model, folder, tensors, config, adapter_name)
     return model
 
@@ -217,6 +222,24 @@ def _copy_peft_tensors(
 # -- configs ---------------------------------------------------------------------------------
 
 
+def _modules_to_save(model: nn.Module, names: Any) -> list[Unfreeze]:
+    """An ``Unfreeze`` of the modules of ``model`` a PEFT ``modules_to_save`` list names
+    (suffixes; PEFT lists ``["classifier", "score"]`` for any classifier, so names that match
+    nothing are skipped), or none."""
+    if not names:
+        return []
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise AdapterConfigError(f"modules_to_save must be a list of module names, got {names!r}")
+    host, prefix = _host(model)
+    paths = [
+        prefix + path
+        for path, _ in host.named_modules()
+        if path and any(path == n or path.endswith("." + n) for n in names)
+    ]
+    tops = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
+    return [Unfreeze(target_modules="|".join(re.escape(p) for p in tops))] if tops else []
+
+
 def _scaling_fields(config: Any) -> dict[str, Any]:
     """The fields of a LoRA config that decide what its tensors compute (shapes aside, which
     the tensors themselves check); other methods have none."""
@@ -241,7 +264,6 @@ def _peft_config(host: nn.Module, config: Any, tensors: dict[str, torch.Tensor])
             "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
             "bias": "none",
             "fan_in_fan_out": _uses_conv1d(host),
-            "modules_to_save": None,
             "rank_pattern": {},
             "alpha_pattern": {},
         }
@@ -253,7 +275,6 @@ def _peft_config(host: nn.Module, config: Any, tensors: dict[str, torch.Tensor])
             "exclude_modules": _patterns(config.exclude_modules) or None,
             "init_ia3_weights": True,
             "fan_in_fan_out": _uses_conv1d(host),
-            "modules_to_save": None,
         }
     layers, kv_heads, head_dim, hidden = cache_shape(host)
     common = {"num_virtual_tokens": config.num_virtual_tokens, "num_transformer_submodules": 1}
@@ -341,7 +362,6 @@ _INERT: dict[str, tuple[Any, ...]] = {
     "alpha_pattern": ({}, None),
     "layers_to_transform": (None,),
     "layers_pattern": (None, [], ""),
-    "modules_to_save": (None, []),
     "use_qalora": (False, None),
     "layer_replication": (None,),
     "target_parameters": (None, []),
@@ -396,18 +416,29 @@ def _single_config(model: nn.Module, adapter_name: str) -> Any:
         raise AdapterStateError(
             f"the model has no adapter named {adapter_name!r} (it has {sorted(_names(model))})"
         )
-    methods = {type(c) for c in configs}
-    if len(configs) > 1:
+    # Whole modules trained beside the method (a task head) are PEFT's modules_to_save.
+    methods = [c for c in configs if not isinstance(c, Unfreeze)] or configs
+    if len(methods) > 1:
         raise AdapterStateError(
-            f"adapter {adapter_name!r} combines {len(configs)} configs "
-            f"({', '.join(type(c).__name__ for c in configs)}); a PEFT directory holds one"
+            f"adapter {adapter_name!r} combines {len(methods)} configs "
+            f"({', '.join(type(c).__name__ for c in methods)}); a PEFT directory holds one"
         )
-    if methods & {BitFit, Unfreeze} or not methods <= {LoRA, IA3, PromptTuning, PrefixTuning}:
+    if not isinstance(methods[0], (LoRA, IA3, PromptTuning, PrefixTuning)):
         raise AdapterConfigError(
-            f"{type(configs[0]).__name__} has no Hugging Face PEFT equivalent; save it with "
+            f"{type(methods[0]).__name__} has no Hugging Face PEFT equivalent; save it with "
             "adapter_state_dict or AdapterCheckpoint instead"
         )
-    return configs[0]
+    return methods[0]
+
+
+def _saved_modules(host: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
+    """Modules of ``host`` that adapter ``adapter_name`` trains whole (``Unfreeze``, a task
+    head), by path: PEFT's ``modules_to_save``."""
+    return {
+        path: module
+        for path, module in host.named_modules()
+        if isinstance(trained_marks(module).get(adapter_name, (None,))[0], Unfreeze)
+    }
 
 
 def _model_tensors(host: nn.Module, config: Any, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -415,10 +446,8 @@ def _model_tensors(host: nn.Module, config: Any, adapter_name: str) -> dict[str,
     tensors: dict[str, torch.Tensor] = {}
     for path, module in adapter_modules(host):
         if isinstance(module, LoRALinear) and adapter_name in module.configs:
-            tensors[f"{path}.lora_A.weight"] = module.lora_A[adapter_name].weight
-            tensors[f"{path}.lora_B.weight"] = module.lora_B[adapter_name].weight
-            if adapter_name in module.lora_magnitude:
-                tensors[f"{path}.lora_magnitude_vector"] = module.lora_magnitude[adapter_name]
+            for name, tensor in module.peft_tensors(adapter_name).items():
+                tensors[f"{path}.{name}"] = tensor
         elif isinstance(module, IA3Linear) and adapter_name in module.configs:
             tensors[f"{path}.ia3_l"] = module.ia3_l[adapter_name]
         elif isinstance(module, SoftPrompt) and module.adapter_name == adapter_name:
@@ -426,18 +455,27 @@ def _model_tensors(host: nn.Module, config: Any, adapter_name: str) -> dict[str,
         elif isinstance(module, PrefixKV) and module.adapter_name == adapter_name:
             module.fold()  # PEFT stores the prefix itself
             tensors["prompt_embeddings"] = module.prefix[adapter_name]
+    for path, module in _saved_modules(host, adapter_name).items():
+        for name, tensor in module.named_parameters():
+            tensors[f"{path}.{name}"] = tensor
     if not tensors:
         raise AdapterStateError(f"no {type(config).__name__} tensors named {adapter_name!r} found")
     return tensors
 
 
 def _peft_tensors(host: nn.Module, config: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+    tensors = {
+        _file_key(k, config): v for k, v in _model_tensors(host, config, adapter_name).items()
+    }
     if isinstance(config, PrefixTuning):
         prefix = next(m for m in host.modules() if isinstance(m, PrefixKV))
-        return {"prompt_embeddings": prefix.flat_prefix().detach()}
-    tensors = _model_tensors(host, config, adapter_name)
-    return {_file_key(k, config): v for k, v in tensors.items()}
+        tensors["prompt_embeddings"] = prefix.flat_prefix().detach()
+    return tensors
 
 
 def _file_key(key: str, config: Any) -> str:
-    return key if key == "prompt_embeddings" else PREFIX + key
+    if key == "prompt_embeddings":
+        return key
+    # Prompt learning wraps the model itself: its modules_to_save sit under "base_model.".
+    prompt_learning = isinstance(config, (PromptTuning, PrefixTuning))
+    return ("base_model." if prompt_learning else PREFIX) + key

@@ -10,6 +10,11 @@ from collections.abc import Callable, Sequence
 import lightning.pytorch as pl
 from torch import nn
 
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_peft.adapters.bitfit import Unfreeze
+from lightning_peft.adapters.heads import task_head_names
+from lightning_peft.adapters.protocol import trained_marks
 from lightning_peft.injection import AdapterConfig, apply_adapters
 from lightning_peft.lightning.precision import PeftPrecision, peft_precision
 
@@ -21,16 +26,38 @@ def attach_adapters_once(
     module: nn.Module,
     configs: Callable[[PeftPrecision | None], Sequence[AdapterConfig]],
     name: str = "default",
+    train_head: bool = True,
 ) -> bool:
     """Quantize ``module``'s base if the Trainer runs ``PeftPrecision``, then attach the
-    adapters ``configs(plugin)`` returns. Does nothing if this already happened; returns
-    whether it happened now."""
+    adapters ``configs(plugin)`` returns (and a task head, see ``apply_adapters``). Does
+    nothing if this already happened; returns whether it happened now."""
     if module.__dict__.get(_ATTACHED, False):
         return False
     plugin = peft_precision(trainer)
+    given = list(configs(plugin))
     if plugin is None:
-        apply_adapters(module, list(configs(plugin)), name=name)
+        apply_adapters(module, given, name=name, train_head=train_head)
     else:  # quantized on the device it trains on, then adapters (LoftQ needs both at once)
-        plugin.quantize_base(module, trainer.strategy.root_device, configs(plugin), name)
+        plugin.quantize_base(module, trainer.strategy.root_device, given, name, train_head)
     module.__dict__[_ATTACHED] = True
+    _announce_head(module, name, given)
     return True
+
+
+def _announce_head(module: nn.Module, name: str, given: list[AdapterConfig]) -> None:
+    """Say which task head trains because ``train_head`` is on (none the configs named)."""
+    heads = [
+        head
+        for head in task_head_names(module)
+        if any(
+            isinstance(config, Unfreeze) and config not in given
+            for config, _ in trained_marks(module.get_submodule(head)).values()
+        )
+    ]
+    if heads:
+        count = sum(p.numel() for h in heads for p in module.get_submodule(h).parameters())
+        rank_zero_info(
+            f"Training the task head {', '.join(heads)} ({count:,} parameters) of "
+            f"{type(module).__name__}'s model with adapter {name!r}: a task class adds it "
+            "on top of its backbone, and it starts random. train_head=False keeps it frozen."
+        )

@@ -151,6 +151,9 @@ class PeftCallback(_AdapterCheckpointHooks):
             keeps each submodule's mode, and ``from_pretrained`` returns a model in eval
             mode: its dropout and gradient checkpointing would stay off). Lightning's
             validation still switches it to eval and back. ``False`` leaves modes alone.
+        train_head: train the head a transformers task class adds on top of its backbone
+            (``classifier``, ``score``: random after ``from_pretrained``) with the adapters,
+            as Hugging Face PEFT's ``modules_to_save`` does. ``False`` keeps it frozen.
 
     Example::
 
@@ -164,6 +167,7 @@ class PeftCallback(_AdapterCheckpointHooks):
         name: str = "default",
         gradient_checkpointing: bool | None = None,
         train_mode: bool = True,
+        train_head: bool = True,
     ) -> None:
         super().__init__()
         configs = [] if adapters is None else as_config_list(adapters)
@@ -177,6 +181,9 @@ class PeftCallback(_AdapterCheckpointHooks):
         self.name = name
         self.gradient_checkpointing = gradient_checkpointing
         self.train_mode = train_mode
+        if not isinstance(train_head, bool):
+            raise AdapterConfigError(f"train_head must be True or False, got {train_head!r}")
+        self.train_head = train_head
 
     def _configs_for(self, plugin: PeftPrecision | None) -> list[AdapterConfig]:
         return self.configs or as_config_list(
@@ -191,7 +198,9 @@ class PeftCallback(_AdapterCheckpointHooks):
                     f"{type(pl_module).__name__} is a PeftMixin and declares its own adapters in "
                     "configure_adapters(); the adapters given to PeftCallback are not attached."
                 )
-        elif attach_adapters_once(trainer, pl_module, self._configs_for, self.name):
+        elif attach_adapters_once(
+            trainer, pl_module, self._configs_for, self.name, self.train_head
+        ):
             plugin = trainer.precision_plugin
             checkpointing = self.gradient_checkpointing
             if checkpointing is None:

@@ -174,7 +174,10 @@ def load_adapter_checkpoint(config: str, ckpt: str, cli: PeftCLI | None = None) 
     if len(names) != 1:
         raise AdapterStateError(f"{ckpt} holds adapters named {sorted(names)}; export takes one")
     module = cli.model
-    attach_adapters_once(cli.trainer, module, lambda plugin: configs, name=names.pop())
+    # The metadata lists every config the run trained, a task head's Unfreeze among them.
+    attach_adapters_once(
+        cli.trainer, module, lambda plugin: configs, name=names.pop(), train_head=False
+    )
     state = checkpoint["state_dict"]
     check_adapter_state_dict(module, state)
     check_base_fingerprint(metadata, module, ckpt)

@@ -87,6 +87,8 @@ class PeftMixin:
     adapted_model_train_mode: bool = True
     #: Recompute layer activations in the backward pass (see ``PeftCallback``).
     adapter_gradient_checkpointing: bool = False
+    #: Train a transformers task class's new head with the adapters (see ``PeftCallback``).
+    adapter_train_head: bool = True
 
     def configure_adapters(self) -> AdapterConfig | Sequence[AdapterConfig]:
         raise NotImplementedError(
@@ -101,7 +103,10 @@ class PeftMixin:
 
     def _attach_adapters_once(self) -> bool:
         return attach_adapters_once(
-            self._trainer, self, lambda plugin: as_config_list(self.configure_adapters())
+            self._trainer,
+            self,
+            lambda plugin: as_config_list(self.configure_adapters()),
+            train_head=self.adapter_train_head,
         )
 
     @override

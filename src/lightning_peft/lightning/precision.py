@@ -163,12 +163,13 @@ class PeftPrecision(MixedPrecision):
         device: torch.device | None = None,
         adapters: Sequence[Any] = (),
         name: str = "default",
+        train_head: bool = True,
     ) -> None:
         """Quantize ``module``'s linear layers for this mode, once, then attach ``adapters``
         (in one step, which ``LoRA(init="loftq")`` needs: it reads the float weights)."""
         if module.__dict__.get("_lightning_peft_quantized", False):
             if adapters:
-                apply_adapters(module, list(adapters), name=name)
+                apply_adapters(module, list(adapters), name=name, train_head=train_head)
             return
         quant, double_quant = _QUANTIZATION[self.mode]
         quantize_model(
@@ -182,6 +183,7 @@ class PeftPrecision(MixedPrecision):
             device=device,
             adapters=list(adapters) or None,
             adapter_name=name,
+            train_head=train_head,
         )
         if quant != "int8":
             keep_norms_in_float32_(module)

@@ -52,8 +52,40 @@ def is_linear_layer(module: nn.Module) -> bool:
     return isinstance(module, linear_layer_types())
 
 
+# transformers task classes whose head is new (random) at from_pretrained time.
+TASK_CLASS_SUFFIXES = (
+    "ForSequenceClassification",
+    "ForTokenClassification",
+    "ForQuestionAnswering",
+    "ForMultipleChoice",
+    "ForImageClassification",
+    "ForAudioClassification",
+    "ForAudioFrameClassification",
+)
+
+
+def task_head_names(modules: dict[str, nn.Module]) -> list[str]:
+    """Names of the modules transformers task classes among ``modules`` (name -> module)
+    hold beside their backbone: ``classifier`` (BERT, ViT), ``score`` (Llama),
+    ``qa_outputs``. Language-model heads are not among them: they come pretrained."""
+    found = []
+    for name, module in modules.items():
+        prefix_attr = getattr(module, "base_model_prefix", None)
+        if not (type(module).__name__.endswith(TASK_CLASS_SUFFIXES) and prefix_attr):
+            continue
+        backbone = getattr(module, prefix_attr, None)
+        prefix = f"{name}." if name else ""
+        found += [
+            prefix + child_name
+            for child_name, child in module.named_children()
+            if child is not backbone and any(True for _ in child.parameters())
+        ]
+    return found
+
+
 def output_head_names(modules: dict[str, nn.Module]) -> set[str]:
-    """Names of output heads: each HF model's output embeddings, else the last linear layer.
+    """Names of output heads: each HF model's output embeddings and the modules inside a
+    task class's head, else the last linear layer.
 
     Looking inside submodules matters: in a LightningModule the HF model is a child
     (``self.model``), and its ``lm_head`` is the head.
@@ -64,8 +96,14 @@ def output_head_names(modules: dict[str, nn.Module]) -> set[str]:
         head = get_head() if callable(get_head) else None
         if isinstance(head, nn.Module):
             heads.add(id(head))
-    if heads:
-        return {name for name, module in modules.items() if id(module) in heads}
+    task_heads = task_head_names(modules)
+    names = {
+        name
+        for name, module in modules.items()
+        if id(module) in heads or any(name == h or name.startswith(h + ".") for h in task_heads)
+    }
+    if names:
+        return names
     linear_names = [name for name, module in modules.items() if is_linear_layer(module)]
     return set(linear_names[-1:])
 

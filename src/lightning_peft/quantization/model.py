@@ -34,11 +34,13 @@ def quantize_model(
     device: torch.device | str | None = None,
     adapters: Any = None,
     adapter_name: str = "default",
+    train_head: bool = True,
 ) -> nn.Module:
     """Replace every float linear layer of ``model`` by a frozen bitsandbytes one, in place.
 
     The output head (HF ``get_output_embeddings()``, else the last linear layer) stays in
-    float, as do embeddings and norms (they are not linear layers), as in the QLoRA recipe.
+    float, as do embeddings, convolutions and norms (they are not linear layers), as in the
+    QLoRA recipe, and a task class's new head (``classifier``, ``score``), which trains whole.
 
     Args:
         mode: ``"nf4"``, ``"fp4"`` or ``"int8"``.
@@ -53,6 +55,8 @@ def quantize_model(
             adapters, name=adapter_name)`` does. Needed for ``LoRA(init="loftq")``, whose
             initial values come from the float weights together with their 4-bit base; if
             anything fails, the model is left as it was.
+        train_head: with ``adapters``, train a task class's new head too (see
+            :func:`~lightning_peft.apply_adapters`).
 
     Returns:
         ``model``, for chaining.
@@ -130,7 +134,7 @@ def quantize_model(
             from lightning_peft.adapters.init import preset_values
 
             with preset_values(presets):
-                apply_adapters(model, configs, name=adapter_name)
+                apply_adapters(model, configs, name=adapter_name, train_head=train_head)
     return model
 
 
