@@ -148,7 +148,29 @@ def apply_adapters(
             if not hasattr(module, "base_layer"):  # a prompt or prefix: its host's mode
                 module.train(model.get_submodule(module_name.rpartition(".")[0]).training)
         freeze_base_(model)
+        _keep_fused_layers_off_(model)
     return model
+
+
+_UNFUSED = "_lightning_peft_unfused"
+
+
+def _keep_fused_layers_off_(model: nn.Module) -> None:
+    """Keep PyTorch's fused eval path of ``nn.TransformerEncoderLayer`` off where adapters
+    sit inside: it reads its submodules' weights directly (``linear1.weight``, the attention's
+    ``in_proj_weight``) and would skip them. A forward hook among its modules turns it off."""
+    for module in model.modules():
+        if (
+            isinstance(module, nn.TransformerEncoderLayer)
+            and not module.__dict__.get(_UNFUSED, False)
+            and any(is_adapter(inner) for inner in module.modules())
+        ):
+            module.register_forward_pre_hook(_run_unfused)
+            module.__dict__[_UNFUSED] = True
+
+
+def _run_unfused(module: nn.Module, args: Any) -> None:
+    """A forward pre-hook that changes nothing: see ``_keep_fused_layers_off_``."""
 
 
 @contextmanager

@@ -82,15 +82,20 @@ def find_targets(
     """
     modules = candidate_modules(model)
     names = [name for name in modules if name]  # "" is the model itself
+    attention = read_directly(modules)
     if target_modules == ALL_LINEAR:
         heads = output_head_names(modules)
+        # nn.MultiheadAttention's projections are linear maps it applies itself: the
+        # attention is one target, for methods that wrap it.
         selected = [
             n
             for n in names
             if n not in heads
+            and not any(n.startswith(a + ".") for a in attention)
             and (
                 is_linear_layer(modules[n])
                 or (allow_adapted and is_linear_layer(_inner(modules[n])))
+                or (n in attention and can_wrap(_inner(modules[n])))
             )
         ]
         if not selected:
@@ -113,6 +118,14 @@ def find_targets(
             f"exclude_modules={exclude_modules!r} removed every module that target_modules="
             f"{target_modules!r} selected ({', '.join(excluded[:5])}{', ...' if len(excluded) > 5 else ''})"
         )
+    inside = [n for n in kept if any(n.startswith(a + ".") for a in attention)]
+    if inside:
+        owner = next(a for a in attention if inside[0].startswith(a + "."))
+        raise UnsupportedLayerError(
+            f"{inside[0]} is inside the nn.MultiheadAttention {owner}, which reads its weight "
+            f"directly and never calls it: an adapter there would never act. Target {owner} "
+            "itself (LoRA then adapts its q, k, v and out projections)"
+        )
     adapted = [n for n in kept if is_adapter(modules[n])]
     if adapted and not allow_adapted:
         raise TargetModulesError(
@@ -123,6 +136,12 @@ def find_targets(
     if unsupported:
         raise UnsupportedLayerError(_unsupported_message(unsupported, modules, method))
     return kept
+
+
+def read_directly(modules: dict[str, nn.Module]) -> list[str]:
+    """Names of modules that read their submodules' weights instead of calling them
+    (``nn.MultiheadAttention`` and its ``out_proj``), adapted ones included."""
+    return [n for n, m in modules.items() if isinstance(_inner(m), nn.MultiheadAttention)]
 
 
 def _inner(module: nn.Module) -> nn.Module:

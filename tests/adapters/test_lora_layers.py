@@ -6,13 +6,14 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from snapshots import refused_without_a_trace
 from torch import nn
 
 from lightning_peft import (
+    IA3,
     AdapterConfigError,
     AdapterStateError,
     LoRA,
+    UnsupportedLayerError,
     adapter_parameter_names,
     apply_adapters,
     count_parameters,
@@ -23,6 +24,7 @@ from lightning_peft import (
     unmerge_adapters,
 )
 from lightning_peft.quantization import quantize_model
+from snapshots import refused_without_a_trace
 
 TARGETS = ["embed", "conv1", "conv2", "conv3"]
 
@@ -151,3 +153,129 @@ def test_mixed_batches_name_the_layer_they_cannot_route(ids):
     ):
         with mixed_batch(model, ["default", "other"]):
             model(ids)
+
+
+# -- nn.MultiheadAttention: Lightning's own demo transformer -------------------------------
+
+
+def demo_transformer() -> nn.Module:
+    from lightning.pytorch.demos.transformer import Transformer
+
+    torch.manual_seed(0)
+    return Transformer(vocab_size=50, ninp=32, nhead=4, nhid=64, nlayers=2, dropout=0.0).eval()
+
+
+def transformer_ids() -> torch.Tensor:
+    return torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def test_all_linear_adapts_attention_as_a_whole_and_every_tensor_learns():
+    ids = transformer_ids()
+    base = demo_transformer()(ids, ids)
+    model = apply_adapters(demo_transformer(), LoRA(rank=4))
+    attention = model.transformer.encoder.layers[0].self_attn
+    assert type(attention).__name__ == "LoRAMultiheadAttention"
+    assert type(attention.out_proj).__name__ == "LoRALinear"
+    torch.testing.assert_close(model(ids, ids), base, rtol=0, atol=0)
+    moved_(model)
+    model.train()
+    model(ids, ids).sum().backward()
+    for name in adapter_parameter_names(model):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+
+
+def test_attention_adapters_act_in_eval_mode_too():
+    """PyTorch's fused eval paths read the bare weights; they must see the adapted ones."""
+    ids = transformer_ids()
+    base = demo_transformer()(ids, ids)
+    model = moved_(apply_adapters(demo_transformer(), LoRA(rank=4)))
+    trained = model.train()(ids, ids)  # dropout=0: train and eval compute the same
+    with torch.no_grad():
+        evaluated = model.eval()(ids, ids)
+    torch.testing.assert_close(evaluated, trained, rtol=1e-5, atol=1e-5)
+    assert (evaluated - base).abs().max() > 0.1
+
+
+def test_attention_counts_equal_peft_and_merge_round_trips():
+    targets = ["self_attn", "multihead_attn", "linear1", "linear2"]
+    ours = apply_adapters(demo_transformer(), LoRA(rank=4, target_modules=targets))
+    theirs = peft.get_peft_model(demo_transformer(), peft.LoraConfig(r=4, target_modules=targets))
+    assert count_parameters(ours).trainable == sum(
+        p.numel() for p in theirs.parameters() if p.requires_grad
+    )
+    moved_(ours)
+    ids = transformer_ids()
+    with torch.no_grad():
+        expected = ours(ids, ids)
+        merge_adapters(ours)
+        torch.testing.assert_close(ours(ids, ids), expected, rtol=1e-5, atol=1e-5)
+        unmerge_adapters(ours)
+        torch.testing.assert_close(ours(ids, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_nf4_keeps_attention_float_and_trains():
+    model = quantize_model(demo_transformer(), "nf4", adapters=LoRA(rank=4))
+    attention = model.transformer.encoder.layers[0].self_attn
+    assert attention.out_proj.base_layer.weight.dtype == torch.float32
+    assert "Linear4bit" in type(model.transformer.encoder.layers[0].linear1.base_layer).__name__
+    ids = transformer_ids()
+    model.train()(ids, ids).sum().backward()
+    assert attention.lora_B["default"].weight.grad is not None
+
+
+def test_an_adapter_inside_attention_is_refused_with_the_reason():
+    model = demo_transformer()
+    with refused_without_a_trace(
+        model,
+        UnsupportedLayerError,
+        match=r"self_attn\.out_proj is inside the nn\.MultiheadAttention .*self_attn, which reads "
+        r"its weight directly.*Target .*self_attn itself",
+    ):
+        apply_adapters(model, LoRA(rank=2, target_modules=["self_attn.out_proj"]))
+
+
+def test_attention_has_no_dropout_to_apply():
+    model = demo_transformer()
+    with refused_without_a_trace(
+        model, AdapterConfigError, match="got dropout=0.1; use dropout=0.0"
+    ):
+        apply_adapters(model, LoRA(rank=2, dropout=0.1, target_modules=["self_attn"]))
+
+
+# -- IA3 on convolutions ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("feedforward", [False, True], ids=["output", "input"])
+def test_ia3_scales_conv_channels_as_peft_and_merges(tmp_path, ids, feedforward):
+    # PEFT's IA3 wraps Conv2d (not Conv1d/3d, which it refuses): compare there
+    ff = ["conv2"] if feedforward else []
+    ours = apply_adapters(ConvNet(), IA3(target_modules=["conv2"], feedforward_modules=ff))
+    theirs = peft.get_peft_model(
+        ConvNet(), peft.IA3Config(target_modules=["conv2"], feedforward_modules=ff)
+    )
+    assert count_parameters(ours).trainable == sum(
+        p.numel() for p in theirs.parameters() if p.requires_grad
+    )
+    assert tuple(ours.conv2.ia3_l["default"].shape) == (
+        (1, 1, 1, 1) if feedforward else (1, 4, 1, 1)
+    )
+    moved_(ours)
+    expected = ours(ids)
+    save_peft(ours, tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(ConvNet(), tmp_path)
+    torch.testing.assert_close(peft_model(ids), expected, rtol=1e-5, atol=1e-6)
+    merge_adapters(ours)
+    torch.testing.assert_close(ours(ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ia3_on_every_convolution_learns_and_merges(ids):
+    targets = ["conv1", "conv2", "conv3"]
+    model = apply_adapters(ConvNet(), IA3(target_modules=targets, feedforward_modules=["conv3"]))
+    torch.testing.assert_close(model(ids), ConvNet()(ids), rtol=0, atol=0)
+    moved_(model)
+    expected = model(ids)
+    expected.square().sum().backward()
+    for name in adapter_parameter_names(model):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+    merge_adapters(model)
+    torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-5)

@@ -28,6 +28,8 @@ from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.quantization import dequantize, in_out_features, is_linear_layer, write_weight_
 from lightning_peft.targeting import Patterns, matches, normalize_patterns
 
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
 
 # Default (targets, feed-forward targets) by transformers model type: Hugging Face PEFT's
 # table (so trainable counts and files match), plus ViT and Whisper.
@@ -151,7 +153,7 @@ class IA3:
         return IA3(targets, feedforward, self.exclude_modules)
 
     def can_wrap(self, module: nn.Module) -> bool:
-        return is_linear_layer(module)
+        return is_linear_layer(module) or isinstance(module, _CONV_TYPES)
 
     def wrap(
         self, layer: nn.Module, adapter_name: str = "default", module_name: str = ""
@@ -193,9 +195,14 @@ class IA3Linear(NamedAdapters, BaseLayerWrapper):
         """Attach another vector under ``adapter_name`` (initialised to ones); it becomes active."""
         if self.merged:
             raise AdapterStateError("unmerge the layer before adding adapters to it")
-        in_features, out_features = in_out_features(self.base_layer)
         device = next(self.base_layer.parameters()).device
-        shape = (1, in_features) if feedforward else (out_features, 1)
+        if isinstance(self.base_layer, _CONV_TYPES):  # (1, channels, 1, ...), as PEFT
+            conv = self.base_layer
+            channels = conv.in_channels if feedforward else conv.out_channels
+            shape = (1, channels) + (1,) * (conv.weight.dim() - 2)
+        else:
+            in_features, out_features = in_out_features(self.base_layer)
+            shape = (1, in_features) if feedforward else (out_features, 1)
         self.ia3_l[adapter_name] = nn.Parameter(torch.ones(shape, device=device))
         self.configs[adapter_name] = config
         self.feedforward[adapter_name] = feedforward
@@ -222,16 +229,26 @@ class IA3Linear(NamedAdapters, BaseLayerWrapper):
             return self._routed_forward(x, *args, **kwargs)
         for name in self.active_adapters:
             if self.feedforward[name]:
-                x = x * self.ia3_l[name].flatten().to(x.dtype)
+                x = x * self._broadcastable(self.ia3_l[name]).to(x.dtype)
         out = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
             if not self.feedforward[name]:
-                out = out * self.ia3_l[name].flatten().to(out.dtype)
+                out = out * self._broadcastable(self.ia3_l[name]).to(out.dtype)
         return out
+
+    def _broadcastable(self, vector: torch.Tensor) -> torch.Tensor:
+        """``vector`` shaped to scale the features of an input or output: the last dim of a
+        linear layer's, dim 1 (channels) of a convolution's (stored that way)."""
+        return vector if isinstance(self.base_layer, _CONV_TYPES) else vector.flatten()
 
     def _routed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each row scaled by its own adapter's vectors (ones for adapters the layer lacks)."""
         routing = self.routing
+        if isinstance(self.base_layer, _CONV_TYPES):
+            raise AdapterStateError(
+                f"mixed batches route IA3 on linear layers; {type(self.base_layer).__name__} "
+                "layers carry adapters here. Leave them out of the adapters you mix"
+            )
         if x.shape[0] != routing.index.shape[0]:
             raise AdapterStateError(
                 f"mixed_batch was given {routing.index.shape[0]} row adapters, the layer got a "
@@ -270,13 +287,14 @@ class IA3Linear(NamedAdapters, BaseLayerWrapper):
         return error
 
     def _scale_weight_(self, factor: torch.Tensor) -> float:
-        weight = dequantize(self.base_layer).float()  # (out, in)
+        weight = dequantize(self.base_layer).float()  # (out, in, *kernel)
+        kernel = (1,) * (weight.dim() - 2)
         if self.feedforward[self.adapter_name]:
-            return write_weight_(self.base_layer, weight * factor.view(1, -1))
+            return write_weight_(self.base_layer, weight * factor.view(1, -1, *kernel))
         bias = getattr(self.base_layer, "bias", None)
         if bias is not None:
             bias.copy_((bias.float() * factor.flatten()).to(bias.dtype))
-        return write_weight_(self.base_layer, weight * factor.view(-1, 1))
+        return write_weight_(self.base_layer, weight * factor.view(-1, 1, *kernel))
 
     def extra_repr(self) -> str:
         parts = [

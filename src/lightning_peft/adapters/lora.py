@@ -124,22 +124,22 @@ class LoRA:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     def can_wrap(self, module: nn.Module) -> bool:
-        from lightning_peft.adapters.lora_layers import is_embedding_or_conv
+        from lightning_peft.adapters.lora_layers import is_embedding_conv_or_attention
 
-        return is_linear_layer(module) or is_embedding_or_conv(module)
+        return is_linear_layer(module) or is_embedding_conv_or_attention(module)
 
     def wrap(
         self, layer: nn.Module, adapter_name: str = "default", module_name: str = ""
     ) -> LoRALinear:
         """A new wrapper around ``layer``, or ``layer`` itself with this adapter added when it
         is a ``LoRALinear`` already (named adapters)."""
-        from lightning_peft.adapters.lora_layers import is_embedding_or_conv, wrap_embedding_or_conv
+        from lightning_peft.adapters import lora_layers
 
         if isinstance(layer, LoRALinear):
             layer.add_adapter(self, adapter_name)
             return layer
-        if is_embedding_or_conv(layer):
-            return wrap_embedding_or_conv(layer, self, adapter_name)
+        if lora_layers.is_embedding_conv_or_attention(layer):
+            return lora_layers.wrap_other_layer(layer, self, adapter_name)
         return LoRALinear(layer, self, adapter_name)
 
 

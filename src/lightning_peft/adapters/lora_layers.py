@@ -1,4 +1,4 @@
-"""LoRA on embeddings and convolutions: the same ``W0 + s B A``, shaped for the layer.
+"""LoRA on embeddings, convolutions and attention: the same ``W0 + s B A``, shaped for the layer.
 
 Embedding (``W0``: ``(num_embeddings, dim)``, a table of rows)::
 
@@ -14,8 +14,17 @@ Convolution (``Conv1d``/``2d``/``3d``, ``W0``: ``(out, in, *kernel)``)::
 ``A`` has the base layer's kernel, stride, padding and dilation, so its output lines up with
 the base's; ``B`` mixes channels only. Merged, ``B`` composes into ``A``'s kernel.
 
-Neither is ever quantized (bitsandbytes stores linear layers only), so their base stays float
-under ``nf4-lora``; merge and unmerge are exact. DoRA and mixed batches cover linear layers.
+``nn.MultiheadAttention`` reads its weights directly (``in_proj_weight`` for q, k and v,
+``out_proj.weight``), never calling a layer, so an adapter on ``out_proj`` alone would never
+act. Wrapped whole, it gets one update of ``in_proj_weight`` (``3E x E``) and its ``out_proj``
+a ``LoRALinear``, and each forward runs the attention with ``W0 + s B A`` in place of both
+weights: gradients reach A and B in train and eval mode, and PyTorch's fused eval path
+(which would read the bare weights) sees the same substituted tensors. The update is a
+weight, so there is no dropout on its input.
+
+None of these is ever quantized (bitsandbytes stores linear layers only), so their base stays
+float under ``nf4-lora``; merge and unmerge are exact. DoRA and mixed batches cover linear
+layers.
 """
 
 from __future__ import annotations
@@ -33,13 +42,25 @@ from lightning_peft.errors import AdapterConfigError, AdapterStateError
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def is_embedding_or_conv(module: nn.Module) -> bool:
-    return type(module) in (nn.Embedding, *_CONV_TYPES)
+def is_embedding_conv_or_attention(module: nn.Module) -> bool:
+    return type(module) in (nn.Embedding, nn.MultiheadAttention, *_CONV_TYPES)
 
 
 def check_layer_supported(layer: nn.Module, config: LoRA) -> None:
-    """Refuse, naming the layer, what LoRA on an embedding or convolution does not do."""
+    """Refuse, naming the layer, what LoRA on these layers does not do."""
     kind = type(layer).__name__
+    if isinstance(layer, nn.MultiheadAttention):
+        if not layer._qkv_same_embed_dim:
+            raise AdapterConfigError(
+                "LoRA on nn.MultiheadAttention needs one in_proj_weight (kdim and vdim equal "
+                f"to embed_dim), got kdim={layer.kdim}, vdim={layer.vdim}"
+            )
+        if config.dropout:
+            raise AdapterConfigError(
+                f"LoRA on nn.MultiheadAttention updates its weights, so there is no input to "
+                f"drop out: got dropout={config.dropout}; use dropout=0.0, or leave the "
+                "attention out (exclude_modules)"
+            )
     if config.use_dora:
         raise AdapterConfigError(f"use_dora=True covers linear layers, not {kind}")
     if config.init == "loftq":
@@ -152,6 +173,78 @@ class LoRAConv(_NotLinear, LoRALinear):
         return out + update.to(out.dtype)
 
 
-def wrap_embedding_or_conv(layer: nn.Module, config: LoRA, adapter_name: str) -> Any:
+class LoRAMultiheadAttention(_NotLinear, LoRALinear):
+    """An ``nn.MultiheadAttention`` plus named LoRA updates of its q, k, v projection (here)
+    and of its output projection (``out_proj``, a ``LoRALinear`` of its own)."""
+
+    def __init__(self, base_layer: nn.Module, config: LoRA, adapter_name: str = "default") -> None:
+        check_layer_supported(base_layer, config)
+        base_layer.out_proj = LoRALinear(base_layer.out_proj, config, adapter_name)
+        super().__init__(base_layer, config, adapter_name)
+
+    def add_adapter(self, config: LoRA, adapter_name: str) -> None:
+        super().add_adapter(config, adapter_name)
+        out_proj = self.base_layer.out_proj
+        if adapter_name not in out_proj.configs:
+            out_proj.add_adapter(config, adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.base_layer.out_proj.delete_adapter(adapter_name)
+
+    def _new_factors(
+        self, config: LoRA, generator: torch.Generator | None
+    ) -> tuple[nn.Module, nn.Module]:
+        embed_dim = self.base_layer.embed_dim
+        lora_a = nn.Linear(embed_dim, config.rank, bias=False, device="meta").to_empty(device="cpu")
+        lora_b = nn.Linear(config.rank, 3 * embed_dim, bias=False, device="meta")
+        lora_b = lora_b.to_empty(device="cpu")
+        if config.init == "gaussian":
+            nn.init.normal_(lora_a.weight, std=1.0 / config.rank, generator=generator)
+        else:
+            reset_linear_(lora_a, generator)
+        nn.init.zeros_(lora_b.weight)
+        return lora_a, lora_b
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        attention = self.base_layer
+        weights = {
+            "in_proj_weight": _adapted_weight(self, attention.in_proj_weight),
+            "out_proj.base_layer.weight": _adapted_weight(
+                attention.out_proj, attention.out_proj.base_layer.weight
+            ),
+        }
+        return torch.func.functional_call(attention, weights, args, kwargs)
+
+    @torch.no_grad()
+    def merge(self) -> float:
+        """Fold the q, k, v update into ``in_proj_weight`` (``out_proj`` merges on its own)."""
+        if not self.merged:
+            self.base_layer.in_proj_weight.add_(self.delta_weight(self.adapter_name))
+            self.merged = True
+        return 0.0
+
+    @torch.no_grad()
+    def unmerge(self) -> float:
+        if self.merged:
+            self.base_layer.in_proj_weight.sub_(self.delta_weight(self.adapter_name))
+            self.merged = False
+        return 0.0
+
+
+def _adapted_weight(layer: LoRALinear, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` plus the updates ``layer``'s forward would add (none if merged or
+    disabled), differentiable in the adapters."""
+    if layer.merged or layer.disabled:
+        return weight
+    for name in layer.active_adapters:
+        weight = weight + layer.delta_weight(name).to(weight.dtype)
+    return weight
+
+
+def wrap_other_layer(layer: nn.Module, config: LoRA, adapter_name: str) -> Any:
+    """The LoRA wrapper of an embedding, convolution or multi-head attention layer."""
+    if isinstance(layer, nn.MultiheadAttention):
+        return LoRAMultiheadAttention(layer, config, adapter_name)
     kind = LoRAEmbedding if isinstance(layer, nn.Embedding) else LoRAConv
     return kind(layer, config, adapter_name)

@@ -81,8 +81,13 @@ def quantize_model(
             f"{type(model).__name__} already has adapters: quantize the base before attaching "
             "them, so the adapters' own layers stay trainable floats"
         )
+    # nn.MultiheadAttention multiplies by out_proj.weight itself: it must stay a float tensor.
+    attention = [n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)]
     skipped = output_head_names(modules) | {
-        name for name in modules if any(name == s or name.endswith("." + s) for s in skip_modules)
+        name
+        for name in modules
+        if any(name == s or name.endswith("." + s) for s in skip_modules)
+        or any(name.startswith(a + ".") for a in attention)
     }
     targets = [
         name
