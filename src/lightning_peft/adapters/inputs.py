@@ -34,6 +34,12 @@ def find_transformers_model(model: nn.Module, method: str) -> nn.Module:
     )
 
 
+def is_encoder_decoder(host: nn.Module) -> bool:
+    return bool(getattr(host.config, "is_encoder_decoder", False)) and callable(
+        getattr(host, "get_encoder", None)
+    )
+
+
 def as_keyword_arguments(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``model.forward``'s positional ``args`` folded into ``kwargs`` by parameter name."""
     if not args:

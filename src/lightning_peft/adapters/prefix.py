@@ -31,6 +31,7 @@ from lightning_peft.adapters.inputs import (
     cache_length,
     find_transformers_model,
     given_cache,
+    is_encoder_decoder,
     output_cache,
     prepend_ones,
     text_config,
@@ -94,10 +95,10 @@ class PrefixTuning:
                 f"{type(host).__name__} already has a prefix; a model takes one PrefixTuning"
             )
         cache_shape(host)
-        if getattr(host.config, "is_encoder_decoder", False):
-            raise UnsupportedLayerError(
-                f"PrefixTuning supports decoder-only models; {type(host).__name__} is an "
-                "encoder-decoder model"
+        if is_encoder_decoder(host) and self.init == "text":
+            raise AdapterConfigError(
+                f"init='text' computes the prefix as a decoder-only model's keys and values of "
+                f"the text; {type(host).__name__} is an encoder-decoder model: use init='random'"
             )
 
     def attach(self, model: nn.Module, adapter_name: str) -> None:
@@ -137,6 +138,12 @@ def cache_shape(host: nn.Module) -> tuple[int, int, int, int]:
     config = text_config(host)
     layers = getattr(config, "num_hidden_layers", None)
     heads = getattr(config, "num_attention_heads", None)
+    if is_encoder_decoder(host):  # the prefix is the decoder's: its own fields
+        config = host.config  # T5: num_decoder_layers; BART, Whisper: decoder_layers, ..._heads
+        layers = getattr(config, "num_decoder_layers", None) or getattr(
+            config, "decoder_layers", layers
+        )
+        heads = getattr(config, "decoder_attention_heads", None) or heads
     hidden = getattr(config, "hidden_size", None)
     if not (layers and heads and hidden):
         raise UnsupportedLayerError(
@@ -144,7 +151,7 @@ def cache_shape(host: nn.Module) -> tuple[int, int, int, int]:
             f"model config, and {type(config).__name__} lacks one of them"
         )
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or hidden // heads
     return layers, kv_heads, head_dim, hidden
 
 
@@ -224,6 +231,8 @@ class PrefixKV(nn.Module):
             return None
         kwargs = as_keyword_arguments(host, args, kwargs)
         n = self.num_virtual_tokens
+        if is_encoder_decoder(host):  # the prefix is the decoder's self-attention's
+            return (), self._before_seq2seq_forward(host, kwargs)
         kwargs["attention_mask"] = prepend_ones(kwargs.get("attention_mask"), n)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + n
@@ -236,18 +245,37 @@ class PrefixKV(nn.Module):
             kwargs[cache_argument(host)] = self.filled_cache(cache, kwargs, host)
         return (), kwargs
 
-    def filled_cache(self, cache: Any, kwargs: dict[str, Any], host: nn.Module) -> Any:
-        """``cache`` (or a new ``DynamicCache``) holding the prefix of every layer."""
-        from transformers import DynamicCache
+    def _before_seq2seq_forward(self, host: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Encoder-decoder models: the prefix goes into the decoder's self-attention cache
+        only (the encoder and the cross-attention see none), as Hugging Face PEFT does; the
+        decoder's own attention mask, when given, covers it."""
+        n = self.num_virtual_tokens
+        cache = given_cache(kwargs)
+        if cache_length(cache) > 0:  # a later generate step: the prefix is in the cache
+            mask, step = kwargs.get("decoder_attention_mask"), kwargs.get("decoder_input_ids")
+            if mask is not None and step is not None:
+                if mask.shape[-1] + n == cache_length(cache) + step.shape[-1]:
+                    kwargs["decoder_attention_mask"] = prepend_ones(mask, n)
+            return kwargs
+        kwargs["decoder_attention_mask"] = prepend_ones(kwargs.get("decoder_attention_mask"), n)
+        for name in CACHE_ARGUMENTS:
+            kwargs.pop(name, None)
+        kwargs[cache_argument(host)] = self.filled_cache(cache, kwargs, host)
+        return kwargs
 
-        reference = kwargs.get("input_ids")
-        if reference is None:
-            reference = kwargs["inputs_embeds"]
+    def filled_cache(self, cache: Any, kwargs: dict[str, Any], host: nn.Module) -> Any:
+        """``cache`` (or a new ``DynamicCache``; for an encoder-decoder model, an
+        ``EncoderDecoderCache``) holding the prefix of every (decoder) layer."""
+        from transformers import DynamicCache, EncoderDecoderCache
+
         dtype = host.get_input_embeddings().weight.dtype
-        if cache is None:
+        if cache is None and is_encoder_decoder(host):  # layers made as the prefix fills them
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        elif cache is None:
             cache = DynamicCache(config=self.model_config)
-        for layer, (keys, values) in enumerate(self.key_values(reference.shape[0], dtype)):
-            cache.update(keys, values, layer)
+        self_attention = getattr(cache, "self_attention_cache", cache)
+        for layer, (keys, values) in enumerate(self.key_values(batch_size(kwargs), dtype)):
+            self_attention.update(keys, values, layer)
         return cache
 
     @torch.no_grad()
@@ -265,6 +293,18 @@ class PrefixKV(nn.Module):
             f"num_virtual_tokens={self.num_virtual_tokens}, layers={self.layers}, "
             f"folded={self.folded}"
         )
+
+
+def batch_size(kwargs: dict[str, Any]) -> int:
+    """The batch size of a forward's inputs, whichever it was given."""
+    names = ("input_ids", "inputs_embeds", "input_features", "decoder_input_ids", "labels")
+    for name in names:
+        if kwargs.get(name) is not None:
+            return int(kwargs[name].shape[0])
+    encoded = kwargs.get("encoder_outputs")
+    if encoded is not None:
+        return int(encoded[0].shape[0])
+    raise AdapterStateError("PrefixTuning found no input in the forward's arguments")
 
 
 def fold_prefix_(model: nn.Module) -> int:

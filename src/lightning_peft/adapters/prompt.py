@@ -10,6 +10,11 @@ token labels ``n`` ignored positions (-100), so the model's own loss scores ever
 logits of the prompt positions are dropped again, so outputs line up with ``input_ids``.
 Initialising ``P`` from the embeddings of a text (§3.2, "class label" / vocabulary init)
 makes the adapted model compute exactly what the base computes with that text in front.
+
+In an encoder-decoder model (T5, BART) the prompt goes before the encoder's input, as in the
+paper (its models are T5) and in Hugging Face PEFT: a hook on the encoder itself, so that
+``generate``, which runs the encoder on its own, sees it too; the cross-attention mask gets
+the ``n`` ones wherever it travels. Labels and logits are the decoder's and stay as they are.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from lightning_peft.adapters.inputs import (
     cache_length,
     find_transformers_model,
     given_cache,
+    is_encoder_decoder,
     prepend_ones,
     text_token_ids,
     virtual_token_problems,
@@ -83,6 +89,10 @@ class PromptTuning:
         embedding = host.get_input_embeddings()
         prompt = SoftPrompt(self, self.initial_prompt(embedding, adapter_name), adapter_name)
         host.add_module(CHILD_NAME, prompt)
+        if is_encoder_decoder(host):
+            host.register_forward_pre_hook(prompt.before_seq2seq_forward, with_kwargs=True)
+            host.get_encoder().register_forward_pre_hook(prompt.before_encoder, with_kwargs=True)
+            return
         host.register_forward_pre_hook(prompt.before_forward, with_kwargs=True)
         host.register_forward_hook(prompt.after_forward, with_kwargs=True)
 
@@ -149,6 +159,41 @@ class SoftPrompt(nn.Module):
         token_types = kwargs.get("token_type_ids")
         if token_types is not None:
             kwargs["token_type_ids"] = torch.cat([token_types[:, :1].expand(-1, n), token_types], 1)
+        return (), kwargs
+
+    def before_encoder(self, encoder: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """An encoder-decoder's encoder: the prompt in front of its input embeddings."""
+        if self.disabled:
+            return None
+        kwargs = as_keyword_arguments(encoder, args, kwargs)
+        embeds = kwargs.pop("inputs_embeds", None)
+        input_ids = kwargs.pop("input_ids", None)
+        if embeds is None:
+            embeds = encoder.get_input_embeddings()(input_ids)
+        batch, length = embeds.shape[:2]
+        n = self.num_virtual_tokens
+        prompt = self.prompt[self.adapter_name].to(embeds.dtype).expand(batch, n, -1)
+        kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.shape[-1] == length:  # not widened by the host's hook
+            kwargs["attention_mask"] = prepend_ones(mask, n)
+        return (), kwargs
+
+    def before_seq2seq_forward(self, host: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """An encoder-decoder's forward: its attention mask, read by the encoder and by the
+        cross-attention, covers the prompt. With ``encoder_outputs`` given (``generate``'s
+        decoding steps) the mask is widened only if it is ``n`` short of them."""
+        if self.disabled:
+            return None
+        kwargs = as_keyword_arguments(host, args, kwargs)
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            return (), kwargs
+        encoded = kwargs.get("encoder_outputs")
+        if encoded is None:
+            kwargs["attention_mask"] = prepend_ones(mask, self.num_virtual_tokens)
+        elif mask.shape[-1] + self.num_virtual_tokens == encoded[0].shape[1]:
+            kwargs["attention_mask"] = prepend_ones(mask, self.num_virtual_tokens)
         return (), kwargs
 
     def after_forward(self, host: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:

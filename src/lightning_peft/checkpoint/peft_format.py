@@ -24,7 +24,7 @@ from torch import nn
 
 from lightning_peft.adapters.bitfit import Unfreeze
 from lightning_peft.adapters.ia3 import IA3, IA3Linear
-from lightning_peft.adapters.inputs import find_transformers_model
+from lightning_peft.adapters.inputs import find_transformers_model, is_encoder_decoder
 from lightning_peft.adapters.lora import LoRA, LoRALinear
 from lightning_peft.adapters.prefix import PrefixKV, PrefixTuning, cache_shape
 from lightning_peft.adapters.prompt import PromptTuning, SoftPrompt
@@ -80,6 +80,7 @@ def save_peft(
     """
     host, _ = _host(model)
     config = _single_config(model, adapter_name)
+    _check_exportable(host, config)
     if isinstance(config, LoRA) and config.init == "loftq" and config.loftq_iterations > 1:
         warnings.warn(
             f"adapter {adapter_name!r} was initialised by LoftQ with {config.loftq_iterations} "
@@ -92,7 +93,8 @@ def save_peft(
     fields = _peft_config(host, config, tensors)
     fields["modules_to_save"] = list(_saved_modules(host, adapter_name)) or None
     if base_model_name_or_path is None:  # as PEFT does: the model's own name or folder
-        base_model_name_or_path = getattr(getattr(host, "config", None), "name_or_path", None)
+        config_of_host = getattr(host, "config", None)
+        base_model_name_or_path = getattr(config_of_host, "name_or_path", None) or None
     fields.update(
         base_model_name_or_path=base_model_name_or_path,
         task_type=_task_type(host),
@@ -114,8 +116,8 @@ def save_peft(
 
 def check_peft_exportable(model: nn.Module, adapter_name: str = "default") -> None:
     """Raise what :func:`save_peft` would raise for ``model``, without writing anything."""
-    _host(model)
-    _single_config(model, adapter_name)
+    host, _ = _host(model)
+    _check_exportable(host, _single_config(model, adapter_name))
 
 
 def load_peft(
@@ -173,7 +175,14 @@ def load_peft(
     from safetensors.torch import load_file
 
     tensors = load_file(str(folder / WEIGHTS_FILE))
-    _host(model)  # fail early on a model prompt/prefix tuning cannot use
+    host, _ = _host(model)  # fail early on a model prompt/prefix tuning cannot use
+    submodules = fields.get("num_transformer_submodules") or 1
+    if submodules != (2 if is_encoder_decoder(host) else 1):
+        raise AdapterConfigError(
+            f"{folder / CONFIG_FILE} has num_transformer_submodules={submodules}, written for "
+            f"an {'encoder-decoder' if submodules == 2 else 'encoder- or decoder-only'} model; "
+            f"{type(host).__name__} is not one"
+        )
     with restored_on_error(model):  # refused below: the adapter attached here goes again
         if quantize is not None:
             quantize_model(model, quantize)
@@ -196,6 +205,17 @@ def _copy_peft_tensors(
     host, _ = _host(model)
     targets = _model_tensors(host, config, adapter_name)
     expected = {_file_key(key, config): key for key in targets}
+    prompt = tensors.get("prompt_embeddings")
+    if isinstance(config, PromptTuning) and is_encoder_decoder(host) and prompt is not None:
+        # PEFT's encoder-decoder layout: encoder rows, then decoder rows it never reads.
+        tensors = {**tensors, "prompt_embeddings": prompt[: config.num_virtual_tokens]}
+    if isinstance(config, PrefixTuning) and is_encoder_decoder(host) and prompt is not None:
+        layers = cache_shape(host)[0]
+        blocks = prompt.view(prompt.shape[0], layers, -1)
+        tensors = {
+            **tensors,
+            "prompt_embeddings": blocks[:, _peft_decoder_blocks(layers)].flatten(1),
+        }
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -277,7 +297,12 @@ def _peft_config(host: nn.Module, config: Any, tensors: dict[str, torch.Tensor])
             "fan_in_fan_out": _uses_conv1d(host),
         }
     layers, kv_heads, head_dim, hidden = cache_shape(host)
-    common = {"num_virtual_tokens": config.num_virtual_tokens, "num_transformer_submodules": 1}
+    # PEFT's encoder-decoder layout: prompt rows for the encoder then for the decoder (which
+    # its forward never reads); the prefix is the decoder's either way.
+    common = {
+        "num_virtual_tokens": config.num_virtual_tokens,
+        "num_transformer_submodules": 2 if is_encoder_decoder(host) else 1,
+    }
     if isinstance(config, PromptTuning):
         return {
             **common,
@@ -367,7 +392,7 @@ _INERT: dict[str, tuple[Any, ...]] = {
     "target_parameters": (None, []),
     "trainable_token_indices": (None,),
     "lora_bias": (False, None),
-    "num_transformer_submodules": (1, None),
+    "num_transformer_submodules": (1, 2, None),  # 2: encoder-decoder, checked on loading
     "alora_invocation_tokens": (None, []),  # activated LoRA: on only after those tokens
 }
 
@@ -431,6 +456,28 @@ def _single_config(model: nn.Module, adapter_name: str) -> Any:
     return methods[0]
 
 
+def _peft_decoder_blocks(layers: int) -> list[int]:
+    """Which stored layer block each decoder layer attends to in PEFT 0.21's encoder-decoder
+    prefix: its ``get_prompt`` repeats the ``2 L`` key/value blocks and splits them four per
+    layer (self keys, values, cross keys, values; the cross ones are then dropped), so layer
+    ``i`` reads the block stored for layer ``2 i mod L``. Here layer ``i`` has its own, and
+    files are reordered both ways."""
+    return [(2 * i) % layers for i in range(layers)]
+
+
+def _check_exportable(host: nn.Module, config: Any) -> None:
+    if isinstance(config, PrefixTuning) and is_encoder_decoder(host):
+        layers = cache_shape(host)[0]
+        if len(set(_peft_decoder_blocks(layers))) != layers:
+            raise AdapterConfigError(
+                f"Hugging Face PEFT (0.21) gives decoder layer i of an encoder-decoder model "
+                f"the prefix stored for layer 2i mod {layers}: with an even number of decoder "
+                f"layers ({layers}) two layers share one block, so this model's {layers} "
+                "distinct prefixes have no PEFT file. Save it with adapter_state_dict or "
+                "AdapterCheckpoint; PEFT files of such models load here (load_peft)"
+            )
+
+
 def _saved_modules(host: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
     """Modules of ``host`` that adapter ``adapter_name`` trains whole (``Unfreeze``, a task
     head), by path: PEFT's ``modules_to_save``."""
@@ -470,6 +517,16 @@ def _peft_tensors(host: nn.Module, config: Any, adapter_name: str) -> dict[str, 
     if isinstance(config, PrefixTuning):
         prefix = next(m for m in host.modules() if isinstance(m, PrefixKV))
         tensors["prompt_embeddings"] = prefix.flat_prefix().detach()
+        if is_encoder_decoder(host):
+            order = _peft_decoder_blocks(prefix.layers)
+            blocks = tensors["prompt_embeddings"].view(prefix.num_virtual_tokens, prefix.layers, -1)
+            stored = torch.empty_like(blocks)
+            stored[:, order] = blocks  # a permutation: checked by _check_exportable
+            tensors["prompt_embeddings"] = stored.flatten(1)
+    if isinstance(config, PromptTuning) and is_encoder_decoder(host):
+        # PEFT's file holds decoder rows too, which its forward never reads: zeros here.
+        prompt = tensors["prompt_embeddings"].detach()
+        tensors["prompt_embeddings"] = torch.cat([prompt, torch.zeros_like(prompt)])
     return tensors
 
 
