@@ -143,7 +143,8 @@ def apply_adapters(
                 # New modules start in train mode; an adapter follows its layer's (a model
                 # from from_pretrained is in eval mode: no LoRA dropout at inference).
                 wrapped.train(layer.training)
-                setattr(parent, child_name, wrapped)
+                for owner, attribute in _holders(model, layer):
+                    setattr(owner, attribute, wrapped)
         for module_name, module in adapter_modules(model):
             if not hasattr(module, "base_layer"):  # a prompt or prefix: its host's mode
                 module.train(model.get_submodule(module_name.rpartition(".")[0]).training)
@@ -196,6 +197,18 @@ def restored_on_error(model: nn.Module) -> Iterator[None]:
         for param, requires_grad in grads:
             param.requires_grad_(requires_grad)
         raise
+
+
+def _holders(model: nn.Module, layer: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Every ``(module, attribute)`` of ``model`` holding ``layer``: a shared layer (T5's
+    ``shared`` embedding is also ``encoder.embed_tokens`` and ``decoder.embed_tokens``) is
+    replaced wherever it is used, or the adapter would act on one path only."""
+    return [
+        (owner, attribute)
+        for owner in model.modules()
+        for attribute, child in owner._modules.items()
+        if child is layer
+    ]
 
 
 def _on_meta(module: nn.Module) -> bool:

@@ -69,6 +69,7 @@ def find_targets(
     can_wrap: Callable[[nn.Module], bool] = is_linear_layer,
     method: str = "LoRA",
     allow_adapted: bool = False,
+    wraps: bool = True,
 ) -> list[str]:
     """Names of the modules of ``model`` that ``target_modules`` selects, in model order.
 
@@ -79,6 +80,8 @@ def find_targets(
 
     ``allow_adapted`` selects adapted layers too (judged by the layer they wrap): BitFit
     trains their biases, and a second named adapter of the same method joins them.
+    ``wraps=False``: the method trains tensors in place (BitFit) rather than wrapping layers,
+    so layers that others read directly (``nn.MultiheadAttention``'s) are fine.
     """
     modules = candidate_modules(model)
     names = [name for name in modules if name]  # "" is the model itself
@@ -118,7 +121,7 @@ def find_targets(
             f"exclude_modules={exclude_modules!r} removed every module that target_modules="
             f"{target_modules!r} selected ({', '.join(excluded[:5])}{', ...' if len(excluded) > 5 else ''})"
         )
-    inside = [n for n in kept if any(n.startswith(a + ".") for a in attention)]
+    inside = [n for n in kept if wraps and any(n.startswith(a + ".") for a in attention)]
     if inside:
         owner = next(a for a in attention if inside[0].startswith(a + "."))
         raise UnsupportedLayerError(

@@ -93,8 +93,6 @@ def trained_names(model: torch.nn.Module) -> set[str]:
 @pytest.mark.parametrize("family", MODELS)
 @pytest.mark.parametrize("method", ["ia3", "prompt"])
 def test_the_head_trains_by_default_as_in_peft(family, method):
-    if family == "roberta" and method == "ia3":
-        pytest.skip("PEFT keeps no IA3 defaults for RoBERTa (apply_adapters names them)")
     ours = apply_adapters(MODELS[family](), METHODS[method])
     theirs = peft.get_peft_model(MODELS[family](), peft_config(method, family))
     expected = {

@@ -61,6 +61,7 @@ class BitFit:
             can_wrap=lambda module: True,
             method="BitFit",
             allow_adapted=True,
+            wraps=False,
         )
         owners = {name: module for name, module in _bias_owners(model)}
         chosen = [owners[name] for name in selected if name in owners]
@@ -133,6 +134,7 @@ class Unfreeze:
             can_wrap=lambda module: True,
             method="Unfreeze",
             allow_adapted=True,
+            wraps=False,
         )
         return [n for n in selected if not any(n.startswith(p + ".") for p in selected)]
 

@@ -65,6 +65,12 @@ DEFAULT_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
+# Types whose layers transformers 5 renamed: these names when the model has them.
+RENAMED_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "vit": (("k_proj", "v_proj", "mlp.fc2"), ("mlp.fc2",)),
+}
+
+
 def model_type(model: nn.Module) -> str | None:
     """``config.model_type`` of the transformers model in ``model``, or None."""
     from lightning_peft.adapters.inputs import find_transformers_model
@@ -131,6 +137,10 @@ class IA3:
             return self
         kind = model_type(model)
         defaults = DEFAULT_TARGETS.get(kind) if kind else None
+        renamed = RENAMED_TARGETS.get(kind or "")
+        names = [name for name, _ in model.named_modules()]
+        if renamed and any(matches(name, renamed[0][:1]) for name in names):
+            defaults = renamed
         targets = self.target_modules
         if targets is None:
             if defaults is None:

@@ -18,15 +18,15 @@ from lightning_peft.errors import AdapterConfigError, UnsupportedLayerError
 
 
 def find_transformers_model(model: nn.Module, method: str) -> nn.Module:
-    """The outermost module of ``model`` that is a transformers model with input embeddings.
+    """The outermost module of ``model`` that is a transformers model (a config and input
+    embeddings: tokens, or patches and audio frames for ViT and Whisper).
 
     Raises:
         UnsupportedLayerError: ``model`` contains none.
     """
     for _, module in model.named_modules():
         if hasattr(module, "config") and callable(getattr(module, "get_input_embeddings", None)):
-            if isinstance(module.get_input_embeddings(), nn.Embedding):
-                return module
+            return module
     raise UnsupportedLayerError(
         f"{method} needs a transformers model (one with get_input_embeddings() and a config) "
         f"inside {type(model).__name__}, and found none; wrap a model from "

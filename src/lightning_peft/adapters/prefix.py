@@ -95,6 +95,13 @@ class PrefixTuning:
                 f"{type(host).__name__} already has a prefix; a model takes one PrefixTuning"
             )
         cache_shape(host)
+        main_input = getattr(host, "main_input_name", "input_ids")
+        if main_input not in ("input_ids", "inputs_embeds") and not is_encoder_decoder(host):
+            raise AdapterConfigError(
+                f"PrefixTuning puts its keys and values in the attention's cache, and "
+                f"{type(host).__name__} reads {main_input} with an encoder that takes no cache; "
+                "use LoRA or IA3 on this model"
+            )
         if is_encoder_decoder(host) and self.init == "text":
             raise AdapterConfigError(
                 f"init='text' computes the prefix as a decoder-only model's keys and values of "

@@ -83,11 +83,17 @@ def quantize_model(
         )
     # nn.MultiheadAttention multiplies by out_proj.weight itself: it must stay a float tensor.
     attention = [n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)]
+    # transformers keeps these float under its own 4-bit loading: T5's ``wo``, whose caller
+    # casts its input to the weight's dtype (a uint8 cast would cut the backward off).
+    keep_float = {
+        k for m in modules.values() for k in getattr(m, "_keep_in_fp32_modules", None) or ()
+    }
     skipped = output_head_names(modules) | {
         name
         for name in modules
         if any(name == s or name.endswith("." + s) for s in skip_modules)
         or any(name.startswith(a + ".") for a in attention)
+        or keep_float & set(name.split("."))
     }
     targets = [
         name
