@@ -279,3 +279,53 @@ def test_ia3_on_every_convolution_learns_and_merges(ids):
         assert model.get_parameter(name).grad.abs().sum() > 0, name
     merge_adapters(model)
     torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lightnings_demo_transformer_trains_with_the_callback_under_nf4(tmp_path):
+    """LightningTransformer as users run it, with PeftCallback and the nf4-lora precision
+    (its prepare_data would download WikiText2: random tokens here)."""
+    import lightning as L
+    from lightning.pytorch.demos.transformer import LightningTransformer
+    from torch.utils.data import DataLoader
+
+    from lightning_peft import PeftCallback, PeftPrecision
+
+    class Offline(LightningTransformer):
+        def prepare_data(self) -> None:
+            pass
+
+        def train_dataloader(self):
+            ids = torch.randint(0, 64, (8, 2, 6), generator=torch.Generator().manual_seed(0))
+            return DataLoader([(row[0], row[1]) for row in ids], batch_size=4)
+
+    torch.manual_seed(0)
+    module = Offline(vocab_size=64)
+    trainer = L.Trainer(
+        max_steps=4,
+        callbacks=[PeftCallback(LoRA(rank=4))],
+        plugins=[PeftPrecision("nf4-lora")],
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module)
+    attention = module.model.transformer.encoder.layers[0].self_attn
+    assert type(attention).__name__ == "LoRAMultiheadAttention"
+    assert attention.lora_B["default"].weight.abs().sum() > 0  # trained
+    assert attention.base_layer.out_proj.lora_B["default"].weight.abs().sum() > 0
+    assert (
+        "Linear4bit" in type(module.model.transformer.encoder.layers[0].linear1.base_layer).__name__
+    )
+
+
+def test_peft_files_of_attention_adapters_warn_that_peft_applies_out_proj_twice(tmp_path):
+    model = moved_(apply_adapters(demo_transformer(), LoRA(rank=4, target_modules=["self_attn"])))
+    with pytest.warns(UserWarning, match="applies the out_proj update of such a layer twice"):
+        save_peft(model, tmp_path)
+    with pytest.warns(UserWarning, match="applies the out_proj update"):
+        back = load_peft(demo_transformer(), tmp_path)
+    ids = transformer_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids, ids), model(ids, ids), rtol=0, atol=0)

@@ -35,7 +35,8 @@ def find_transformers_model(model: nn.Module, method: str) -> nn.Module:
 
 
 def is_encoder_decoder(host: nn.Module) -> bool:
-    return bool(getattr(host.config, "is_encoder_decoder", False)) and callable(
+    config = getattr(host, "config", None)
+    return bool(getattr(config, "is_encoder_decoder", False)) and callable(
         getattr(host, "get_encoder", None)
     )
 

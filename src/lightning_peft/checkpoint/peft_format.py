@@ -89,6 +89,7 @@ def save_peft(
             "model (merge_and_export) to use it elsewhere, or train with loftq_iterations=1",
             stacklevel=2,
         )
+    _warn_if_attention(host, adapter_name)
     tensors = _peft_tensors(host, config, adapter_name)
     fields = _peft_config(host, config, tensors)
     fields["modules_to_save"] = list(_saved_modules(host, adapter_name)) or None
@@ -191,6 +192,7 @@ def load_peft(
             # The file says which modules trained whole; no task head beyond those.
             apply_adapters(model, [config, *heads], name=adapter_name, train_head=False)
         _copy_peft_tensors(model, folder, tensors, config, adapter_name)
+    _warn_if_attention(host, adapter_name)
     return model
 
 
@@ -454,6 +456,23 @@ def _single_config(model: nn.Module, adapter_name: str) -> Any:
             "adapter_state_dict or AdapterCheckpoint instead"
         )
     return methods[0]
+
+
+def _warn_if_attention(host: nn.Module, adapter_name: str) -> None:
+    """PEFT 0.21 adds the ``out_proj`` update of an ``nn.MultiheadAttention`` twice (its
+    ``merge`` adds it, then merges ``out_proj`` again): a file means ``W + 2 dW`` there and
+    ``W + dW`` here. The tensors and names agree; say that the outputs will not."""
+    from lightning_peft.adapters.lora_layers import LoRAMultiheadAttention
+
+    if any(
+        isinstance(m, LoRAMultiheadAttention) and adapter_name in m.configs for m in host.modules()
+    ):
+        warnings.warn(
+            "adapter with LoRA on nn.MultiheadAttention: Hugging Face PEFT 0.21 applies the "
+            "out_proj update of such a layer twice, so the same file computes other outputs "
+            "there than here (in_proj and every other layer agree)",
+            stacklevel=3,
+        )
 
 
 def _peft_decoder_blocks(layers: int) -> list[int]:
