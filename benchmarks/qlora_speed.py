@@ -7,6 +7,8 @@ nothing is downloaded), the same NF4 base with double quantization, and the same
     peft   Hugging Face PEFT: get_peft_model(LoraConfig(r=16, "all-linear")) on that base
     floor  the frozen NF4 base alone: forward + backward to the inputs, no adapters
     ours-gc, peft-gc   ours and peft with gradient (activation) checkpointing, non-reentrant
+    ours-compiled, peft-compiled, floor-compiled   (with --compiled) each decoder layer
+                       torch.compile'd (lightning_peft.compiling.compile_layers), no KV cache
 
 Each variant runs in its own process (so peak memory is its own). Prints a markdown table
 with median step time, peak memory, bits per parameter and the ratios, and saves it to
@@ -14,6 +16,8 @@ benchmarks/results/qlora_speed-<device>.md.
 
     python benchmarks/qlora_speed.py                     # CPU: batch 2 x 128, 10 steps, 3 rounds
     python benchmarks/qlora_speed.py --device cuda       # GPU: batch 8 x 512, 30 steps, 3 rounds
+    python benchmarks/qlora_speed.py --compiled          # and the compiled variants
+    python benchmarks/qlora_speed.py --device cuda --compiled --compile-mode reduce-overhead
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 import torch
 
 VARIANTS = ("ours", "peft", "floor", "ours-gc", "peft-gc")
+COMPILED = ("ours-compiled", "peft-compiled", "floor-compiled")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -50,7 +55,13 @@ def smollm2_config():
     )
 
 
-def build(variant: str, device: str, compute_dtype: torch.dtype):
+def build(variant: str, device: str, compute_dtype: torch.dtype, compile_mode: str = "default"):
+    if variant.endswith("-compiled"):
+        from lightning_peft.compiling import compile_layers
+
+        model = build(variant.removesuffix("-compiled"), device, compute_dtype)
+        compile_layers(model, mode=compile_mode)
+        return model
     from transformers import LlamaForCausalLM
 
     from lightning_peft import LoRA, apply_adapters
@@ -86,11 +97,16 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_variant(variant: str, device: str, steps: int, batch: int, seq: int) -> dict:
+def run_variant(
+    variant: str, device: str, steps: int, batch: int, seq: int, compile_mode: str = "default"
+) -> dict:
     from lightning_peft.quantization import memory_report
 
     compute_dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = build(variant, device, compute_dtype)
+    model = build(variant, device, compute_dtype, compile_mode)
+    compiled = variant.endswith("-compiled")
+    # A KV cache hands each layer its index, and every layer would compile anew.
+    forward_options = {"use_cache": False} if compiled else {}
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if variant != "floor" else None
     input_ids = torch.randint(
@@ -102,8 +118,10 @@ def run_variant(variant: str, device: str, steps: int, batch: int, seq: int) -> 
     for step in range(steps + 3):  # 3 warm-up steps
         synchronize(device)
         started = time.perf_counter()
+        if compiled and compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device, dtype=compute_dtype, enabled=device == "cuda"):
-            loss = model(input_ids=input_ids, labels=input_ids).loss
+            loss = model(input_ids=input_ids, labels=input_ids, **forward_options).loss
         loss.backward()
         synchronize(device)
         backward_done = time.perf_counter()
@@ -136,6 +154,7 @@ def run_child(variant: str, args: argparse.Namespace) -> dict:
     """``run_variant`` in a fresh process (so peak memory is the variant's own)."""
     command = [sys.executable, __file__, "--variant", variant, "--device", args.device]
     command += ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+    command += ["--compile-mode", args.compile_mode]
     child = subprocess.run(command, capture_output=True, text=True, check=False)
     if child.returncode != 0:
         sys.exit(f"variant {variant} failed:\n{child.stderr}")
@@ -160,7 +179,12 @@ def table(rows: dict[str, dict], args: argparse.Namespace, device_name: str) -> 
         ("floor", "frozen-base floor"),
         ("ours-gc", "lightning_peft, gradient checkpointing"),
         ("peft-gc", "HF PEFT + bitsandbytes, gradient checkpointing"),
+        ("ours-compiled", "lightning_peft, layers compiled"),
+        ("peft-compiled", "HF PEFT + bitsandbytes, layers compiled"),
+        ("floor-compiled", "frozen-base floor, layers compiled"),
     ):
+        if name not in rows:
+            continue
         row = rows[name]
         lines.append(
             f"| {label} | {row['median_s']:.4f} | {row['spread'][0]:.4f}-{row['spread'][1]:.4f} | "
@@ -183,6 +207,17 @@ def table(rows: dict[str, dict], args: argparse.Namespace, device_name: str) -> 
         f"**{ours_gc['median_s'] / peft_gc['median_s']:.3f}x**, peak memory "
         f"**{ours_gc['peak_mib'] / peft_gc['peak_mib']:.3f}x**",
     ]
+    if "ours-compiled" in rows:
+        compiled = rows["ours-compiled"]
+        lines += [
+            f"- each decoder layer compiled (`--compiled`, mode {args.compile_mode!r}, no KV "
+            f"cache): forward+backward, lightning_peft / floor, both compiled: "
+            f"**{compiled['forward_backward_s'] / rows['floor-compiled']['forward_backward_s']:.3f}x**; "
+            f"step time, lightning_peft / PEFT, both compiled: "
+            f"**{compiled['median_s'] / rows['peft-compiled']['median_s']:.3f}x**; compiled "
+            f"lightning_peft / eager floor (forward+backward): "
+            f"{compiled['forward_backward_s'] / floor['forward_backward_s']:.3f}x",
+        ]
     if args.device == "cpu":
         lines.append(
             "- CPU peak memory is the process's peak resident set (includes Python and torch)."
@@ -197,7 +232,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None, help="fresh-process runs per variant")
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--compiled", action="store_true", help="add the compiled variants")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile's mode")
+    parser.add_argument("--variant", choices=VARIANTS + COMPILED, help=argparse.SUPPRESS)
     args = parser.parse_args()
     gpu = args.device == "cuda"
     args.steps = args.steps or (30 if gpu else 10)
@@ -205,16 +242,20 @@ def main() -> None:
     args.seq = args.seq or (512 if gpu else 128)
     args.rounds = args.rounds or 3
     if args.variant:  # child process: one variant, JSON out
-        print(json.dumps(run_variant(args.variant, args.device, args.steps, args.batch, args.seq)))
+        result = run_variant(
+            args.variant, args.device, args.steps, args.batch, args.seq, args.compile_mode
+        )
+        print(json.dumps(result))
         return
     if gpu and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible to torch")
     # Small models are launch-bound, and launch overhead drifts with the machine; rounds in
     # rotated order, each variant in a fresh process, and the median over rounds even it out.
-    runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
+    variants = VARIANTS + COMPILED if args.compiled else VARIANTS
+    runs: dict[str, list[dict]] = {variant: [] for variant in variants}
     for round_index in range(args.rounds):
-        shift = round_index % len(VARIANTS)
-        order = VARIANTS[shift:] + VARIANTS[:shift]
+        shift = round_index % len(variants)
+        order = variants[shift:] + variants[:shift]
         for variant in order:
             runs[variant].append(run_child(variant, args))
             print(
@@ -238,7 +279,8 @@ def main() -> None:
     text = table(rows, args, device_name)
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"qlora_speed-{args.device}.md").write_text(text + "\n")
+    suffix = "-compiled" if args.compiled else ""
+    (RESULTS / f"qlora_speed-{args.device}{suffix}.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":

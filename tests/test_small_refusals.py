@@ -154,7 +154,7 @@ def test_prompt_tuning_refuses_models_that_read_features_not_tokens():
 
     from snapshots import refused_without_a_trace
 
-    from lightning_peft import PromptTuning, UnsupportedLayerError
+    from lightning_peft import PromptTuning
 
     vit = ViTForImageClassification(
         ViTConfig(
@@ -189,5 +189,5 @@ def test_prompt_tuning_refuses_models_that_read_features_not_tokens():
         whisper, AdapterConfigError, "reads input_features .* use LoRA or IA3"
     ):
         apply_adapters(whisper, PromptTuning(num_virtual_tokens=2))
-    with refused_without_a_trace(vit, UnsupportedLayerError, "or use a layer method such as LoRA"):
+    with refused_without_a_trace(vit, AdapterConfigError, "reads pixel_values .* use LoRA or IA3"):
         apply_adapters(vit, PromptTuning(num_virtual_tokens=2))

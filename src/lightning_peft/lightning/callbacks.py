@@ -16,6 +16,7 @@ from typing_extensions import override
 from lightning_peft.adapters import MethodConfig
 from lightning_peft.checkpoint.io import held_tokenizer
 from lightning_peft.checkpoint.peft_format import check_peft_exportable, save_peft
+from lightning_peft.compiling import compile_layers
 from lightning_peft.errors import AdapterConfigError
 from lightning_peft.injection import AdapterConfig, as_config_list, is_adapter_config
 from lightning_peft.lightning.attach import attach_adapters_once
@@ -154,6 +155,11 @@ class PeftCallback(_AdapterCheckpointHooks):
         train_head: train the head a transformers task class adds on top of its backbone
             (``classifier``, ``score``: random after ``from_pretrained``) with the adapters,
             as Hugging Face PEFT's ``modules_to_save`` does. ``False`` keeps it frozen.
+        compile_layers: ``torch.compile`` each of the model's repeated blocks once the
+            adapters are attached (:func:`lightning_peft.compiling.compile_layers`): ``True``
+            for the default mode, a mode name (``"reduce-overhead"``: CUDA graphs, for
+            launch-bound GPU steps; each step's start is marked for them), or a dict of
+            ``torch.compile`` options. Train with ``use_cache=False``.
 
     Example::
 
@@ -168,6 +174,7 @@ class PeftCallback(_AdapterCheckpointHooks):
         gradient_checkpointing: bool | None = None,
         train_mode: bool = True,
         train_head: bool = True,
+        compile_layers: bool | str | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         configs = [] if adapters is None else as_config_list(adapters)
@@ -184,6 +191,7 @@ class PeftCallback(_AdapterCheckpointHooks):
         if not isinstance(train_head, bool):
             raise AdapterConfigError(f"train_head must be True or False, got {train_head!r}")
         self.train_head = train_head
+        self.compile_options = _compile_options(compile_layers)
 
     def _configs_for(self, plugin: PeftPrecision | None) -> list[AdapterConfig]:
         return self.configs or as_config_list(
@@ -207,6 +215,8 @@ class PeftCallback(_AdapterCheckpointHooks):
                 checkpointing = getattr(plugin, "gradient_checkpointing", False)
             if checkpointing:
                 enable_gradient_checkpointing(pl_module)
+            if self.compile_options is not None:
+                compile_layers(pl_module, **self.compile_options)
             check_ranks_agree(trainer, pl_module)
             if type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher":
                 rank_zero_warn(_SPAWN_WARNING)
@@ -219,6 +229,36 @@ class PeftCallback(_AdapterCheckpointHooks):
         # counts eval-mode modules at the start of training.
         if self.train_mode and not isinstance(pl_module, PeftMixin):  # the mixin does its own
             put_adapted_model_in_train_mode(pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if (self.compile_options or {}).get("mode") == "reduce-overhead":
+            import torch
+
+            # CUDA graphs reuse their output buffers: a new step may overwrite the last's.
+            torch.compiler.cudagraph_mark_step_begin()
+
+
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _compile_options(value: Any) -> dict[str, Any] | None:
+    """``PeftCallback(compile_layers=...)`` as ``torch.compile`` options, or None (off)."""
+    if value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, str) and value in _COMPILE_MODES:
+        return {"mode": value}
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+        return dict(value)
+    raise AdapterConfigError(
+        f"compile_layers must be True, False, one of {_COMPILE_MODES} or a dict of "
+        f"torch.compile options, got {value!r}"
+    )
 
 
 class AdapterCheckpoint(_AdapterCheckpointHooks, ModelCheckpoint):
