@@ -2,6 +2,7 @@
 # Each creates .venv (if missing) and installs exactly the versions of requirements-lock.txt,
 # the set CI tests, into it.
 #
+#   make lint            ruff's checks and format, as CI runs them before the tests
 #   make test-cpu-paths  the tests that touch 4-bit layers, with bitsandbytes' AVX512-BF16 CPU
 #                        path forced on and then off (whatever this CPU has)
 #   make test-oldest     the whole suite on the lowest versions pyproject.toml declares
@@ -18,7 +19,7 @@ TORCH := torch==2.13.0
 CPU_PATH_TESTS := tests/quantization tests/lightning tests/adapters/test_contract.py \
 	tests/checkpoint tests/test_switching.py tests/test_distillation.py
 
-.PHONY: demo test install test-cpu-paths test-oldest test-latest clean
+.PHONY: demo test install lint test-cpu-paths test-oldest test-latest clean
 
 # $(1): venv folder, $(2): pip options that choose the versions.
 define make_venv
@@ -41,6 +42,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The rules in pyproject.toml's [tool.ruff]; `ruff check --fix` and `ruff format` repair most.
+lint: install
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 
 test-cpu-paths: install
 	LIGHTNING_PEFT_AVX512BF16=on $(BIN)/python -m pytest -q $(CPU_PATH_TESTS)

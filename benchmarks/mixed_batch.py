@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import qlora_speed  # noqa: E402 - the SmolLM2-135M architecture both benchmarks use
+import qlora_speed
 
 from lightning_peft import IA3, LoRA, apply_adapters, mixed_batch, set_active_adapters
 
@@ -90,10 +90,10 @@ def measure(method: str, adapters: int, args: argparse.Namespace) -> dict[str, f
 
     results = {}
     for mode, work in (("train", train_step), ("infer", infer)):
-        results[f"single-{mode}"] = timed(lambda: single(work), args.device, args.repeats)
+        results[f"single-{mode}"] = timed(lambda w=work: single(w), args.device, args.repeats)
         if adapters > 1:
-            results[f"mixed-{mode}"] = timed(lambda: mixed(work), args.device, args.repeats)
-            results[f"split-{mode}"] = timed(lambda: split(work), args.device, args.repeats)
+            results[f"mixed-{mode}"] = timed(lambda w=work: mixed(w), args.device, args.repeats)
+            results[f"split-{mode}"] = timed(lambda w=work: split(w), args.device, args.repeats)
         model.zero_grad(set_to_none=True)
     return results
 

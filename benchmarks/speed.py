@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import qlora_speed  # noqa: E402 - the training-step half of this comparison
+import qlora_speed
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from counting import counting_rows, tiny_llama
 from torch.utils.data import DataLoader
 
 from lightning_peft import IA3, AdapterCheckpoint, LoRA, PeftMixin
-
-from counting import counting_rows, tiny_llama
 
 VOCAB, SEQ = 64, 12
 

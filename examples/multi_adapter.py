@@ -14,10 +14,9 @@ from __future__ import annotations
 import time
 
 import torch
+from counting import counting_rows, next_token_accuracy, tiny_llama
 
 from lightning_peft import LoRA, apply_adapters, disable_adapters, mixed_batch, set_active_adapters
-
-from counting import counting_rows, next_token_accuracy, tiny_llama
 
 VOCAB, SEQ, STEPS = 64, 12, 150
 

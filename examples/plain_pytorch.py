@@ -13,6 +13,7 @@ import io
 import time
 
 import torch
+from counting import counting_rows, next_token_accuracy, tiny_llama
 
 from lightning_peft import (
     LoRA,
@@ -22,8 +23,6 @@ from lightning_peft import (
     merge_adapters,
 )
 from lightning_peft.quantization import quantize_model
-
-from counting import counting_rows, next_token_accuracy, tiny_llama
 
 VOCAB, SEQ, BATCH, STEPS = 128, 16, 32, 120
 

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from counting import counting_rows, next_token_accuracy, tiny_llama
 from torch.utils.data import DataLoader
 
 from lightning_peft import AdapterCheckpoint, LoRA, PeftCallback, count_parameters
 from lightning_peft.quantization import quantize_model
-
-from counting import counting_rows, next_token_accuracy, tiny_llama
 
 VOCAB, SEQ, STEPS = 128, 16, 120
 

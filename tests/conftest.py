@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import cpu_paths
 import pytest
 import torch
-from tiny_models import VOCAB
 
+import cpu_paths
+from tiny_models import VOCAB
 
 # Before any test builds a 4-bit layer: the layer reads the answer in its __init__.
 CPU_PATH = cpu_paths.apply_from_environment()

@@ -9,11 +9,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from tiny_models import VOCAB, tiny_llama
 from torch.utils.data import DataLoader
 
 from lightning_peft import LoRA, PeftMixin
 from lightning_peft.quantization import quantize_model
+from tiny_models import VOCAB, tiny_llama
 
 QV_LORA = LoRA(rank=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"])
 

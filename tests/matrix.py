@@ -325,7 +325,7 @@ def build(family: str, nf4: bool = False) -> nn.Module:
 
 def run_cell(family: str, method_name: str, steps: int = 4) -> Cell:
     method = METHODS[method_name]
-    builder, kind, task = FAMILIES[family]
+    _builder, kind, _task = FAMILIES[family]
     inputs = batch(kind)
     base = build(family, method.nf4)
     with torch.no_grad():
@@ -408,7 +408,7 @@ def table(cells: dict[tuple[str, str], Cell]) -> str:
         row = [cell_text(cells[family, method], refusals) for method in methods]
         lines.append(f"| {family} | " + " | ".join(row) + " |")
     notes = [f"{i}. {reason}" for i, reason in enumerate(refusals, start=1)]
-    return "\n".join(lines + [""] + notes) + "\n"
+    return "\n".join([*lines, "", *notes]) + "\n"
 
 
 def _short(refusal: str) -> str:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_llama
 
 from lightning_peft import IA3, LoRA, PrefixTuning, PromptTuning, apply_adapters
 from lightning_peft.compiling import compile_layers, repeated_blocks
 from lightning_peft.quantization import quantize_model
+from tiny_models import VOCAB, tiny_llama
 
 METHODS = {
     "lora": LoRA(rank=4, target_modules="all-linear"),
@@ -69,14 +69,14 @@ def test_compile_layers_matches_eager_outputs_and_gradients():
 def test_repeated_blocks_are_the_layers_and_a_model_without_them_is_refused():
     model = tiny_llama()
     assert repeated_blocks(model) == list(model.model.layers)
-    with pytest.raises(ValueError, match="Linear has no repeated blocks .* torch.compile"):
+    with pytest.raises(ValueError, match=r"Linear has no repeated blocks .* torch.compile"):
         compile_layers(torch.nn.Linear(2, 2))
 
 
 def test_the_callback_compiles_the_layers_and_trains():
     import lightning as L
-    from lightning_modules import CausalLM, token_data
 
+    from lightning_modules import CausalLM, token_data
     from lightning_peft import AdapterConfigError, PeftCallback
 
     torch._dynamo.reset()

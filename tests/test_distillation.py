@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning_modules import QV_LORA, CausalLM, fit, token_data
-from snapshots import refused_without_a_trace
-from tiny_models import VOCAB, tiny_llama
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -19,6 +16,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from lightning_modules import QV_LORA, CausalLM, fit, token_data
 from lightning_peft import (
     AdapterCheckpoint,
     AdapterConfigError,
@@ -28,6 +26,8 @@ from lightning_peft import (
     adapter_state_dict,
 )
 from lightning_peft.distillation import kd_loss, layer_stacks, shrink
+from snapshots import refused_without_a_trace
+from tiny_models import VOCAB, tiny_llama
 
 # ---------------------------------------------------------------------------- kd_loss
 
@@ -307,7 +307,7 @@ def test_manual_optimization_is_told_to_combine_the_loss_itself(tmp_path):
             super().__init__()
             self.automatic_optimization = False
 
-    with pytest.raises(AdapterConfigError, match="optimizes manually .* pass alpha=None"):
+    with pytest.raises(AdapterConfigError, match=r"optimizes manually .* pass alpha=None"):
         fit(Manual(), tmp_path, 2, [Distillation(teacher_model())])
 
 

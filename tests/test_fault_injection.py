@@ -19,12 +19,9 @@ from pathlib import Path
 
 import pytest
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning_modules import QV_LORA, CausalLM, fit
-from snapshots import assert_folder_unchanged, folder_snapshot
-from tiny_models import adapted_llama as adapted
-from tiny_models import tiny_llama
 
 import lightning_peft.checkpoint.io as checkpoint_io
+from lightning_modules import QV_LORA, CausalLM, fit
 from lightning_peft import (
     AdapterCheckpoint,
     PeftCallback,
@@ -32,6 +29,9 @@ from lightning_peft import (
     save_peft,
 )
 from lightning_peft.checkpoint.export import merge_and_export
+from snapshots import assert_folder_unchanged, folder_snapshot
+from tiny_models import adapted_llama as adapted
+from tiny_models import tiny_llama
 
 TESTS = Path(__file__).parent
 

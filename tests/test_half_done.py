@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from snapshots import assert_model_unchanged, model_snapshot
-from tiny_models import tiny_llama
 
 from lightning_peft import (
     IA3,
@@ -16,6 +14,8 @@ from lightning_peft import (
     merge_adapters,
     save_peft,
 )
+from snapshots import assert_model_unchanged, model_snapshot
+from tiny_models import tiny_llama
 
 
 def test_load_peft_refused_for_shapes_takes_its_adapter_away_again(tmp_path):

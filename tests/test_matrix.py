@@ -6,8 +6,9 @@ import functools
 import re
 from pathlib import Path
 
-import matrix
 import pytest
+
+import matrix
 
 README = Path(__file__).parent.parent / "README.md"
 DEMO = "Lightning demo transformer (nn.MultiheadAttention)"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import logits, tiny_gpt2, tiny_llama
 
 from lightning_peft import (
     LoRA,
@@ -13,6 +12,7 @@ from lightning_peft import (
     load_adapter_state_dict,
     merge_adapters,
 )
+from tiny_models import logits, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft", reason="peft comes with the dev extra")
 

@@ -3,9 +3,10 @@
 Each ```python block of README.md runs in order, in one scratch folder (blocks leave files
 for later ones, as a reader's session would), each with a fresh namespace holding what the
 README says the reader brings: ``module`` (a LightningModule), ``data`` (its DataLoader of
-token rows, a ``StatefulDataLoader`` as the README recommends), ``model`` (a transformers model with a LoRA adapter), ``ids`` (a batch of token
-ids), and a model folder wherever the text says ``"path/to/model"``. A block that cannot run
-here says why in an HTML comment right above it: ``<!-- not run: ... -->``.
+token rows, a ``StatefulDataLoader`` as the README recommends), ``model`` (a transformers
+model with a LoRA adapter), ``ids`` (a batch of token ids), and a model folder wherever
+the text says ``"path/to/model"``. A block that cannot run here says why in an HTML
+comment right above it: ``<!-- not run: ... -->``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning_modules import CausalLM, token_data
-from tiny_models import VOCAB, tiny_llama
 
+from lightning_modules import CausalLM, token_data
 from lightning_peft import LoRA, apply_adapters
+from tiny_models import VOCAB, tiny_llama
 
 README = Path(__file__).parent.parent / "README.md"
 FENCE = re.compile(r"(?:<!-- not run: (?P<why>[^>]*) -->\n)?```python\n(?P<code>.*?)```", re.S)

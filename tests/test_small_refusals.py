@@ -5,7 +5,6 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
-from tiny_models import tiny_llama
 
 from lightning_peft import (
     AdapterConfigError,
@@ -19,6 +18,7 @@ from lightning_peft import (
 )
 from lightning_peft.lightning.cli import main as cli_main
 from lightning_peft.quantization import quantize_model
+from tiny_models import tiny_llama
 
 
 def test_one_skip_module_given_as_a_string_is_one_name():
@@ -113,7 +113,6 @@ def test_an_empty_target_list_is_named_as_the_problem():
 
 def test_export_peft_with_a_method_peft_lacks_is_refused_before_training(tmp_path):
     from lightning_modules import CausalLM, fit
-
     from lightning_peft import AdapterCheckpoint, BottleneckAdapter, PeftCallback
 
     saver = AdapterCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, export_peft=True)
@@ -134,7 +133,6 @@ def test_adapters_on_a_meta_device_model_are_refused_with_the_way_out():
 
 def test_training_a_merged_model_says_it_is_merged(tmp_path):
     from lightning_modules import MixinLM, fit
-
     from lightning_peft import AdapterStateError, merge_adapters
 
     module = MixinLM()
@@ -152,9 +150,8 @@ def test_prompt_tuning_refuses_models_that_read_features_not_tokens():
         WhisperForConditionalGeneration,
     )
 
-    from snapshots import refused_without_a_trace
-
     from lightning_peft import PromptTuning
+    from snapshots import refused_without_a_trace
 
     vit = ViTForImageClassification(
         ViTConfig(

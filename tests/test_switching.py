@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from snapshots import refused_without_a_trace
-from tiny_models import VOCAB, tiny_llama
-from tolerances import reordering_tolerance
 
 from lightning_peft import (
     IA3,
@@ -23,6 +20,9 @@ from lightning_peft import (
     mixed_batch,
     set_active_adapters,
 )
+from snapshots import refused_without_a_trace
+from tiny_models import VOCAB, tiny_llama
+from tolerances import reordering_tolerance
 
 CONFIGS = {
     "lora": (

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from snapshots import refused_without_a_trace
-from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
 
 from lightning_peft import (
     LoRA,
@@ -15,6 +13,8 @@ from lightning_peft import (
     apply_adapters,
 )
 from lightning_peft.targeting import find_targets
+from snapshots import refused_without_a_trace
+from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
 
 
 def wrapped(model: torch.nn.Module) -> list[str]:
@@ -96,7 +96,8 @@ def test_excluding_every_match_is_refused():
         ),
         (
             "self_attn",
-            r"(?s)self_attn \(LlamaAttention\).*linear layers inside instead, e.g\. model\.layers\.0\.self_attn\.q_proj",
+            r"(?s)self_attn \(LlamaAttention\).*linear layers inside instead, e.g\. "
+            r"model\.layers\.0\.self_attn\.q_proj",
         ),
     ],
 )

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-from tiny_models import VOCAB, tiny_llama
-from tolerances import reordering_tolerance
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from lightning_peft import LoRA, apply_adapters, merge_adapters
 from lightning_peft.checkpoint.export import merge_and_export
+from tiny_models import VOCAB, tiny_llama
+from tolerances import reordering_tolerance
 
 
 def tied_llama_with_a_trained_head_adapter() -> LlamaForCausalLM:

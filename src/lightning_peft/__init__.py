@@ -77,15 +77,15 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "IA3",
     "AdapterCheckpoint",
-    "AdapterModelParallelStrategy",
     "AdapterConfigError",
+    "AdapterModelParallelStrategy",
     "AdapterStateError",
     "AdapterStateKeyError",
     "BitFit",
     "BottleneckAdapter",
     "Distillation",
-    "IA3",
     "LoRA",
     "LoRALinear",
     "MergeReport",

@@ -20,7 +20,6 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
-import io
 import os
 import random
 import shutil
@@ -159,7 +158,7 @@ def bbc_headlines() -> list[tuple[str, int]]:
     rows = []
     for label, topic in enumerate(BBC_TOPICS):
         for path in sorted((root / topic).glob("*.txt")):
-            with io.open(path, encoding="utf-8", errors="ignore") as handle:
+            with open(path, encoding="utf-8", errors="ignore") as handle:
                 rows.append((handle.readline().strip(), label))
     return rows
 
@@ -175,7 +174,7 @@ def stratified_split(
         by_label.setdefault(row[1], []).append(row)
     generator = random.Random(seed)
     picked_train, picked_test = [], []
-    for label, group in sorted(by_label.items()):
+    for _, group in sorted(by_label.items()):
         group = group[:]
         generator.shuffle(group)
         share = len(group) / len(rows)

@@ -42,7 +42,7 @@ class ModelAdapterConfig(Protocol):
     def attach(self, model: nn.Module, adapter_name: str) -> None: ...
 
 
-AdapterConfig = Union[LayerAdapterConfig, ModelAdapterConfig]
+AdapterConfig = Union[LayerAdapterConfig, ModelAdapterConfig]  # noqa: UP007 (jsonargparse builds the CLI from it)
 
 
 def apply_adapters(

@@ -94,7 +94,7 @@ class ChatCollator:
         return self.batch([self.encode(row["messages"]) for row in rows])
 
     def batch(self, encoded: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
-        """The batch of rows already :meth:`encode`\ d (a collate_fn over encodings)."""
+        r"""The batch of rows already :meth:`encode`\ d (a collate_fn over encodings)."""
         return self._packed(encoded) if self.pack else self._padded(encoded)
 
     def _padded(self, encoded: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:

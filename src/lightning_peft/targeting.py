@@ -20,7 +20,7 @@ from lightning_peft.errors import TargetModulesError, UnsupportedLayerError
 from lightning_peft.quantization import is_linear_layer, linear_layer_types, output_head_names
 
 ALL_LINEAR = "all-linear"
-Patterns = Union[str, Sequence[str]]
+Patterns = Union[str, Sequence[str]]  # noqa: UP007 (jsonargparse builds the CLI from it)
 
 
 def normalize_patterns(value: Patterns, field: str, problems: list[str]) -> str | tuple[str, ...]:
@@ -119,7 +119,8 @@ def find_targets(
     if not kept:
         raise TargetModulesError(
             f"exclude_modules={exclude_modules!r} removed every module that target_modules="
-            f"{target_modules!r} selected ({', '.join(excluded[:5])}{', ...' if len(excluded) > 5 else ''})"
+            f"{target_modules!r} selected "
+            f"({', '.join(excluded[:5])}{', ...' if len(excluded) > 5 else ''})"
         )
     inside = [n for n in kept if wraps and any(n.startswith(a + ".") for a in attention)]
     if inside:

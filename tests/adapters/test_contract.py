@@ -8,10 +8,9 @@ import re
 
 import pytest
 import torch
+
 import lightning_peft
 from lightning_modules import CausalLM, MixinLM, counting_data, fit
-from tiny_models import VOCAB, tiny_llama
-
 from lightning_peft import (
     IA3,
     AdapterCheckpoint,
@@ -30,6 +29,7 @@ from lightning_peft import (
     load_adapter_state_dict,
 )
 from lightning_peft.adapters.inputs import cache_argument
+from tiny_models import VOCAB, tiny_llama
 
 METHODS = {
     "lora": LoRA(rank=4, alpha=8, target_modules=["q_proj", "v_proj"]),

@@ -5,9 +5,8 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from lightning_modules import CausalLM, fit
-from tiny_models import tiny_llama
 
+from lightning_modules import CausalLM, fit
 from lightning_peft import (
     BottleneckAdapter,
     LoRA,
@@ -17,6 +16,7 @@ from lightning_peft import (
     adapter_state_dict,
     apply_adapters,
 )
+from tiny_models import tiny_llama
 
 METHODS = {
     "lora": LoRA(rank=4, target_modules="all-linear"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import MODEL_FACTORIES, logits, tiny_gpt2, tiny_llama
 from transformers.pytorch_utils import Conv1D
 
 from lightning_peft import (
@@ -18,6 +17,7 @@ from lightning_peft import (
     unmerge_adapters,
 )
 from lightning_peft.injection import adapter_modules
+from tiny_models import MODEL_FACTORIES, logits, tiny_gpt2, tiny_llama
 
 VARIANTS = {
     "lora": {},

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from snapshots import refused_without_a_trace
-from tiny_models import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
 
 from lightning_peft import (
     IA3,
@@ -27,6 +25,8 @@ from lightning_peft import (
     unmerge_adapters,
 )
 from lightning_peft.quantization import quantize_model
+from snapshots import refused_without_a_trace
+from tiny_models import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def randomize_(model: torch.nn.Module) -> None:
@@ -113,7 +113,7 @@ def test_bottleneck_placements_on_gpt2(input_ids):
 
 
 def test_bitfit_says_so_when_the_model_has_no_bias():
-    with pytest.raises(TargetModulesError, match="BitFit found no bias to train.*LlamaForCausalLM"):
+    with pytest.raises(TargetModulesError, match=r"BitFit found no bias to train.*LlamaForCausal"):
         apply_adapters(tiny_llama(), BitFit())
 
 
@@ -195,7 +195,7 @@ def test_prompt_tuning_text_init_uses_the_texts_token_embeddings(word_tokenizer)
 @pytest.mark.parametrize("config", [PromptTuning(), PrefixTuning()], ids=["prompt", "prefix"])
 def test_virtual_token_methods_need_a_transformers_model(config):
     with pytest.raises(
-        UnsupportedLayerError, match="needs a transformers model .* inside Sequential"
+        UnsupportedLayerError, match=r"needs a transformers model .* inside Sequential"
     ):
         apply_adapters(torch.nn.Sequential(torch.nn.Linear(4, 4)), config)
     model = apply_adapters(tiny_llama(), config)

@@ -10,7 +10,6 @@ import lightning as L
 import peft
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_bert
 from torch.utils.data import DataLoader
 from transformers import (
     LlamaConfig,
@@ -34,6 +33,7 @@ from lightning_peft import (
     save_peft,
 )
 from lightning_peft.quantization import quantize_model
+from tiny_models import VOCAB, tiny_bert
 
 
 def tiny_roberta() -> RobertaForSequenceClassification:
@@ -244,7 +244,7 @@ class Classifier(L.LightningModule):
 def train_one_step(callback: PeftCallback) -> Classifier:
     module = Classifier()
     input_ids, labels = classification_batch()
-    data = DataLoader(list(zip(input_ids, labels)), batch_size=4)
+    data = DataLoader(list(zip(input_ids, labels, strict=True)), batch_size=4)
     trainer = L.Trainer(
         max_steps=1,
         callbacks=[callback],

@@ -7,8 +7,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from snapshots import assert_model_unchanged, model_snapshot
-from tiny_models import tiny_llama
 
 from lightning_peft import (
     AdapterConfigError,
@@ -20,6 +18,8 @@ from lightning_peft import (
     load_peft,
     save_peft,
 )
+from snapshots import assert_model_unchanged, model_snapshot
+from tiny_models import tiny_llama
 
 QV = LoRA(rank=4, target_modules=["q_proj", "v_proj"])
 

@@ -6,8 +6,6 @@ import json
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_llama
-from tolerances import reordering_tolerance
 from transformers import AutoModelForCausalLM
 
 from lightning_peft import (
@@ -20,6 +18,8 @@ from lightning_peft import (
 )
 from lightning_peft.checkpoint.export import merge_and_export
 from lightning_peft.quantization import quantize_model
+from tiny_models import VOCAB, tiny_llama
+from tolerances import reordering_tolerance
 
 
 def trained(base: str) -> torch.nn.Module:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from snapshots import assert_model_unchanged, model_snapshot
 import torch
 from peft import (
     IA3Config,
@@ -15,7 +14,6 @@ from peft import (
     PromptTuningConfig,
     get_peft_model,
 )
-from tiny_models import VOCAB, tiny_gpt2, tiny_llama
 
 from lightning_peft import (
     IA3,
@@ -30,6 +28,8 @@ from lightning_peft import (
     apply_adapters,
 )
 from lightning_peft.checkpoint.peft_format import load_peft, save_peft
+from snapshots import assert_model_unchanged, model_snapshot
+from tiny_models import VOCAB, tiny_gpt2, tiny_llama
 
 OURS = {
     "lora": (tiny_llama, LoRA(rank=4, alpha=8, target_modules=["q_proj", "v_proj"])),
@@ -146,7 +146,7 @@ def test_methods_without_a_peft_equivalent_and_bad_directories_are_refused(tmp_p
             save_peft(model, tmp_path / "x")
     with pytest.raises(AdapterStateError, match="no adapter named 'other'"):
         save_peft(apply_adapters(tiny_llama(), LoRA()), tmp_path / "y", adapter_name="other")
-    with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match=r"has no adapter_config\.json"):
         load_peft(tiny_llama(), tmp_path / "missing")
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "adapter_config.json").write_text(

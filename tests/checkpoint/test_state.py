@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import logits, tiny_llama
 
 from lightning_peft import (
     AdapterStateError,
@@ -15,6 +14,7 @@ from lightning_peft import (
     load_adapter_state_dict,
     merge_adapters,
 )
+from tiny_models import logits, tiny_llama
 
 QV = LoRA(rank=4, target_modules=["q_proj", "v_proj"])
 
@@ -40,7 +40,8 @@ def test_missing_and_unexpected_keys_are_both_listed_and_nothing_is_copied():
     before = {k: v.clone() for k, v in adapter_state_dict(target).items()}
     with pytest.raises(
         AdapterStateKeyError,
-        match=r"(?s)missing from the state dict \(4\): model\.layers\.0\.self_attn\.o_proj\.lora_A.*"
+        match=r"(?s)missing from the state dict \(4\): model\.layers\.0\.self_attn\.o_proj\."
+        r"lora_A.*"
         r"not adapters of this model \(4\): model\.layers\.0\.self_attn\.v_proj\.lora_A",
     ):
         load_adapter_state_dict(target, adapter_state_dict(trained()))

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning_modules import QV_LORA, CausalLM, fit
-from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lightning_modules import QV_LORA, CausalLM, fit
 from lightning_peft import (
     AdapterCheckpoint,
     LoRA,
@@ -19,6 +18,7 @@ from lightning_peft import (
 )
 from lightning_peft.checkpoint.export import merge_and_export
 from lightning_peft.data import smollm2_tokenizer
+from tiny_models import tiny_llama
 
 pytestmark = pytest.mark.slow  # reads SmolLM2's tokenizer from the asset package
 

@@ -7,6 +7,11 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
+from lightning_peft import LoRA, apply_adapters, load_peft, save_peft
+from lightning_peft.checkpoint.export import merge_and_export
+from lightning_peft.lightning.cli import main as cli_main
 from snapshots import (
     assert_folder_unchanged,
     assert_model_unchanged,
@@ -15,11 +20,6 @@ from snapshots import (
 )
 from tiny_models import VOCAB, tiny_llama
 from tiny_models import adapted_llama as adapted
-from transformers import AutoModelForCausalLM
-
-from lightning_peft import LoRA, apply_adapters, load_peft, save_peft
-from lightning_peft.checkpoint.export import merge_and_export
-from lightning_peft.lightning.cli import main as cli_main
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_merge_and_export_refuses_a_file_as_its_folder(tmp_path):
     target = tmp_path / "model.bin"
     target.write_bytes(b"precious")
     before = folder_snapshot(target)
-    with pytest.raises(FileExistsError, match="model.bin is a file, not a folder"):
+    with pytest.raises(FileExistsError, match=r"model\.bin is a file, not a folder"):
         merge_and_export(adapted(), target)
     assert_folder_unchanged(target, before)  # not moved aside, no hidden sibling either
 

@@ -156,6 +156,9 @@ def test_a_different_base_on_one_rank_stops_every_rank_with_one_message(base, tm
         expect_failure=True,
     )
     assert result.returncode != 0
-    message = "ranks disagree before training: the frozen base (weights and quantization constants) differs between ranks"
+    message = (
+        "ranks disagree before training: the frozen base (weights and quantization constants) "
+        "differs between ranks"
+    )
     assert result.stderr.count(message) >= 2, result.stderr[-3000:]  # raised on both ranks
     assert not (tmp_path / "x.pt").exists()

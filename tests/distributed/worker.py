@@ -4,7 +4,8 @@ Lightning's "ddp" launcher starts the other ranks by running this script again, 
 tests run it in a subprocess. Rank 0 saves the final adapter tensors and the per-step
 losses to --out.
 
-    python tests/distributed/worker.py --strategy ddp --design callback --base nf4 --steps 3 --out r.pt
+    python tests/distributed/worker.py --strategy ddp --design callback --base nf4 --steps 3 \
+        --out r.pt
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared test modules
 
-import cpu_paths  # noqa: E402
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from lightning_modules import CausalLM, LossRecorder, MixinLM  # noqa: E402
-from tiny_models import VOCAB, tiny_llama  # noqa: E402
-from torch.distributed._composable.fsdp import fully_shard  # noqa: E402
-from torch.utils.data import DataLoader, Sampler  # noqa: E402
+import lightning as L
+import torch
+from torch.distributed._composable.fsdp import fully_shard
+from torch.utils.data import DataLoader, Sampler
 
-import lightning_peft  # noqa: E402
-from lightning_peft import (  # noqa: E402
+import cpu_paths
+import lightning_peft
+from lightning_modules import CausalLM, LossRecorder, MixinLM
+from lightning_peft import (
     AdapterCheckpoint,
     AdapterModelParallelStrategy,
     Distillation,
@@ -34,6 +34,7 @@ from lightning_peft import (  # noqa: E402
     PeftPrecision,
     adapter_state_dict,
 )
+from tiny_models import VOCAB, tiny_llama
 
 cpu_paths.apply_from_environment()
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning_modules import QV_LORA, CausalLM, fit, token_data
 
+from lightning_modules import QV_LORA, CausalLM, fit, token_data
 from lightning_peft import AdapterCheckpoint, AdapterConfigError, PeftCallback
 from lightning_peft.lightning.generation import GenerationSamples
 

@@ -8,9 +8,9 @@ import bitsandbytes as bnb
 import lightning as L
 import pytest
 import torch
-from lightning_modules import CausalLM, MixinLM, counting_data, fit, token_data
 
 import lightning_peft
+from lightning_modules import CausalLM, MixinLM, counting_data, fit, token_data
 from lightning_peft import (
     AdapterCheckpoint,
     AdapterConfigError,
@@ -215,7 +215,8 @@ def test_mixin_module_is_quantized_before_its_adapters_attach(tmp_path):
     [
         (
             lambda: PeftPrecision("q4-lora"),
-            r"mode must be one of \('nf4-lora', 'nf4-lora-nodq', 'fp4-lora', 'int8-lora'\), got 'q4-lora'",
+            r"mode must be one of \('nf4-lora', 'nf4-lora-nodq', 'fp4-lora', 'int8-lora'\), "
+            r"got 'q4-lora'",
         ),
         (
             lambda: PeftPrecision(compute="fp8"),
@@ -231,7 +232,8 @@ def test_mixin_module_is_quantized_before_its_adapters_attach(tmp_path):
         ),
         (
             lambda: lightning_peft.Trainer(precision="nf4-lorra"),
-            r"precision='nf4-lorra' is not a lightning_peft mode; valid modes: nf4-lora, nf4-lora-nodq",
+            r"precision='nf4-lorra' is not a lightning_peft mode; valid modes: nf4-lora, "
+            r"nf4-lora-nodq",
         ),
     ],
 )

@@ -8,8 +8,8 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning_modules import QV_LORA, CausalLM, MixinLM, fit, token_data
 
+from lightning_modules import QV_LORA, CausalLM, MixinLM, fit, token_data
 from lightning_peft import (
     AdapterCheckpoint,
     AdapterConfigError,
@@ -56,7 +56,8 @@ def test_other_target_modules_are_refused(tmp_path, checkpoint):
         tmp_path,
         checkpoint,
         AdapterStateKeyError,
-        r"(?s)missing from the state dict \(4\): model\.model\.layers\.0\.self_attn\.o_proj.*not adapters of this model \(4\)",
+        r"(?s)missing from the state dict \(4\): "
+        r"model\.model\.layers\.0\.self_attn\.o_proj.*not adapters of this model \(4\)",
         adapters=LoRA(rank=4, target_modules=["q_proj", "o_proj"]),
     )
 
@@ -86,8 +87,10 @@ def test_another_optimizer_parameter_order_is_refused(tmp_path, checkpoint):
         tmp_path,
         checkpoint,
         AdapterStateError,
-        r"(?s)holds optimizer state for other parameters \(optimizer 0 has 8 parameters in the checkpoint "
-        r"and 8 now; at position 0 the checkpoint has 'model\.model\.layers\.0\.self_attn\.q_proj\.lora_A.*"
+        r"(?s)holds optimizer state for other parameters \(optimizer 0 has 8 parameters in the "
+        r"checkpoint "
+        r"and 8 now; at position 0 the checkpoint has "
+        r"'model\.model\.layers\.0\.self_attn\.q_proj\.lora_A.*"
         r"the run has 'model\.model\.layers\.1\.self_attn\.v_proj\.lora_B",
         module=CausalLM(reverse_optimizer=True),
     )
@@ -139,7 +142,8 @@ def test_save_weights_only_is_refused_with_the_reason(tmp_path):
 def test_peft_callback_refuses_what_is_not_an_adapter_config():
     with pytest.raises(
         AdapterConfigError,
-        match=r"PeftCallback needs adapter configs such as LoRA\(\.\.\.\), IA3\(\) or BitFit\(\), got .lora.",
+        match=r"PeftCallback needs adapter configs such as LoRA\(\.\.\.\), IA3\(\) or "
+        r"BitFit\(\), got .lora.",
     ):
         PeftCallback("lora")  # type: ignore[arg-type]
 
@@ -159,7 +163,7 @@ def test_an_optimizer_over_frozen_parameters_only_is_refused(tmp_path):
 def test_adapter_fsdp2_strategy_refuses_sharded_checkpoint_folders():
     from lightning_peft import AdapterModelParallelStrategy
 
-    with pytest.raises(ValueError, match="save_distributed_checkpoint=True .* is not supported"):
+    with pytest.raises(ValueError, match=r"save_distributed_checkpoint=True .* is not supported"):
         AdapterModelParallelStrategy(save_distributed_checkpoint=True)
 
 

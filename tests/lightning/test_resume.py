@@ -6,9 +6,9 @@ import io
 
 import pytest
 import torch
-from lightning_modules import QV_LORA, CausalLM, MixinLM, fit, token_data
 
 import lightning_peft
+from lightning_modules import QV_LORA, CausalLM, MixinLM, fit, token_data
 from lightning_peft import AdapterCheckpoint, PeftCallback, adapter_state_dict
 
 DESIGNS = {

@@ -9,11 +9,10 @@ AVX512-BF16 (the storage changes) and on one without (the repacked layer has no 
 
 from __future__ import annotations
 
-import cpu_paths
 import pytest
 import torch
-from tiny_models import tiny_llama
 
+import cpu_paths
 from lightning_peft import LoRA, apply_adapters, merge_adapters
 from lightning_peft.checkpoint.metadata import fingerprint_frozen
 from lightning_peft.quantization import (
@@ -22,6 +21,7 @@ from lightning_peft.quantization import (
     quantize_linear,
     quantize_model,
 )
+from tiny_models import tiny_llama
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
-from tiny_models import logits, tiny_llama
 
 from lightning_peft import LoRA, apply_adapters, count_parameters, merge_adapters, unmerge_adapters
 from lightning_peft.quantization import dequantize, is_quantized, quantize_linear, real_numel
+from tiny_models import logits, tiny_llama
 
 MODES = ["nf4", "fp4", "int8"]
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning_modules import CausalLM, fit
-from snapshots import refused_without_a_trace
-from tiny_models import VOCAB, tiny_llama
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import lightning_peft
+from lightning_modules import CausalLM, fit
 from lightning_peft import (
     AdapterCheckpoint,
     AdapterConfigError,
@@ -21,6 +19,8 @@ from lightning_peft import (
 )
 from lightning_peft.checkpoint.export import merge_and_export
 from lightning_peft.quantization import dequantize, quantize_model
+from snapshots import refused_without_a_trace
+from tiny_models import VOCAB, tiny_llama
 
 RANK = 16
 

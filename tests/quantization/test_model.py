@@ -5,7 +5,6 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
-from tiny_models import logits, tiny_llama
 
 from lightning_peft import LoRA, apply_adapters
 from lightning_peft.quantization import (
@@ -15,6 +14,7 @@ from lightning_peft.quantization import (
     quantize_model,
     rebuild_optimizer,
 )
+from tiny_models import logits, tiny_llama
 
 
 def wide_mlp() -> torch.nn.Sequential:

@@ -12,14 +12,14 @@ from lightning_peft.adapters.protocol import AdapterModule, MergeableAdapter, is
 
 # The methods this package ships: the type the CLI (jsonargparse) offers for ``adapters``.
 # Anything with the shape of ``lightning_peft.injection.AdapterConfig`` works in code too.
-MethodConfig = Union[LoRA, IA3, PromptTuning, PrefixTuning, BottleneckAdapter, BitFit, Unfreeze]
+MethodConfig = Union[LoRA, IA3, PromptTuning, PrefixTuning, BottleneckAdapter, BitFit, Unfreeze]  # noqa: UP007 (jsonargparse builds the CLI from it)
 
 __all__ = [
+    "IA3",
     "AdapterModule",
     "BitFit",
     "BottleneckAdapter",
     "BottleneckLinear",
-    "IA3",
     "IA3Linear",
     "LoRA",
     "LoRALinear",

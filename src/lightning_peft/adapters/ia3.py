@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.adapters.wrapper import BaseLayerWrapper, NamedAdapters
 from lightning_peft.adapters.routing import Routing
+from lightning_peft.adapters.wrapper import BaseLayerWrapper, NamedAdapters
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.quantization import dequantize, in_out_features, is_linear_layer, write_weight_
 from lightning_peft.targeting import Patterns, matches, normalize_patterns

@@ -36,8 +36,8 @@ from lightning_peft.adapters.init import (
     reset_linear_,
     values_will_be_loaded,
 )
-from lightning_peft.adapters.wrapper import BaseLayerWrapper, NamedAdapters
 from lightning_peft.adapters.routing import Routing
+from lightning_peft.adapters.wrapper import BaseLayerWrapper, NamedAdapters
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.quantization import (
     dequantize,

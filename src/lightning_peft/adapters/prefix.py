@@ -11,8 +11,9 @@ output is needed, and :func:`fold_prefix_` replaces the MLP by that output. Init
 ``P`` with the keys and values the frozen model computes for real words (§7.2) starts from
 "that text in front" and trains well without the MLP. The prefix enters the model as a
 filled key/value cache (transformers' ``DynamicCache``), so it works wherever the model
-accepts a key/value cache (``cache``; ``past_key_values`` before transformers 5.24), in training and in ``generate``. Inputs take the positions
-after the prefix, as if ``n`` tokens came first.
+accepts a key/value cache (``cache``; ``past_key_values`` before transformers 5.24), in
+training and in ``generate``. Inputs take the positions after the prefix, as if ``n`` tokens
+came first.
 """
 
 from __future__ import annotations

@@ -152,7 +152,8 @@ def check_base_fingerprint(metadata: dict[str, Any], model: nn.Module, source: s
     if metadata["base_fingerprint"] != current:
         raise AdapterStateError(
             f"{source} was trained on a different base model: its frozen weights have fingerprint "
-            f"{metadata['base_fingerprint'][:12]}..., this model's have {current[:12]}.... Load the "
+            f"{metadata['base_fingerprint'][:12]}..., this model's have {current[:12]}.... "
+            "Load the "
             "same base weights (and quantization) the adapters were trained on."
         )
 
@@ -171,7 +172,8 @@ def check_optimizer_names(saved: list[list[str]], current: list[list[str]], sour
         )
         detail = (
             f"optimizer {index} has {len(a)} parameters in the checkpoint and {len(b)} now; "
-            f"at position {position} the checkpoint has {a[position] if position < len(a) else '(none)'!r}, "
+            f"at position {position} the checkpoint has "
+            f"{a[position] if position < len(a) else '(none)'!r}, "
             f"the run has {b[position] if position < len(b) else '(none)'!r}"
         )
     raise AdapterStateError(

@@ -61,7 +61,8 @@ def check_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Te
     if missing or unexpected:
         raise AdapterStateKeyError(key_mismatch_message(missing, unexpected))
     shapes = [
-        f"  {name}: checkpoint {tuple(state_dict[name].shape)}, model {tuple(model.get_parameter(name).shape)}"
+        f"  {name}: checkpoint {tuple(state_dict[name].shape)}, model "
+        f"{tuple(model.get_parameter(name).shape)}"
         for name in expected
         if state_dict[name].shape != model.get_parameter(name).shape
     ]
@@ -112,11 +113,13 @@ def key_mismatch_message(missing: list[str], unexpected: list[str]) -> str:
     lines = ["adapter state dict does not fit the model's adapters:"]
     if missing:
         lines.append(
-            f"  missing from the state dict ({len(missing)}): {', '.join(missing[:_SHOWN])}{_more(missing)}"
+            f"  missing from the state dict ({len(missing)}): "
+            f"{', '.join(missing[:_SHOWN])}{_more(missing)}"
         )
     if unexpected:
         lines.append(
-            f"  not adapters of this model ({len(unexpected)}): {', '.join(unexpected[:_SHOWN])}{_more(unexpected)}"
+            f"  not adapters of this model ({len(unexpected)}): "
+            f"{', '.join(unexpected[:_SHOWN])}{_more(unexpected)}"
         )
     lines.append(
         "Attach the same adapter config (target_modules, method) that the state dict was saved "

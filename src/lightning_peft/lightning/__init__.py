@@ -1,4 +1,5 @@
-"""The only layer that imports Lightning: callbacks, the mixin, the precision plugin, the Trainer."""
+"""The only layer that imports Lightning: callbacks, the mixin, the precision plugin, the "
+"Trainer."""
 
 from lightning_peft.lightning.callbacks import AdapterCheckpoint, PeftCallback
 from lightning_peft.lightning.distillation import Distillation
@@ -10,8 +11,8 @@ from lightning_peft.lightning.summary import PeftModelSummary
 from lightning_peft.lightning.trainer import Trainer
 
 __all__ = [
-    "AdapterModelParallelStrategy",
     "AdapterCheckpoint",
+    "AdapterModelParallelStrategy",
     "Distillation",
     "GenerationSamples",
     "PeftCallback",

@@ -8,9 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import lightning.pytorch as pl
-from torch import nn
-
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 
 from lightning_peft.adapters.bitfit import Unfreeze
 from lightning_peft.adapters.heads import task_head_names

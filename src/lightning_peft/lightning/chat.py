@@ -57,10 +57,12 @@ def load_tokenizer(name_or_path: str) -> Any:
 
 
 def read_chats(path: str) -> list[dict[str, Any]]:
-    """The rows of a JSON Lines file, each checked to be ``{"messages": [{"role", "content"}, ...]}``.
+    """The rows of a JSON Lines file, each checked to be
+    ``{"messages": [{"role", "content"}, ...]}``.
 
     Raises:
-        AdapterConfigError: a missing file, or a row that is not a conversation (file and line named).
+        AdapterConfigError: a missing file, or a row that is not a conversation (file and
+            line named).
     """
     file = Path(path)
     if not file.is_file():
@@ -88,7 +90,8 @@ def read_chats(path: str) -> list[dict[str, Any]]:
             )
         ):
             raise AdapterConfigError(
-                f'{path}:{number}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}}, '
+                f"{path}:{number}: expected "
+                f'{{"messages": [{{"role": ..., "content": ...}}, ...]}}, '
                 f"got {line[:80]!r}"
             )
         rows.append(row)

@@ -2,7 +2,8 @@
 
     lightning-peft fit --config examples/configs/smollm2-rt-qlora.yaml [--trainer.max_steps 10]
     lightning-peft validate --config ... --ckpt_path runs/cli/checkpoints/sentiment.ckpt
-    lightning-peft export --config ... --ckpt runs/.../sentiment.ckpt --peft-dir out/ [--merged-dir out2/]
+    lightning-peft export --config ... --ckpt runs/.../sentiment.ckpt --peft-dir out/
+        [--merged-dir out2/]
         [--data.init_args.chat_template t.jinja ...]   (the fit command's overrides)
     lightning-peft memory 70B --gpu 48
 

@@ -15,6 +15,7 @@ from lightning_peft.checkpoint import load_adapter_state_dict
 from lightning_peft.errors import UnsupportedLayerError
 from lightning_peft.injection import AdapterConfig, as_config_list
 from lightning_peft.lightning.attach import attach_adapters_once
+from lightning_peft.lightning.checkpoint_io import make_checkpoint_writes_atomic
 from lightning_peft.lightning.checkpointing import (
     ResumeChecks,
     check_if_adapter_only,
@@ -22,7 +23,6 @@ from lightning_peft.lightning.checkpointing import (
     release_rng_after_validation,
     write_adapter_only_,
 )
-from lightning_peft.lightning.checkpoint_io import make_checkpoint_writes_atomic
 from lightning_peft.lightning.distributed import check_ranks_agree
 from lightning_peft.lightning.summary import use_real_parameter_counts
 

@@ -80,7 +80,8 @@ class PeftPrecision(MixedPrecision):
         skip_modules: module-name suffixes kept in float besides the output head (one
             suffix as a string, or a list).
         blocksize: weights per quantization constant (QLoRA: 64).
-        quant_storage: storage dtype of the packed 4-bit codes (``torch.float32`` for FSDP1; FSDP2 shards ``uint8``).
+        quant_storage: storage dtype of the packed 4-bit codes (``torch.float32`` for FSDP1;
+            FSDP2 shards ``uint8``).
         optimizer: rebuild the optimizer ``configure_optimizers`` returns as
             ``"paged_adamw_8bit"``, ``"paged_adamw_32bit"``, ``"adamw_8bit"`` or ``"adamw"``,
             keeping its learning rate, betas, eps, weight decay and LR scheduler; ``None``
@@ -247,7 +248,8 @@ def split_precision_flag(value: str) -> tuple[str, str] | None:
     if "lora" in value or value.startswith(("nf4", "fp4", "int8")):
         raise AdapterConfigError(
             f"precision={value!r} is not a lightning_peft mode; valid modes: {', '.join(MODES)}, "
-            "each optionally with a compute suffix: -bf16-mixed, -16-mixed (e.g. 'nf4-lora-bf16-mixed')"
+            "each optionally with a compute suffix: -bf16-mixed, -16-mixed (e.g. "
+            "'nf4-lora-bf16-mixed')"
         )
     return None
 

@@ -52,8 +52,8 @@ __all__ = [
     "quantize_linear",
     "quantize_model",
     "real_numel",
-    "share_lookup_tables_",
     "rebind_scheduler",
     "rebuild_optimizer",
+    "share_lookup_tables_",
     "write_weight_",
 ]

@@ -57,7 +57,8 @@ class MemoryEstimate:
                     f"| {component} | {size / 1e9:,.1f} | {8 * size / self.num_params:.3f} |"
                 )
         lines.append(
-            f"| **total** | **{self.total_bytes / 1e9:,.1f}** | **{self.bits_per_parameter():.2f}** |"
+            f"| **total** | **{self.total_bytes / 1e9:,.1f}** | "
+            f"**{self.bits_per_parameter():.2f}** |"
         )
         if gpu_gb is not None:
             verdict = "fits" if self.fits(gpu_gb) else "does not fit"

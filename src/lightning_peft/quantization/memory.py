@@ -48,7 +48,8 @@ class MemoryReport:
         lines = ["| component | MiB | bits/param |", "|---|---:|---:|"]
         for component in COMPONENTS:
             lines.append(
-                f"| {component} | {self.bytes[component] / 2**20:.3f} | {self.bits_per_parameter(component):.3f} |"
+                f"| {component} | {self.bytes[component] / 2**20:.3f} | "
+                f"{self.bits_per_parameter(component):.3f} |"
             )
         lines.append(
             f"| **total** | {self.total_bytes / 2**20:.3f} | {self.bits_per_parameter():.3f} |"
