@@ -59,7 +59,21 @@ def test_peft_counts_dead_rows_for_t5_prompts_only():
     assert cell.peft_trainable == 2 * cell.trainable
 
 
+def lock_differs() -> list[str]:
+    """The packages the matrix depends on whose installed version is not the lock's."""
+    from importlib.metadata import version
+
+    pins = dict(
+        line.strip().split("==")
+        for line in (README.parent / "requirements-lock.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
+    return [p for p in ("transformers", "peft", "torch") if version(p).split("+")[0] != pins[p]]
+
+
 def test_the_readme_shows_this_matrix():
+    if lock_differs():  # other releases may name or count layers otherwise
+        pytest.skip(f"the README's matrix is the lock's; installed {lock_differs()} differ")
     text = README.read_text()
     shown = re.search(r"<!-- matrix:start -->\n(.*?)<!-- matrix:end -->", text, re.S)
     assert shown is not None, "README.md lacks the matrix markers"
