@@ -143,8 +143,7 @@ def apply_adapters(
                 # New modules start in train mode; an adapter follows its layer's (a model
                 # from from_pretrained is in eval mode: no LoRA dropout at inference).
                 wrapped.train(layer.training)
-                for owner, attribute in _holders(model, layer):
-                    setattr(owner, attribute, wrapped)
+                replace_module_(model, layer, wrapped)
         for module_name, module in adapter_modules(model):
             if not hasattr(module, "base_layer"):  # a prompt or prefix: its host's mode
                 module.train(model.get_submodule(module_name.rpartition(".")[0]).training)
@@ -159,8 +158,14 @@ _UNFUSED = "_lightning_peft_unfused"
 def _keep_fused_layers_off_(model: nn.Module) -> None:
     """Keep PyTorch's fused eval path of ``nn.TransformerEncoderLayer`` off where adapters
     sit inside: it reads its submodules' weights directly (``linear1.weight``, the attention's
-    ``in_proj_weight``) and would skip them. A forward hook among its modules turns it off."""
+    ``in_proj_weight``) and would skip them. A forward hook among its modules turns it off.
+    ``nn.TransformerEncoder`` would turn padded batches into nested tensors for that path:
+    off too."""
     for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder) and any(
+            is_adapter(inner) for inner in module.modules()
+        ):
+            module.use_nested_tensor = False
         if (
             isinstance(module, nn.TransformerEncoderLayer)
             and not module.__dict__.get(_UNFUSED, False)
@@ -199,16 +204,18 @@ def restored_on_error(model: nn.Module) -> Iterator[None]:
         raise
 
 
-def _holders(model: nn.Module, layer: nn.Module) -> list[tuple[nn.Module, str]]:
-    """Every ``(module, attribute)`` of ``model`` holding ``layer``: a shared layer (T5's
-    ``shared`` embedding is also ``encoder.embed_tokens`` and ``decoder.embed_tokens``) is
-    replaced wherever it is used, or the adapter would act on one path only."""
-    return [
+def replace_module_(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``model`` holds ``old``: a layer held by several modules (a
+    shared embedding) is wrapped, and unwrapped, on every path, or an adapter would act on
+    one path only. Finds holders by identity, so nested wrappers need no names."""
+    holders = [
         (owner, attribute)
         for owner in model.modules()
         for attribute, child in owner._modules.items()
-        if child is layer
+        if child is old
     ]
+    for owner, attribute in holders:
+        setattr(owner, attribute, new)
 
 
 def _on_meta(module: nn.Module) -> bool:

@@ -17,7 +17,12 @@ from torch import nn
 from lightning_peft.adapters.protocol import trained_marks
 from lightning_peft.adapters.routing import Routing
 from lightning_peft.errors import AdapterStateError
-from lightning_peft.injection import adapter_modules, freeze_base_, train_active_adapters_only_
+from lightning_peft.injection import (
+    adapter_modules,
+    freeze_base_,
+    replace_module_,
+    train_active_adapters_only_,
+)
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -77,14 +82,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
                 f"{module_name} ({type(module).__name__}) holds one adapter and cannot "
                 "delete it; rebuild the model without it"
             )
-    for module_name, module in list(adapter_modules(model)):
+    for _, module in list(adapter_modules(model)):
         configs = getattr(module, "configs", None)
         if configs is None or name not in configs:
             continue
         module.delete_adapter(name)
         if not module.configs:
-            parent_name, _, child_name = module_name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, module.base_layer)
+            replace_module_(model, module, module.base_layer)
     freeze_base_(model)
 
 

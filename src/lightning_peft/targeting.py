@@ -125,10 +125,14 @@ def find_targets(
     inside = [n for n in kept if wraps and any(n.startswith(a + ".") for a in attention)]
     if inside:
         owner = next(a for a in attention if inside[0].startswith(a + "."))
+        instead = (
+            f"Target {owner} itself ({method} then adapts its q, k, v and out projections)"
+            if can_wrap(_inner(modules[owner]))
+            else "Leave it out (exclude_modules)"
+        )
         raise UnsupportedLayerError(
             f"{inside[0]} is inside the nn.MultiheadAttention {owner}, which reads its weight "
-            f"directly and never calls it: an adapter there would never act. Target {owner} "
-            "itself (LoRA then adapts its q, k, v and out projections)"
+            f"directly and never calls it: an adapter there would never act. {instead}"
         )
     adapted = [n for n in kept if is_adapter(modules[n])]
     if adapted and not allow_adapted:

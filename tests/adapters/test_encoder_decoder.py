@@ -203,3 +203,18 @@ def test_whisper_prefix_trains_and_generates_what_the_forward_computes():
     assert torch.equal(produced[:, -4:], expected)
     base = tiny_whisper().generate(input_features=features, max_new_tokens=4, min_new_tokens=4)
     assert not torch.equal(base[:, -4:], expected)
+
+
+def test_t5_lora_files_go_both_ways(tmp_path):
+    from lightning_peft import LoRA
+
+    batch = t5_batch()
+    ours = apply_adapters(tiny_t5(), LoRA(rank=4))
+    with torch.no_grad():
+        for name in adapter_parameter_names(ours):
+            ours.get_parameter(name).add_(0.1)
+    save_peft(ours, tmp_path)
+    back = load_peft(tiny_t5(), tmp_path)
+    torch.testing.assert_close(back(**batch).logits, ours(**batch).logits, rtol=0, atol=0)
+    theirs = peft.PeftModel.from_pretrained(tiny_t5(), tmp_path)
+    torch.testing.assert_close(theirs(**batch).logits, ours(**batch).logits, rtol=1e-5, atol=1e-5)

@@ -329,3 +329,41 @@ def test_peft_files_of_attention_adapters_warn_that_peft_applies_out_proj_twice(
     ids = transformer_ids()
     with torch.no_grad():
         torch.testing.assert_close(back(ids, ids), model(ids, ids), rtol=0, atol=0)
+
+
+def test_deleting_the_adapter_unwraps_attention_and_its_out_proj():
+    from lightning_peft import delete_adapter
+
+    ids = transformer_ids()
+    base = demo_transformer()(ids, ids)
+    model = moved_(apply_adapters(demo_transformer(), LoRA(rank=4)))
+    apply_adapters(model, LoRA(rank=2), name="other")
+    delete_adapter(model, "other")
+    delete_adapter(model, "default")
+    assert not [n for n, m in model.named_modules() if type(m).__name__.startswith("LoRA")]
+    torch.testing.assert_close(model(ids, ids), base, rtol=1.3e-6, atol=1e-5)
+
+
+def test_mixed_batches_refuse_attention_adapters():
+    model = apply_adapters(demo_transformer(), LoRA(rank=2, target_modules=["self_attn"]))
+    apply_adapters(model, LoRA(rank=2, target_modules=["self_attn"]), name="other")
+    ids = transformer_ids()
+    with pytest.raises(AdapterStateError, match="mixed batches route LoRA on linear layers"):
+        with mixed_batch(model, ["default", "other"]):
+            model(ids, ids)
+
+
+def test_a_padded_batch_through_an_adapted_encoder_in_eval_mode():
+    """nn.TransformerEncoder would turn a padded batch into nested tensors for its fused
+    path, which the adapters cannot take: that path stays off where they sit."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    inputs = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    with torch.no_grad():
+        base = encoder(inputs, src_key_padding_mask=padding)
+        moved_(apply_adapters(encoder, LoRA(rank=2)))
+        adapted = encoder(inputs, src_key_padding_mask=padding)
+    assert adapted.shape == base.shape
+    assert (adapted - base)[0].abs().max() > 1e-3

@@ -268,3 +268,14 @@ def test_the_callback_announces_the_head_and_can_keep_it_frozen(caplog):
         module = train_one_step(PeftCallback(LoRA(rank=2), train_head=False))
     assert "task head" not in caplog.text
     assert not module.model.classifier.weight.requires_grad
+
+
+def test_a_task_class_whose_prefix_names_no_child_gets_peft_head_names():
+    """T5ForQuestionAnswering's base_model_prefix ("transformer") is not one of its
+    children: its head is qa_outputs, not the whole encoder-decoder."""
+    from transformers import T5Config, T5ForQuestionAnswering
+
+    from lightning_peft.adapters.heads import task_head_names
+
+    config = T5Config(d_model=16, d_ff=32, d_kv=4, num_heads=4, num_layers=1, vocab_size=VOCAB)
+    assert task_head_names(T5ForQuestionAnswering(config)) == ["qa_outputs"]

@@ -25,11 +25,14 @@ from torch import nn
 from lightning_peft.adapters.routing import Routing
 from lightning_peft.adapters.wrapper import BaseLayerWrapper, NamedAdapters
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
-from lightning_peft.quantization import dequantize, in_out_features, is_linear_layer, write_weight_
+from lightning_peft.quantization import (
+    CONV_TYPES,
+    dequantize,
+    in_out_features,
+    is_linear_layer,
+    write_weight_,
+)
 from lightning_peft.targeting import Patterns, matches, normalize_patterns
-
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
 
 # Default (targets, feed-forward targets) by transformers model type: Hugging Face PEFT's
 # table (so trainable counts and files match), plus ViT and Whisper.
@@ -163,7 +166,7 @@ class IA3:
         return IA3(targets, feedforward, self.exclude_modules)
 
     def can_wrap(self, module: nn.Module) -> bool:
-        return is_linear_layer(module) or isinstance(module, _CONV_TYPES)
+        return is_linear_layer(module) or isinstance(module, CONV_TYPES)
 
     def wrap(
         self, layer: nn.Module, adapter_name: str = "default", module_name: str = ""
@@ -206,7 +209,7 @@ class IA3Linear(NamedAdapters, BaseLayerWrapper):
         if self.merged:
             raise AdapterStateError("unmerge the layer before adding adapters to it")
         device = next(self.base_layer.parameters()).device
-        if isinstance(self.base_layer, _CONV_TYPES):  # (1, channels, 1, ...), as PEFT
+        if isinstance(self.base_layer, CONV_TYPES):  # (1, channels, 1, ...), as PEFT
             conv = self.base_layer
             channels = conv.in_channels if feedforward else conv.out_channels
             shape = (1, channels) + (1,) * (conv.weight.dim() - 2)
@@ -249,12 +252,12 @@ class IA3Linear(NamedAdapters, BaseLayerWrapper):
     def _broadcastable(self, vector: torch.Tensor) -> torch.Tensor:
         """``vector`` shaped to scale the features of an input or output: the last dim of a
         linear layer's, dim 1 (channels) of a convolution's (stored that way)."""
-        return vector if isinstance(self.base_layer, _CONV_TYPES) else vector.flatten()
+        return vector if isinstance(self.base_layer, CONV_TYPES) else vector.flatten()
 
     def _routed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each row scaled by its own adapter's vectors (ones for adapters the layer lacks)."""
         routing = self.routing
-        if isinstance(self.base_layer, _CONV_TYPES):
+        if isinstance(self.base_layer, CONV_TYPES):
             raise AdapterStateError(
                 f"mixed batches route IA3 on linear layers; {type(self.base_layer).__name__} "
                 "layers carry adapters here. Leave them out of the adapters you mix"

@@ -38,12 +38,11 @@ from torch import nn
 from lightning_peft.adapters.init import reset_linear_
 from lightning_peft.adapters.lora import LoRA, LoRALinear
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
-
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from lightning_peft.quantization import CONV_TYPES
 
 
 def is_embedding_conv_or_attention(module: nn.Module) -> bool:
-    return type(module) in (nn.Embedding, nn.MultiheadAttention, *_CONV_TYPES)
+    return type(module) in (nn.Embedding, nn.MultiheadAttention, *CONV_TYPES)
 
 
 def check_layer_supported(layer: nn.Module, config: LoRA) -> None:
@@ -68,7 +67,7 @@ def check_layer_supported(layer: nn.Module, config: LoRA) -> None:
             f"init='loftq' fits 4-bit linear layers; {kind} layers stay float. Leave them out "
             "(exclude_modules) or use init='kaiming'"
         )
-    if isinstance(layer, _CONV_TYPES) and layer.groups != 1:
+    if isinstance(layer, CONV_TYPES) and layer.groups != 1:
         raise AdapterConfigError(
             f"LoRA on a grouped {kind} (groups={layer.groups}) is not supported; leave it out "
             "with exclude_modules"
@@ -88,10 +87,14 @@ class _NotLinear:
         super().add_adapter(config, adapter_name)
 
     def _routed_update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        raise AdapterStateError(
-            f"mixed batches route LoRA on linear layers; {type(self.base_layer).__name__} "
-            "layers carry adapters here. Leave them out of the adapters you mix"
-        )
+        raise _cannot_route(self)
+
+
+def _cannot_route(layer: nn.Module) -> AdapterStateError:
+    return AdapterStateError(
+        f"mixed batches route LoRA on linear layers; {type(layer.base_layer).__name__} "
+        "layers carry adapters here. Leave them out of the adapters you mix"
+    )
 
 
 class LoRAEmbedding(_NotLinear, LoRALinear):
@@ -188,10 +191,6 @@ class LoRAMultiheadAttention(_NotLinear, LoRALinear):
         if adapter_name not in out_proj.configs:
             out_proj.add_adapter(config, adapter_name)
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self.base_layer.out_proj.delete_adapter(adapter_name)
-
     def _new_factors(
         self, config: LoRA, generator: torch.Generator | None
     ) -> tuple[nn.Module, nn.Module]:
@@ -207,6 +206,8 @@ class LoRAMultiheadAttention(_NotLinear, LoRALinear):
         return lora_a, lora_b
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.routing is not None:
+            raise _cannot_route(self)
         attention = self.base_layer
         weights = {
             "in_proj_weight": _adapted_weight(self, attention.in_proj_weight),
@@ -218,18 +219,26 @@ class LoRAMultiheadAttention(_NotLinear, LoRALinear):
 
     @torch.no_grad()
     def merge(self) -> float:
-        """Fold the q, k, v update into ``in_proj_weight`` (``out_proj`` merges on its own)."""
-        if not self.merged:
-            self.base_layer.in_proj_weight.add_(self.delta_weight(self.adapter_name))
-            self.merged = True
-        return 0.0
+        """Fold the q, k, v update into ``in_proj_weight`` (``out_proj`` merges on its own);
+        returns the storage's rounding error (0.0 for float32)."""
+        if self.merged:
+            return 0.0
+        self.merged = True
+        return self._write_in_proj(self.delta_weight(self.adapter_name))
 
     @torch.no_grad()
     def unmerge(self) -> float:
-        if self.merged:
-            self.base_layer.in_proj_weight.sub_(self.delta_weight(self.adapter_name))
-            self.merged = False
-        return 0.0
+        if not self.merged:
+            return 0.0
+        self.merged = False
+        return self._write_in_proj(-self.delta_weight(self.adapter_name))
+
+    def _write_in_proj(self, delta: torch.Tensor) -> float:
+        """``in_proj_weight += delta``, summed in float32 (a bf16 weight rounds once)."""
+        stored = self.base_layer.in_proj_weight
+        weight = stored.float() + delta
+        stored.copy_(weight)
+        return float((stored.float() - weight).abs().max())
 
 
 def _adapted_weight(layer: LoRALinear, weight: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from lightning_peft.adapters.inputs import find_transformers_model
 from lightning_peft.adapters.lora import LoRALinear
 from lightning_peft.checkpoint.io import check_folder_target, owned_with_tokenizer, staged_folder
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
-from lightning_peft.injection import adapter_modules
+from lightning_peft.injection import adapter_modules, replace_module_
 from lightning_peft.merging import MergeReport, untie_base_weight_
 from lightning_peft.quantization import dequantize_model
 
@@ -75,7 +75,9 @@ def merge_and_export(
     exported = copy.deepcopy(host)
     dequantize_model(exported, dtype=torch.float32)
     errors: dict[str, float] = {}
-    for name, wrapper in list(adapter_modules(exported)):
+    # Innermost first: an attention's out_proj wrapper sits inside the attention's wrapper.
+    wrappers = sorted(adapter_modules(exported), key=lambda item: -item[0].count("."))
+    for name, wrapper in wrappers:
         if adapter_name is not None:
             if adapter_name not in wrapper.configs:
                 _unwrap(exported, name, wrapper)
@@ -95,10 +97,9 @@ def merge_and_export(
 
 
 def _unwrap(model: nn.Module, name: str, wrapper: nn.Module) -> None:
-    parent_name, _, child_name = name.rpartition(".")
     layer = wrapper.base_layer
     layer.requires_grad_(True)  # an ordinary checkpoint: nothing frozen by us
-    setattr(model.get_submodule(parent_name), child_name, layer)
+    replace_module_(model, wrapper, layer)
 
 
 def _forget_quantization(model: nn.Module) -> None:

@@ -16,7 +16,11 @@ from torch import nn
 
 from lightning_peft.checkpoint.state import key_mismatch_message
 from lightning_peft.errors import AdapterStateError, AdapterStateKeyError
-from lightning_peft.injection import adapter_configs_attached, adapter_parameter_names
+from lightning_peft.injection import (
+    adapter_configs_attached,
+    adapter_parameter_names,
+    adapter_parameters,
+)
 
 METADATA_KEY = "lightning_peft"
 FORMAT_VERSION = 1
@@ -36,10 +40,11 @@ def fingerprint_frozen(model: nn.Module) -> str:
     """
     digest = hashlib.sha256()
     named = [*model.named_parameters(), *model.named_buffers()]
-    # Adapter tensors by name, not by requires_grad: an inactive adapter is frozen too.
-    adapters = set(adapter_parameter_names(model))
+    # Adapter tensors by identity, not by requires_grad (an inactive adapter is frozen too)
+    # nor by name (a nested wrapper's tensors are named through its parent's base_layer).
+    adapters = {id(tensor) for tensor in adapter_parameters(model).values()}
     for name, tensor in sorted(named, key=lambda item: item[0]):
-        if tensor.requires_grad or name in adapters:
+        if tensor.requires_grad or id(tensor) in adapters:
             continue
         _hash_sample(digest, name, tensor)
         quant_state = getattr(tensor, "quant_state", None)

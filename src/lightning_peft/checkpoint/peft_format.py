@@ -177,8 +177,9 @@ def load_peft(
 
     tensors = load_file(str(folder / WEIGHTS_FILE))
     host, _ = _host(model)  # fail early on a model prompt/prefix tuning cannot use
-    submodules = fields.get("num_transformer_submodules") or 1
-    if submodules != (2 if is_encoder_decoder(host) else 1):
+    submodules = fields.get("num_transformer_submodules") or 1  # prompt learning writes it
+    prompt_learning = isinstance(config, (PromptTuning, PrefixTuning))
+    if prompt_learning and submodules != (2 if is_encoder_decoder(host) else 1):
         raise AdapterConfigError(
             f"{folder / CONFIG_FILE} has num_transformer_submodules={submodules}, written for "
             f"an {'encoder-decoder' if submodules == 2 else 'encoder- or decoder-only'} model; "

@@ -235,6 +235,19 @@ class PeftCallback(_AdapterCheckpointHooks):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._mark_cuda_graph_step()
+
+    @override
+    def on_validation_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        super().on_validation_batch_start(*args, **kwargs)
+        self._mark_cuda_graph_step()
+
+    @override
+    def on_predict_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        super().on_predict_batch_start(*args, **kwargs)
+        self._mark_cuda_graph_step()
+
+    def _mark_cuda_graph_step(self) -> None:
         if (self.compile_options or {}).get("mode") == "reduce-overhead":
             import torch
 

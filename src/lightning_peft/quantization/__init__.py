@@ -2,6 +2,7 @@
 and the optimizers (8-bit, paged) that keep adapter training small."""
 
 from lightning_peft.quantization.layers import (
+    CONV_TYPES,
     QUANT_MODES,
     QuantMode,
     dequantize,
@@ -32,6 +33,7 @@ from lightning_peft.quantization.optimizers import (
 )
 
 __all__ = [
+    "CONV_TYPES",
     "OPTIMIZER_NAMES",
     "QUANT_MODES",
     "MemoryReport",

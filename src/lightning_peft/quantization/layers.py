@@ -48,6 +48,10 @@ def linear_layer_types() -> tuple[type, ...]:
     return (nn.Linear, *(cls for cls in optional if cls is not None))
 
 
+# Convolutions, which LoRA and IA3 wrap too (always float: bitsandbytes stores linear layers).
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def is_linear_layer(module: nn.Module) -> bool:
     return isinstance(module, linear_layer_types())
 
@@ -75,12 +79,21 @@ def task_head_names(modules: dict[str, nn.Module]) -> list[str]:
             continue
         backbone = getattr(module, prefix_attr, None)
         prefix = f"{name}." if name else ""
+        children = module.named_children()
+        if not isinstance(backbone, nn.Module):  # T5's QA, CLIP's classifier: PEFT's names
+            found += [prefix + n for n, _ in children if n in _HEAD_NAMES]
+            continue
         found += [
             prefix + child_name
-            for child_name, child in module.named_children()
+            for child_name, child in children
             if child is not backbone and any(True for _ in child.parameters())
         ]
     return found
+
+
+# Hugging Face PEFT's task heads, for task classes whose backbone is not where
+# base_model_prefix says (T5ForQuestionAnswering's "transformer" is not a child).
+_HEAD_NAMES = ("classifier", "score", "qa_outputs", "classification_head")
 
 
 def output_head_names(modules: dict[str, nn.Module]) -> set[str]:
