@@ -344,6 +344,15 @@ def run_cell(family: str, method_name: str, steps: int = 4) -> Cell:
             # eval path) sums in another order than the unfused path adapters run through
             adapted = output(model, kind, inputs)
             cell.identity = bool(torch.allclose(adapted, base_output, rtol=1.3e-6, atol=1e-5))
+    try:
+        train_cell(cell, model, kind, inputs, steps)
+    except Exception as error:  # one cell's failure is that cell's, not the matrix's
+        return Cell(refused=f"failed after attaching: {type(error).__name__}: {error}")
+    cell.peft_trainable = peft_count(family, method, config)
+    return cell
+
+
+def train_cell(cell: Cell, model: nn.Module, kind: str, inputs: dict, steps: int) -> None:
     names = adapter_parameter_names(model)
     optimizer = torch.optim.Adam([model.get_parameter(n) for n in names], lr=1e-2)
     for step in range(steps + 1):
@@ -357,8 +366,6 @@ def run_cell(family: str, method_name: str, steps: int = 4) -> Cell:
         optimizer.zero_grad()
     with torch.no_grad():
         cell.loss_after = loss(model, kind, inputs).item()
-    cell.peft_trainable = peft_count(family, method, config)
-    return cell
 
 
 def _has_gradient(model: nn.Module, name: str) -> bool:

@@ -39,6 +39,8 @@ def cells() -> dict[tuple[str, str], matrix.Cell]:
 @pytest.mark.parametrize(("family", "method"), CELLS, ids=[f"{f}-{m}" for f, m in CELLS])
 def test_cell(family, method):
     cell = cells()[family, method]
+    if lock_differs() and cell.refused and not cell.refused.startswith("failed"):
+        pytest.skip(f"refused with these releases ({lock_differs()} differ): {cell.refused}")
     if (family, method) in REFUSED:
         assert cell.refused is not None and cell.refused.startswith(REFUSED[family, method])
         return
@@ -50,11 +52,18 @@ def test_cell(family, method):
         assert cell.identity, "the adapted model does not start equal to its base"
     assert cell.all_grads, "some adapter tensor got no gradient"
     assert cell.loss_after < cell.loss_before
-    if cell.peft_trainable is not None and (family, method) not in PEFT_COUNTS_DEAD_ROWS:
+    same_peft = not lock_differs()  # other PEFT releases count heads and layers otherwise
+    if (
+        same_peft
+        and cell.peft_trainable is not None
+        and (family, method) not in PEFT_COUNTS_DEAD_ROWS
+    ):
         assert cell.trainable == cell.peft_trainable
 
 
 def test_peft_counts_dead_rows_for_t5_prompts_only():
+    if lock_differs():
+        pytest.skip(f"PEFT's count is the lock's release's; {lock_differs()} differ")
     cell = cells()["T5", "Prompt"]
     assert cell.peft_trainable == 2 * cell.trainable
 

@@ -83,3 +83,16 @@ MODEL_FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=input_ids).logits
+
+
+def peft_or_skip(build, *args, **kwargs):
+    """``build(*args, **kwargs)`` with Hugging Face PEFT, or skip the test naming what the
+    installed PEFT cannot do (older releases lack LoRA on Conv1d and MultiheadAttention, and
+    0.14 cannot build T5 prefix tuning under transformers 4.56)."""
+    import peft
+    import pytest
+
+    try:
+        return build(*args, **kwargs)
+    except (ValueError, AttributeError) as error:
+        pytest.skip(f"peft {peft.__version__} cannot: {str(error).splitlines()[0][:120]}")

@@ -65,6 +65,13 @@ def prepend_ones(mask: torch.Tensor | None, count: int) -> torch.Tensor | None:
 CACHE_ARGUMENTS = ("cache", "past_key_values")
 
 
+def takes_cache(model: nn.Module) -> bool:
+    """Whether ``model.forward`` can be given a key/value cache: under either name, or
+    through ``**kwargs`` (transformers 5 models pass those on to their layers)."""
+    parameters = inspect.signature(model.forward).parameters.values()
+    return any(p.name in CACHE_ARGUMENTS or p.kind == p.VAR_KEYWORD for p in parameters)
+
+
 def cache_argument(model: nn.Module) -> str:
     """The name under which ``model.forward`` takes its key/value cache."""
     parameters = inspect.signature(model.forward).parameters

@@ -35,6 +35,7 @@ from lightning_peft.adapters.inputs import (
     is_encoder_decoder,
     output_cache,
     prepend_ones,
+    takes_cache,
     text_config,
     text_token_ids,
     virtual_token_problems,
@@ -96,6 +97,12 @@ class PrefixTuning:
                 f"{type(host).__name__} already has a prefix; a model takes one PrefixTuning"
             )
         cache_shape(host)
+        if not takes_cache(host):
+            raise AdapterConfigError(
+                f"PrefixTuning puts its keys and values in the attention's cache, and "
+                f"{type(host).__name__}.forward takes no cache argument (this transformers "
+                "release); use LoRA, IA3 or PromptTuning on this model"
+            )
         main_input = getattr(host, "main_input_name", "input_ids")
         if main_input not in ("input_ids", "inputs_embeds") and not is_encoder_decoder(host):
             raise AdapterConfigError(
@@ -258,6 +265,8 @@ class PrefixKV(nn.Module):
         only (the encoder and the cross-attention see none), as Hugging Face PEFT does; the
         decoder's own attention mask, when given, covers it."""
         n = self.num_virtual_tokens
+        if kwargs.get("cache_position") is not None:  # transformers 4.x passes it
+            kwargs["cache_position"] = kwargs["cache_position"] + n
         cache = given_cache(kwargs)
         if cache_length(cache) > 0:  # a later generate step: the prefix is in the cache
             mask, step = kwargs.get("decoder_attention_mask"), kwargs.get("decoder_input_ids")

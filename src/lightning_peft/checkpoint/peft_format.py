@@ -189,7 +189,10 @@ def load_peft(
         if quantize is not None:
             quantize_model(model, quantize)
         if adapter_name not in _names(model):
-            heads = _modules_to_save(model, fields.get("modules_to_save"))
+            saved = list(fields.get("modules_to_save") or [])
+            if isinstance(config, (PromptTuning, PrefixTuning)):  # PEFT < 0.15 lists none
+                saved += [k[len("base_model.") :].rsplit(".", 1)[0] for k in tensors if "." in k]
+            heads = _modules_to_save(model, sorted(set(saved)))
             # The file says which modules trained whole; no task head beyond those.
             apply_adapters(model, [config, *heads], name=adapter_name, train_head=False)
         _copy_peft_tensors(model, folder, tensors, config, adapter_name)
