@@ -189,6 +189,7 @@ class PrefixKV(nn.Module):
         self.adapter_name = adapter_name
         self.layers, self.kv_heads, self.head_dim, _ = shape
         self.model_config = model_config
+        self.seq2seq = bool(getattr(model_config, "is_encoder_decoder", False))
         n = config.num_virtual_tokens
         width = self.layers * 2 * self.kv_heads * self.head_dim
         self.folded = not config.reparametrize
@@ -232,13 +233,22 @@ class PrefixKV(nn.Module):
         return self.mlp[self.adapter_name](self.embedding[self.adapter_name])
 
     def key_values(self, batch: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, keys and values of shape ``(batch, kv_heads, n, head_dim)``."""
+        """Per layer, keys and values of shape ``(batch, kv_heads, n, head_dim)``.
+
+        An encoder-decoder's decoder layer ``i`` reads the block stored for layer
+        ``2i mod L``, as Hugging Face PEFT (0.21) computes it: its ``get_prompt`` repeats the
+        ``2 L`` key/value blocks and splits them four per layer (self-attention keys and
+        values, then cross-attention ones it drops). With an even ``L`` two layers share a
+        block and half the blocks go unread, in PEFT as here; in exchange PEFT files mean
+        the same in both.
+        """
         n = self.num_virtual_tokens
         blocks = self.flat_prefix().to(dtype).view(n, self.layers * 2, self.kv_heads, self.head_dim)
         blocks = blocks.permute(1, 2, 0, 3)  # (layers · 2, kv_heads, n, head_dim)
+        stored = [(2 * i) % self.layers if self.seq2seq else i for i in range(self.layers)]
         return [
-            (blocks[2 * i].expand(batch, -1, -1, -1), blocks[2 * i + 1].expand(batch, -1, -1, -1))
-            for i in range(self.layers)
+            (blocks[2 * j].expand(batch, -1, -1, -1), blocks[2 * j + 1].expand(batch, -1, -1, -1))
+            for j in stored
         ]
 
     def before_forward(self, host: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:

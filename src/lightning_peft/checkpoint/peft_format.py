@@ -80,7 +80,6 @@ def save_peft(
     """
     host, _ = _host(model)
     config = _single_config(model, adapter_name)
-    _check_exportable(host, config)
     if isinstance(config, LoRA) and config.init == "loftq" and config.loftq_iterations > 1:
         warnings.warn(
             f"adapter {adapter_name!r} was initialised by LoftQ with {config.loftq_iterations} "
@@ -117,8 +116,8 @@ def save_peft(
 
 def check_peft_exportable(model: nn.Module, adapter_name: str = "default") -> None:
     """Raise what :func:`save_peft` would raise for ``model``, without writing anything."""
-    host, _ = _host(model)
-    _check_exportable(host, _single_config(model, adapter_name))
+    _host(model)
+    _single_config(model, adapter_name)
 
 
 def load_peft(
@@ -215,13 +214,6 @@ def _copy_peft_tensors(
     if isinstance(config, PromptTuning) and is_encoder_decoder(host) and prompt is not None:
         # PEFT's encoder-decoder layout: encoder rows, then decoder rows it never reads.
         tensors = {**tensors, "prompt_embeddings": prompt[: config.num_virtual_tokens]}
-    if isinstance(config, PrefixTuning) and is_encoder_decoder(host) and prompt is not None:
-        layers = cache_shape(host)[0]
-        blocks = prompt.view(prompt.shape[0], layers, -1)
-        tensors = {
-            **tensors,
-            "prompt_embeddings": blocks[:, _peft_decoder_blocks(layers)].flatten(1),
-        }
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -479,28 +471,6 @@ def _warn_if_attention(host: nn.Module, adapter_name: str) -> None:
         )
 
 
-def _peft_decoder_blocks(layers: int) -> list[int]:
-    """Which stored layer block each decoder layer attends to in PEFT 0.21's encoder-decoder
-    prefix: its ``get_prompt`` repeats the ``2 L`` key/value blocks and splits them four per
-    layer (self keys, values, cross keys, values; the cross ones are then dropped), so layer
-    ``i`` reads the block stored for layer ``2 i mod L``. Here layer ``i`` has its own, and
-    files are reordered both ways."""
-    return [(2 * i) % layers for i in range(layers)]
-
-
-def _check_exportable(host: nn.Module, config: Any) -> None:
-    if isinstance(config, PrefixTuning) and is_encoder_decoder(host):
-        layers = cache_shape(host)[0]
-        if len(set(_peft_decoder_blocks(layers))) != layers:
-            raise AdapterConfigError(
-                f"Hugging Face PEFT (0.21) gives decoder layer i of an encoder-decoder model "
-                f"the prefix stored for layer 2i mod {layers}: with an even number of decoder "
-                f"layers ({layers}) two layers share one block, so this model's {layers} "
-                "distinct prefixes have no PEFT file. Save it with adapter_state_dict or "
-                "AdapterCheckpoint; PEFT files of such models load here (load_peft)"
-            )
-
-
 def _saved_modules(host: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
     """Modules of ``host`` that adapter ``adapter_name`` trains whole (``Unfreeze``, a task
     head), by path: PEFT's ``modules_to_save``."""
@@ -540,12 +510,6 @@ def _peft_tensors(host: nn.Module, config: Any, adapter_name: str) -> dict[str, 
     if isinstance(config, PrefixTuning):
         prefix = next(m for m in host.modules() if isinstance(m, PrefixKV))
         tensors["prompt_embeddings"] = prefix.flat_prefix().detach()
-        if is_encoder_decoder(host):
-            order = _peft_decoder_blocks(prefix.layers)
-            blocks = tensors["prompt_embeddings"].view(prefix.num_virtual_tokens, prefix.layers, -1)
-            stored = torch.empty_like(blocks)
-            stored[:, order] = blocks  # a permutation: checked by _check_exportable
-            tensors["prompt_embeddings"] = stored.flatten(1)
     if isinstance(config, PromptTuning) and is_encoder_decoder(host):
         # PEFT's file holds decoder rows too, which its forward never reads: zeros here.
         prompt = tensors["prompt_embeddings"].detach()
