@@ -143,6 +143,19 @@ class LoRA:
         return LoRALinear(layer, self, adapter_name)
 
 
+@torch.no_grad()
+def init_factors_(
+    lora_a: nn.Module, lora_b: nn.Module, config: LoRA, generator: torch.Generator | None
+) -> None:
+    """``A`` as ``nn.Linear`` starts (or Gaussian, std ``1/rank``), ``B`` zero: the update
+    starts at zero (paper §4.1)."""
+    if config.init == "gaussian":
+        nn.init.normal_(lora_a.weight, std=1.0 / config.rank, generator=generator)
+    else:
+        reset_linear_(lora_a, generator)
+    nn.init.zeros_(lora_b.weight)
+
+
 def _is_number(value: Any) -> bool:
     """A finite int or float (not a bool, NaN or inf)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -191,7 +204,7 @@ class LoRALinear(NamedAdapters, BaseLayerWrapper):
         self, config: LoRA, generator: torch.Generator | None
     ) -> tuple[nn.Module, nn.Module]:
         """A new adapter's ``A`` (``rank x in``) and ``B`` (``out x rank``), on the CPU."""
-        in_features, out_features = in_out_features(self.base_layer)
+        in_features, out_features = self._features()
         lora_a = empty_linear(in_features, config.rank, bias=False, device="cpu")
         lora_b = empty_linear(config.rank, out_features, bias=False, device="cpu")
         if config.init == "loftq":
@@ -204,12 +217,12 @@ class LoRALinear(NamedAdapters, BaseLayerWrapper):
                 lora_a.weight.copy_(preset[0])
                 lora_b.weight.copy_(preset[1])
         else:
-            if config.init == "gaussian":
-                nn.init.normal_(lora_a.weight, std=1.0 / config.rank, generator=generator)
-            else:
-                reset_linear_(lora_a, generator)
-            nn.init.zeros_(lora_b.weight)
+            init_factors_(lora_a, lora_b, config, generator)
         return lora_a, lora_b
+
+    def _features(self) -> tuple[int, int]:
+        """``(in, out)`` of the map the update adds to."""
+        return in_out_features(self.base_layer)
 
     def delete_adapter(self, adapter_name: str) -> None:
         for holder in (self.lora_A, self.lora_B, self.lora_magnitude):

@@ -35,8 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.adapters.init import reset_linear_
-from lightning_peft.adapters.lora import LoRA, LoRALinear
+from lightning_peft.adapters.lora import LoRA, LoRALinear, init_factors_
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.quantization import CONV_TYPES
 
@@ -152,11 +151,7 @@ class LoRAConv(_NotLinear, LoRALinear):
         ).to_empty(device="cpu")
         lora_b = kind(config.rank, conv.out_channels, 1, bias=False, device="meta")
         lora_b = lora_b.to_empty(device="cpu")
-        if config.init == "gaussian":
-            nn.init.normal_(lora_a.weight, std=1.0 / config.rank, generator=generator)
-        else:
-            reset_linear_(lora_a, generator)
-        nn.init.zeros_(lora_b.weight)
+        init_factors_(lora_a, lora_b, config, generator)
         return lora_a, lora_b
 
     def delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
@@ -191,19 +186,9 @@ class LoRAMultiheadAttention(_NotLinear, LoRALinear):
         if adapter_name not in out_proj.configs:
             out_proj.add_adapter(config, adapter_name)
 
-    def _new_factors(
-        self, config: LoRA, generator: torch.Generator | None
-    ) -> tuple[nn.Module, nn.Module]:
-        embed_dim = self.base_layer.embed_dim
-        lora_a = nn.Linear(embed_dim, config.rank, bias=False, device="meta").to_empty(device="cpu")
-        lora_b = nn.Linear(config.rank, 3 * embed_dim, bias=False, device="meta")
-        lora_b = lora_b.to_empty(device="cpu")
-        if config.init == "gaussian":
-            nn.init.normal_(lora_a.weight, std=1.0 / config.rank, generator=generator)
-        else:
-            reset_linear_(lora_a, generator)
-        nn.init.zeros_(lora_b.weight)
-        return lora_a, lora_b
+    def _features(self) -> tuple[int, int]:
+        """The q, k, v projection: ``embed_dim`` in, ``3 * embed_dim`` out."""
+        return self.base_layer.embed_dim, 3 * self.base_layer.embed_dim
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.routing is not None:

@@ -249,13 +249,12 @@ def _modules_to_save(model: nn.Module, names: Any) -> list[Unfreeze]:
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
         raise AdapterConfigError(f"modules_to_save must be a list of module names, got {names!r}")
     host, prefix = _host(model)
-    paths = [
+    paths = [  # Unfreeze trains the outermost of these (a head and its layers: the head)
         prefix + path
         for path, _ in host.named_modules()
         if path and any(path == n or path.endswith("." + n) for n in names)
     ]
-    tops = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
-    return [Unfreeze(target_modules="|".join(re.escape(p) for p in tops))] if tops else []
+    return [Unfreeze(target_modules="|".join(re.escape(p) for p in paths))] if paths else []
 
 
 def _scaling_fields(config: Any) -> dict[str, Any]:
