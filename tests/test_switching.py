@@ -143,6 +143,18 @@ def test_a_mixed_batch_gives_each_row_its_own_adapters_output_and_gradient(metho
         torch.testing.assert_close(r, s, **reordering_tolerance(s, depth=2, width=64))
 
 
+@pytest.mark.parametrize("method", CONFIGS)
+def test_a_row_routed_to_none_gets_the_base_models_output(method, tokens):
+    model = two_adapters(method)
+    with torch.no_grad(), mixed_batch(model, [None, "a", None, "b"]):
+        routed = model(input_ids=tokens).logits
+    base = tiny_llama(init_std=0.3)
+    with torch.no_grad():
+        expected = base(input_ids=tokens).logits
+        torch.testing.assert_close(routed[[0, 2]], expected[[0, 2]])
+        assert not torch.allclose(routed[[1, 3]], expected[[1, 3]])
+
+
 def test_rows_routed_by_index_tensor_and_bad_routes_refused(tokens):
     model = two_adapters("lora")
     with torch.no_grad(), mixed_batch(model, torch.tensor([1, 1, 0, 0]), names=["a", "b"]):

@@ -120,13 +120,14 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 @contextmanager
 def mixed_batch(
     model: nn.Module,
-    rows: Sequence[str] | torch.Tensor,
-    names: Sequence[str] | None = None,
+    rows: Sequence[str | None] | torch.Tensor,
+    names: Sequence[str | None] | None = None,
 ) -> Iterator[nn.Module]:
     """Within the block, row ``b`` of every batch goes through its own adapter.
 
     Args:
-        rows: one adapter name per row, or a ``(B,)`` tensor of indices into ``names``.
+        rows: one adapter name per row (``None``: the base model alone), or a ``(B,)``
+            tensor of indices into ``names``.
         names: the adapter names ``rows`` indexes (needed with a tensor).
 
     Each layer gathers the rows' adapter weights and applies them in one batched matmul (no
@@ -149,7 +150,7 @@ def mixed_batch(
     else:
         names = tuple(dict.fromkeys(rows))
         index = torch.tensor([names.index(r) for r in rows], dtype=torch.long)
-    _check_names(model, names)
+    _check_names(model, [n for n in names if n is not None])
     modules = [m for m in _switchable(model) if hasattr(m, "routing")]
     if not modules:
         raise AdapterStateError("mixed_batch routes LoRA and IA3 adapters; the model has none")

