@@ -63,8 +63,13 @@ def reference(folders: Path, adapter: str | None, ids: list[int], max_new_tokens
     """What ``generate`` gives locally: the base with that one adapter, one row, greedy."""
     model = _model(folders, adapter)
     with torch.no_grad():
+        row = torch.tensor([ids])
         out = model.generate(
-            torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
+            row,
+            attention_mask=torch.ones_like(row),  # token 0 is a token, not padding
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
         )
     new = out[0, len(ids) :].tolist()
     eos = model.generation_config.eos_token_id

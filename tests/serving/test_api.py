@@ -67,18 +67,55 @@ def test_admin_items_act_in_arrival_order_within_a_batch(api, folders):
         {"adapter": "a", "input_ids": [5, 6]},
         {**admin, "op": "delete", "name": "a"},
         {"adapter": "a", "input_ids": [5, 6]},
-        {**admin, "op": "load", "body": {"name": "a", "path": str(folders / "c")}},
+        {**admin, "op": "load", "name": "a", "path": str(folders / "c")},
         {"adapter": "a", "input_ids": [5, 6]},
         {"_lightning_peft_admin": "guessed", "op": "delete", "name": "b"},
     ]
     first, deleted, gone, loaded, again, forged = answers(api, bodies)
     assert first[1]["output_ids"] == reference(folders, "a", [5, 6], 8)
-    assert deleted == (200, {"deleted": "a"}) and gone == (
-        404,
-        {"detail": "adapter 'a' was deleted"},
-    )
+    assert deleted == (200, {"deleted": "a"})
+    assert gone == (404, {"detail": "no adapter named 'a'; loaded: ['b']"})
     assert loaded[0] == 200 and loaded[1]["method"] == "IA3"
-    # Decoded before the batch ran, the last request meets the adapter loaded under its name.
+    # Decoded before the batch ran, the request meets the adapter loaded just before it.
     assert again[1]["output_ids"] == reference(folders, "c", [5, 6], 8)
     assert forged[0] == 400 and "unknown field(s)" in forged[1]["detail"]
     assert [a["name"] for a in api.engine.adapters()] == ["b", "a"]
+
+
+def test_a_request_after_a_load_in_the_same_batch_is_served_by_it(api, folders):
+    admin = {"_lightning_peft_admin": api.admin_key}
+    bodies = [
+        {**admin, "op": "load", "name": "fresh", "path": str(folders / "d")},
+        {"adapter": "fresh", "input_ids": [5, 6], "choices": [[7], [8]]},
+        {"adapter": "fresh", "input_ids": [5, 6]},
+    ]
+    (loaded, scored, generated) = answers(api, bodies)
+    assert loaded[0] == scored[0] == generated[0] == 200
+    assert generated[1]["output_ids"] == reference(folders, "d", [5, 6], 8)
+
+
+def test_a_prompt_the_tokenizer_cannot_encode_is_refused_alone(folders, tmp_path):
+    from transformers import AutoTokenizer
+
+    vocab = {chr(97 + i): i for i in range(26)} | {"[UNK]": 26}
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]").save_pretrained(
+        tmp_path / "base"
+    )
+    import shutil
+
+    for file in (folders / "base").iterdir():
+        shutil.copy(file, tmp_path / "base")
+    assert AutoTokenizer.from_pretrained(tmp_path / "base")("ab")["input_ids"] == [0, 1]
+    api = AdapterAPI(tmp_path / "base", {"a": folders / "a"}, max_new_tokens=8)
+    api.setup("cpu")
+    bad, good = answers(
+        api, [{"adapter": "a", "prompt": "x\ud800y"}, {"adapter": "a", "prompt": "abc"}]
+    )
+    assert bad[0] == 400 and bad[1]["detail"].startswith('"prompt" cannot be tokenized: ')
+    assert good[0] == 200 and good[1]["output_ids"] == reference(folders, "a", [0, 1, 2], 8)
+    assert isinstance(good[1]["text"], str)

@@ -17,19 +17,19 @@ pytest.importorskip("litserve")
 
 @pytest.fixture(scope="module")
 def server(folders):
-    """The CLI serving adapters a, b and c (d comes later through POST /adapters)."""
+    """The CLI serving adapters a, b, c and d (LoRA, rsLoRA, IA3, LoRA)."""
     arguments = ["--base", str(folders / "base"), "--max-batch-size", "8"]
     arguments += ["--batch-timeout", "0.05", "--max-new-tokens", "32"]
-    with serving(arguments + [f"--adapter={n}={folders / n}" for n in "abc"]) as url:
+    with serving(arguments + [f"--adapter={n}={folders / n}" for n in "abcd"]) as url:
         yield url
 
 
 def test_concurrent_clients_get_their_own_adapters_answers_in_mixed_batches(server, folders):
     before = call(server + "/adapters")[1]["served"]
-    rows = [("a", "b", "c", None)[i % 4] for i in range(32)]
+    rows = [("a", "b", "c", "d", None)[i % 5] for i in range(40)]
     jobs = [
         {"adapter": adapter, "input_ids": ids, "max_new_tokens": 2 + i % 5}
-        for i, (adapter, ids) in enumerate(zip(rows, prompts(32, seed=11), strict=True))
+        for i, (adapter, ids) in enumerate(zip(rows, prompts(40, seed=11), strict=True))
     ]
     with ThreadPoolExecutor(16) as clients:
         answers = list(clients.map(lambda job: call(server + "/predict", "POST", job), jobs))
@@ -39,8 +39,8 @@ def test_concurrent_clients_get_their_own_adapters_answers_in_mixed_batches(serv
         assert answer == {"adapter": job["adapter"], "text": None, "output_ids": expected}
     served = call(server + "/adapters")[1]["served"]
     passes = served["passes"] - before["passes"]
-    assert served["rows"] - before["rows"] == 32
-    assert passes < 32 and served["mixed_passes"] > before["mixed_passes"], served
+    assert served["rows"] - before["rows"] == 40
+    assert passes < 40 and served["mixed_passes"] > before["mixed_passes"], served
 
 
 @pytest.mark.parametrize(
@@ -77,6 +77,22 @@ def test_a_bad_request_gets_a_4xx_with_its_reason_and_the_server_keeps_serving(
     assert ok == 200 and answer["output_ids"] == reference(folders, "b", [7, 8], 16)
 
 
+def test_a_body_over_4_mib_is_refused_before_it_is_read(server, folders):
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        server + "/predict",
+        data=b'{"adapter": "a", "prompt": "' + b"x" * (4 * 2**20) + b'"}',
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 413
+    ok, answer = call(server + "/predict", "POST", {"adapter": "b", "input_ids": [7, 8]})
+    assert ok == 200 and answer["output_ids"] == reference(folders, "b", [7, 8], 16)
+
+
 def test_choices_are_scored_in_mixed_batches(server, folders):
     jobs = [
         {"adapter": adapter, "input_ids": ids, "choices": [[9], [10, 11], [12]]}
@@ -97,22 +113,24 @@ def test_choices_are_scored_in_mixed_batches(server, folders):
 
 def test_adapters_load_and_unload_without_a_restart(server, folders, tmp_path):
     status, listed = call(server + "/adapters")
-    assert status == 200 and [a["name"] for a in listed["adapters"]] == ["a", "b", "c"]
-    status, loaded = call(server + "/adapters", "POST", {"name": "d", "path": str(folders / "d")})
-    assert status == 200 and loaded["name"] == "d" and loaded["rank"] == 8
+    assert status == 200 and [a["name"] for a in listed["adapters"]] == ["a", "b", "c", "d"]
+    status, loaded = call(server + "/adapters", "POST", {"name": "e", "path": str(folders / "d")})
+    assert status == 200 and loaded["name"] == "e" and loaded["rank"] == 8
     ids = prompts(1, seed=5)[0]
+    status, answer = call(server + "/predict", "POST", {"adapter": "e", "input_ids": ids})
+    assert status == 200 and answer["output_ids"] == reference(folders, "d", ids, 16)
+    assert call(server + "/adapters", "POST", {"name": "e", "path": str(folders / "a")}) == (
+        409,
+        {"detail": "an adapter named 'e' is loaded; DELETE it first"},
+    )
+    status, refused = call(server + "/adapters", "POST", {"name": "f", "path": str(tmp_path)})
+    assert status == 400 and "is neither a PEFT folder" in refused["detail"]
+    assert call(server + "/adapters/e", "DELETE") == (200, {"deleted": "e"})
+    status, gone = call(server + "/predict", "POST", {"adapter": "e", "input_ids": ids})
+    assert status == 404 and "no adapter named 'e'" in gone["detail"]
+    assert call(server + "/adapters/e", "DELETE")[0] == 404
     status, answer = call(server + "/predict", "POST", {"adapter": "d", "input_ids": ids})
     assert status == 200 and answer["output_ids"] == reference(folders, "d", ids, 16)
-    assert call(server + "/adapters", "POST", {"name": "d", "path": str(folders / "a")}) == (
-        409,
-        {"detail": "an adapter named 'd' is loaded; DELETE it first"},
-    )
-    status, refused = call(server + "/adapters", "POST", {"name": "e", "path": str(tmp_path)})
-    assert status == 400 and "is neither a PEFT folder" in refused["detail"]
-    assert call(server + "/adapters/d", "DELETE") == (200, {"deleted": "d"})
-    status, gone = call(server + "/predict", "POST", {"adapter": "d", "input_ids": ids})
-    assert status == 404 and "no adapter named 'd'" in gone["detail"]
-    assert call(server + "/adapters/d", "DELETE")[0] == 404
 
 
 @pytest.mark.parametrize(
@@ -124,6 +142,9 @@ def test_adapters_load_and_unload_without_a_restart(server, folders, tmp_path):
         (["--port", "80"], "--port must lie in 1024..65535, got 80"),
         (["--batch-timeout", "nan"], "--batch-timeout must be at least 0 seconds, got nan"),
         ([], "--base is needed: no PEFT adapter names its base model"),
+        (["--batch-timeout", "5", "--timeout", "2"], "--timeout must be a number of seconds"),
+        (["--timeout", "nan"], "--timeout must be a number of seconds above --batch-timeout"),
+        (["--base", "/no/such/model"], "--base /no/such/model: no such folder"),
     ],
 )
 def test_bad_arguments_are_one_line_before_anything_loads(argv, message, capsys):
@@ -138,3 +159,24 @@ def test_the_server_binds_loopback_unless_told_otherwise():
     from lightning_peft.serving.cli import parser
 
     assert parser().parse_args([]).host == "127.0.0.1"
+
+
+def test_adapters_are_checked_from_their_files_before_the_model_loads(folders, tmp_path, capsys):
+    from lightning_peft import LoRA, apply_adapters, save_peft
+    from lightning_peft.serving.cli import serve
+    from tiny_models import tiny_llama
+
+    save_peft(apply_adapters(tiny_llama(), LoRA(rank=2, use_dora=True)), tmp_path / "dora")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text("[1, 2]")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    for adapter, message in [
+        (tmp_path / "dora", "is a DoRA adapter; requests for different adapters share a batch"),
+        (tmp_path / "broken", "adapter_config.json: a JSON object was expected, not list"),
+        (tmp_path / "junk.ckpt", "is not an adapter checkpoint (torch.load with weights_only"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            serve(["--base", str(folders / "base"), f"--adapter=x={adapter}"])
+        error = capsys.readouterr().err
+        # argparse's usage, then the reason on one line
+        assert exited.value.code == 2 and message in error.strip().splitlines()[-1]

@@ -44,7 +44,9 @@ def local(root, adapter, tokenizer):
     load_peft(model, root / adapter)
     ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False
+        )
         scores = []
         for choice in CHOICES:
             tokens = tokenizer(choice, add_special_tokens=False)["input_ids"]

@@ -78,9 +78,14 @@ class AdapterAPI(ls.LitAPI):
         if request.get(_ADMIN) == self.admin_key:
             return ("admin", request)
         try:
-            return self.engine.job(parse_predict(request, max_new_tokens_cap=self.max_new_tokens))
+            parsed = parse_predict(request, max_new_tokens_cap=self.max_new_tokens)
+            # Whether the adapter is loaded is asked when the batch runs, after the loads and
+            # deletes that arrived before this request.
+            return self.engine.job(parsed, check_adapter=False)
         except RequestError as error:  # answered alone in encode_response
             return error
+        except Exception as error:  # raising here would fail the whole batch
+            return RequestError(500, f"reading the request failed: {type(error).__name__}: {error}")
 
     def predict(self, items: Any) -> Any:
         if self.max_batch_size == 1:  # LitServe's unbatched loop: one item
@@ -93,16 +98,18 @@ class AdapterAPI(ls.LitAPI):
         pending: list[int] = []
 
         def flush() -> None:
-            for index in [i for i in pending if not self._still_loaded(items[i])]:
-                answers[index] = RequestError(404, f"adapter {items[index].adapter!r} was deleted")
+            for index in [i for i in pending if not self._loaded(items[i])]:
+                answers[index] = RequestError(404, self.engine.unknown(items[index].adapter))
                 pending.remove(index)
             jobs = [items[i] for i in pending]
             for index, job, output in zip(pending, jobs, self.engine.run(jobs), strict=True):
-                answers[index] = (
-                    RequestError(500, f"the model failed: {type(output).__name__}: {output}")
-                    if isinstance(output, Exception)
-                    else self.engine.answer(job, output)
-                )
+                try:
+                    if isinstance(output, Exception):
+                        raise output
+                    answers[index] = self.engine.answer(job, output)
+                except Exception as error:
+                    reason = f"the model failed: {type(error).__name__}: {error}"
+                    answers[index] = RequestError(500, " ".join(reason.split()))
             pending.clear()
 
         for index, item in enumerate(items):
@@ -116,7 +123,7 @@ class AdapterAPI(ls.LitAPI):
         flush()
         return answers
 
-    def _still_loaded(self, job: Any) -> bool:  # an admin item earlier in the batch deletes
+    def _loaded(self, job: Any) -> bool:
         return job.adapter is None or job.adapter in self.engine.sources
 
     def _admin(self, request: dict[str, Any]) -> Any:
@@ -124,8 +131,7 @@ class AdapterAPI(ls.LitAPI):
             if request["op"] == "list":
                 return {"adapters": self.engine.adapters(), "served": self.engine.served}
             if request["op"] == "load":
-                name, path = parse_load(request["body"])
-                return self.engine.load(name, path)
+                return self.engine.load(request["name"], request["path"])
             self.engine.unload(request["name"])
             return {"deleted": request["name"]}
         except RequestError as error:
@@ -143,6 +149,9 @@ def adapter_server(api: AdapterAPI, **litserver_kwargs: Any) -> ls.LitServer:
     """A ``LitServer`` for ``api`` (one worker) with the adapter routes and one-line 400s
     for bodies that are not JSON objects."""
     litserver_kwargs.setdefault("workers_per_device", 1)
+    # Bodies past this are refused (413) before anything reads them: a 10 MB prompt would
+    # hold the worker while it tokenizes, for nothing (no context is that long).
+    litserver_kwargs.setdefault("max_payload_size", 4 * 2**20)
     litserver_kwargs.setdefault("devices", 1)
     server = ls.LitServer(api, **litserver_kwargs)
     # LitServe's own handler puts a body on the worker queue and awaits its answer.
@@ -158,10 +167,13 @@ def adapter_server(api: AdapterAPI, **litserver_kwargs: Any) -> ls.LitServer:
 
     async def load_adapter(request: Request) -> Any:
         try:
-            body = await request.json()
-        except ValueError as error:
-            return JSONResponse({"detail": f"the body is not JSON: {error}"}, status_code=400)
-        return await to_worker("load", body=body)
+            name, path = parse_load(await request.json())
+        except (ValueError, RecursionError) as error:
+            reason = f"the body is not JSON: {type(error).__name__}: {error}"
+            return JSONResponse({"detail": " ".join(reason.split())}, status_code=400)
+        except RequestError as error:
+            return JSONResponse({"detail": error.reason}, status_code=error.status)
+        return await to_worker("load", name=name, path=path)
 
     async def unload_adapter(name: str) -> Any:
         return await to_worker("delete", name=name)

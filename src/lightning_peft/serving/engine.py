@@ -42,7 +42,7 @@ from lightning_peft.injection import (
     restored_on_error,
 )
 from lightning_peft.quantization import quantize_model
-from lightning_peft.serving.requests import Job, PredictRequest, RequestError
+from lightning_peft.serving.requests import Job, PredictRequest, RequestError, short
 from lightning_peft.switching import (
     adapter_names,
     delete_adapter,
@@ -52,6 +52,8 @@ from lightning_peft.switching import (
 )
 
 PRECISIONS = ("nf4", "fp4", "int8")
+# A folder without any of these holds weights only: requests then send token ids.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class AdapterEngine:
@@ -108,10 +110,10 @@ class AdapterEngine:
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
         model = AutoModelForCausalLM.from_pretrained(base)
-        try:
+        folder = Path(base)
+        tokenizer = None
+        if not folder.is_dir() or any((folder / name).is_file() for name in _TOKENIZER_FILES):
             tokenizer = AutoTokenizer.from_pretrained(base)
-        except (OSError, ValueError, TypeError):  # a folder with weights only
-            tokenizer = None
         if precision is not None:
             quantize_model(model, precision, device=device)  # type: ignore[arg-type]
         return cls(model.to(device), tokenizer, **kwargs)
@@ -137,7 +139,7 @@ class AdapterEngine:
                 or, for checkpoints, the base fingerprint).
         """
         if not isinstance(name, str) or not name.isidentifier():
-            raise RequestError(400, f"adapter name must be a Python identifier, got {name!r}")
+            raise RequestError(400, f"adapter name must be a Python identifier, got {short(name)}")
         if name in self.sources:
             raise RequestError(409, f"an adapter named {name!r} is loaded; DELETE it first")
         source = Path(path)
@@ -160,51 +162,39 @@ class AdapterEngine:
             FileNotFoundError,
         ) as error:
             raise RequestError(400, _one_line(error)) from error
+        except RequestError:
+            raise
+        except Exception as error:  # a damaged file: what the reader said, for the client
+            raise RequestError(
+                400, f"{source} could not be loaded: {type(error).__name__}: {_one_line(error)}"
+            ) from error
         self.sources[name] = str(source)
         return next(a for a in self.adapters() if a["name"] == name)
 
     def unload(self, name: str) -> None:
         """Detach adapter ``name`` (404 if none has that name)."""
         if name not in self.sources:
-            raise RequestError(404, f"no adapter named {name!r}; loaded: {list(self.sources)}")
+            raise RequestError(404, self.unknown(name))
         delete_adapter(self.model, name)
         del self.sources[name]
 
+    def unknown(self, name: str) -> str:
+        """Why a request for adapter ``name`` that is not loaded is refused."""
+        return f"no adapter named {short(name)}; loaded: {list(self.sources)}"
+
     def _load_peft(self, name: str, folder: Path) -> None:
-        try:
-            fields = json.loads((folder / CONFIG_FILE).read_text())
-        except ValueError as error:
-            raise AdapterConfigError(f"{folder / CONFIG_FILE}: {error}") from error
-        config = config_from_peft(fields)
-        _check_routable([config], folder)
-        if fields.get("modules_to_save"):
-            raise RequestError(
-                400,
-                f"{folder} also trains whole modules ({fields['modules_to_save']}), which "
-                "requests for other adapters would share; serve it on a base of its own",
-            )
+        _peft_config(folder)
         load_peft(self.model, folder, adapter_name=name)
 
     def _load_checkpoint(self, name: str, path: Path) -> None:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # a pickle with code, a truncated file, not a checkpoint
-            raise RequestError(
-                400, f"{path} is not a readable adapter checkpoint: {_one_line(error)}"
-            ) from error
-        metadata = read_metadata(checkpoint, str(path))
-        saved_names = {entry["name"] for entry in metadata["adapters"]}
-        if len(saved_names) != 1:
-            raise RequestError(400, f"{path} holds adapters {sorted(saved_names)}; load one")
-        saved_name = saved_names.pop()
-        configs = [config_from_metadata(entry) for entry in metadata["adapters"]]
-        _check_routable(configs, path)
+        checkpoint, metadata, saved_name, configs = _checkpoint_parts(path)
         state = {k: v for k, v in checkpoint["state_dict"].items() if isinstance(v, torch.Tensor)}
         check_adapter_values(state, str(path))
         prefix = self._check_base(metadata, configs, saved_name, state, path)
         with restored_on_error(self.model):
+            before = set(adapter_parameter_names(self.model))
             apply_adapters(self.model, configs, name=name, train_head=False)
-            expected = _own_names(adapter_parameter_names(self.model), name)
+            expected = set(adapter_parameter_names(self.model)) - before
             renamed = {_rename(k[len(prefix) :], saved_name, name): v for k, v in state.items()}
             if set(renamed) != set(expected):
                 missing = sorted(set(expected) - set(renamed))
@@ -260,12 +250,11 @@ class AdapterEngine:
 
     # -- generation ------------------------------------------------------------------------
 
-    def job(self, request: PredictRequest) -> Job:
-        """The token ids of ``request``, checked against the adapters and the context."""
-        if request.adapter is not None and request.adapter not in self.sources:
-            raise RequestError(
-                404, f"no adapter named {request.adapter!r}; loaded: {list(self.sources)}"
-            )
+    def job(self, request: PredictRequest, check_adapter: bool = True) -> Job:
+        """The token ids of ``request``, checked against the context and (unless told not
+        to, when the check comes later) the loaded adapters."""
+        if check_adapter and request.adapter is not None and request.adapter not in self.sources:
+            raise RequestError(404, self.unknown(request.adapter))
         if request.prompt is not None:
             ids = self._tokens(request.prompt, "prompt", special=True)
         else:
@@ -293,7 +282,12 @@ class AdapterEngine:
             raise RequestError(
                 400, f'this base has no tokenizer: send token ids instead of text in "{field}"'
             )
-        ids = tuple(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+        try:
+            ids = tuple(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+        except Exception as error:  # e.g. a lone surrogate the tokenizer cannot encode
+            raise RequestError(
+                400, f'"{field}" cannot be tokenized: {type(error).__name__}: {_one_line(error)}'
+            ) from error
         if not ids:
             raise RequestError(400, f'"{field}" {text!r} has no tokens')
         return ids
@@ -385,6 +379,15 @@ class AdapterEngine:
         return out
 
     def _generate(self, jobs: Sequence[Job]) -> list[list[int]]:
+        """Greedy continuations in one ``generate`` call, or in several where the batch's
+        longest prompt plus its largest ``max_new_tokens`` would pass the context (each row
+        fits alone: :meth:`job` checked it)."""
+        groups = self._fitting_groups(jobs)
+        if len(groups) > 1:
+            outputs: dict[int, list[int]] = {}
+            for group in groups:
+                outputs.update(zip(group, self._generate([jobs[i] for i in group]), strict=True))
+            return [outputs[i] for i in range(len(jobs))]
         from transformers import GenerationConfig
 
         width = max(len(job.input_ids) for job in jobs)
@@ -410,6 +413,24 @@ class AdapterEngine:
             for row, job in zip(out[:, width:].tolist(), jobs, strict=True)
         ]
 
+    def _fitting_groups(self, jobs: Sequence[Job]) -> list[list[int]]:
+        """Indices of ``jobs`` in groups whose longest prompt plus largest new-token count
+        fits the context: by prompt length, a new group wherever it would not."""
+        if self.context is None:
+            return [list(range(len(jobs)))]
+        groups: list[list[int]] = []
+        width = steps = 0
+        for index in sorted(range(len(jobs)), key=lambda i: len(jobs[i].input_ids)):
+            job = jobs[index]
+            wider, longer = max(width, len(job.input_ids)), max(steps, job.max_new_tokens)
+            if groups and wider + longer <= self.context:
+                groups[-1].append(index)
+                width, steps = wider, longer
+            else:
+                groups.append([index])
+                width, steps = len(job.input_ids), job.max_new_tokens
+        return [sorted(group) for group in groups]
+
     @contextmanager
     def _routed(self, rows: list[str | None]) -> Iterator[None]:
         if not self.sources:
@@ -423,6 +444,64 @@ class AdapterEngine:
             context = nullcontext()
         with context:
             yield
+
+
+def check_adapter_file(path: str | Path) -> None:
+    """What can be known of an adapter without a model: its folder or file is readable, its
+    method can share a batch. Raises :class:`RequestError` (400) saying what is wrong."""
+    source = Path(path)
+    try:
+        if (source / CONFIG_FILE).is_file():
+            _peft_config(source)
+        elif source.is_file():
+            _checkpoint_parts(source)
+        else:
+            raise RequestError(
+                400,
+                f"{source} is neither a PEFT folder (with {CONFIG_FILE}) nor an adapter "
+                "checkpoint file",
+            )
+    except (AdapterConfigError, AdapterStateError) as error:
+        raise RequestError(400, _one_line(error)) from error
+
+
+def _peft_config(folder: Path) -> Any:
+    """The config of a PEFT folder, refused unless its rows can share a batch."""
+    try:
+        fields = json.loads((folder / CONFIG_FILE).read_text())
+        if not isinstance(fields, dict):
+            raise TypeError(f"a JSON object was expected, not {type(fields).__name__}")
+        config = config_from_peft(fields)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise AdapterConfigError(f"{folder / CONFIG_FILE}: {_one_line(error)}") from error
+    _check_routable([config], folder)
+    if fields.get("modules_to_save"):
+        raise RequestError(
+            400,
+            f"{folder} also trains whole modules ({short(fields['modules_to_save'])}), which "
+            "requests for other adapters would share; serve it on a base of its own",
+        )
+    return config
+
+
+def _checkpoint_parts(path: Path) -> tuple[dict[str, Any], dict[str, Any], str, list[Any]]:
+    """``(checkpoint, metadata, adapter name, configs)`` of an adapter checkpoint whose
+    rows can share a batch."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a pickle with code, a truncated file, not a checkpoint
+        raise RequestError(
+            400,
+            f"{path} is not an adapter checkpoint (torch.load with weights_only=True failed: "
+            f"{type(error).__name__})",
+        ) from error
+    metadata = read_metadata(checkpoint, str(path))
+    saved_names = {entry["name"] for entry in metadata["adapters"]}
+    if len(saved_names) != 1:
+        raise RequestError(400, f"{path} holds adapters {sorted(saved_names)}; load one")
+    configs = [config_from_metadata(entry) for entry in metadata["adapters"]]
+    _check_routable(configs, path)
+    return checkpoint, metadata, saved_names.pop(), configs
 
 
 def _until_eos(row: list[int], limit: int, eos: set[int]) -> list[int]:
@@ -447,12 +526,12 @@ def _check_routable(configs: list[Any], source: Path) -> None:
             )
 
 
-def _own_names(names: list[str], adapter: str) -> list[str]:
-    return [n for n in names if adapter in n.split(".")]
-
-
 def _rename(key: str, old: str, new: str) -> str:
-    return ".".join(new if part == old else part for part in key.split("."))
+    """``key`` with its adapter name ``old`` (the last segment that equals it: module
+    paths come first, as in ``...q_proj.lora_A.default.weight``) replaced by ``new``."""
+    parts = key.split(".")
+    at = len(parts) - 1 - parts[::-1].index(old)
+    return ".".join([*parts[:at], new, *parts[at + 1 :]])
 
 
 def _prefix(key: str, names: list[str]) -> str | None:

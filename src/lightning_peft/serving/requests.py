@@ -13,6 +13,13 @@ DEFAULT_MAX_NEW_TOKENS = 16
 MAX_CHOICES = 64
 
 
+def short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a refusal names what it got without
+    sending a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 class RequestError(Exception):
     """A request the server refuses: ``status`` is the HTTP code, the message its reason."""
 
@@ -51,12 +58,12 @@ def parse_predict(body: Any, *, max_new_tokens_cap: int) -> PredictRequest:
         raise RequestError(400, f"the body must be a JSON object, got {type(body).__name__}")
     unknown = sorted(set(body) - set(PREDICT_FIELDS))
     if unknown:
-        raise RequestError(400, f"unknown field(s) {unknown}; known: {list(PREDICT_FIELDS)}")
+        raise RequestError(400, f"unknown field(s) {short(unknown)}; known: {list(PREDICT_FIELDS)}")
     if "adapter" not in body:
         raise RequestError(400, 'missing field "adapter" (a name from GET /adapters, or null)')
     adapter = body["adapter"]
     if adapter is not None and not isinstance(adapter, str):
-        raise RequestError(400, f'"adapter" must be a name or null, got {adapter!r}')
+        raise RequestError(400, f'"adapter" must be a name or null, got {short(adapter)}')
     prompt, input_ids = body.get("prompt"), body.get("input_ids")
     if (prompt is None) == (input_ids is None):
         raise RequestError(400, 'give exactly one of "prompt" (text) or "input_ids" (token ids)')
@@ -68,7 +75,9 @@ def parse_predict(body: Any, *, max_new_tokens_cap: int) -> PredictRequest:
             or not input_ids
             or not all(isinstance(i, int) and not isinstance(i, bool) for i in input_ids)
         ):
-            raise RequestError(400, f'"input_ids" must be a non-empty int list, got {input_ids!r}')
+            raise RequestError(
+                400, f'"input_ids" must be a non-empty int list, got {short(input_ids)}'
+            )
         input_ids = tuple(input_ids)
     if prompt == "":
         raise RequestError(400, '"prompt" is empty')
@@ -77,7 +86,7 @@ def parse_predict(body: Any, *, max_new_tokens_cap: int) -> PredictRequest:
         raise RequestError(400, 'give "max_new_tokens" (generate) or "choices" (score), not both')
     count = body.get("max_new_tokens", min(DEFAULT_MAX_NEW_TOKENS, max_new_tokens_cap))
     if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
-        raise RequestError(400, f'"max_new_tokens" must be a positive int, got {count!r}')
+        raise RequestError(400, f'"max_new_tokens" must be a positive int, got {short(count)}')
     if count > max_new_tokens_cap:
         raise RequestError(
             400,
@@ -108,7 +117,7 @@ def _choices(value: Any) -> tuple[str | tuple[int, ...], ...] | None:
         raise RequestError(
             400,
             f'"choices" must be a list of 1 to {MAX_CHOICES} non-empty strings or token-id '
-            f"lists, got {value!r}",
+            f"lists, got {short(value)}",
         )
     return tuple(c if isinstance(c, str) else tuple(c) for c in value)
 
@@ -119,12 +128,12 @@ def parse_load(body: Any) -> tuple[str, str]:
         raise RequestError(400, f"the body must be a JSON object, got {type(body).__name__}")
     unknown = sorted(set(body) - {"name", "path"})
     if unknown:
-        raise RequestError(400, f'unknown field(s) {unknown}; the fields are ["name", "path"]')
+        raise RequestError(400, f'unknown field(s) {short(unknown)}; known: ["name", "path"]')
     name, path = body.get("name"), body.get("path")
     if not isinstance(name, str) or not name.isidentifier():
-        raise RequestError(400, f'"name" must be a Python identifier, got {name!r}')
+        raise RequestError(400, f'"name" must be a Python identifier, got {short(name)}')
     if not isinstance(path, str) or not path:
         raise RequestError(
-            400, f'"path" must name a PEFT folder or adapter checkpoint, got {path!r}'
+            400, f'"path" must name a PEFT folder or adapter checkpoint, got {short(path)}'
         )
     return name, path
