@@ -76,12 +76,17 @@ def test_the_loftq_error_table_in_the_readme_is_the_saved_one():
     assert "| 8 | 0.964 | 0.929 |" in table  # the figures the LoftQ section's text quotes
 
 
-def test_serving_table_in_the_readme_is_the_saved_one():
+@pytest.mark.parametrize("suffix", ["", "-nf4"])
+def test_serving_table_in_the_readme_is_the_saved_one(suffix):
     readme = (ROOT / "README.md").read_text()
-    table = (RESULTS / "serving-cpu.md").read_text()
-    assert f"<!-- serving:start -->\n{table}<!-- serving:end -->" in readme
+    table = (RESULTS / f"serving-cpu{suffix}.md").read_text()
+    assert f"<!-- serving{suffix}:start -->\n{table}<!-- serving{suffix}:end -->" in readme
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in table.splitlines()[4:]}
     mixed, per_adapter = float(rows["mixed"][4]), float(rows["per-adapter"][4])
     merged = float(rows["merged"][4])
-    assert f"{mixed / per_adapter:.2f}x the tokens per second of one adapter" in readme
-    assert f"{mixed / merged:.2f}x four merged single-adapter servers" in readme
+    if suffix:
+        assert f"lead is smaller, {mixed / per_adapter:.2f}x" in readme
+        assert f"and {mixed / merged:.2f}x the merged servers" in readme
+    else:
+        assert f"{mixed / per_adapter:.2f}x the tokens per second of one adapter" in readme
+        assert f"{mixed / merged:.2f}x four merged single-adapter servers" in readme

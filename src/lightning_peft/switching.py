@@ -14,7 +14,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lightning_peft.adapters.protocol import trained_marks
+from lightning_peft.adapters.protocol import (
+    NamedAdapterModule,
+    RoutedAdapterModule,
+    held_adapter_names,
+    trained_marks,
+)
 from lightning_peft.adapters.routing import Routing
 from lightning_peft.errors import AdapterStateError
 from lightning_peft.injection import (
@@ -29,16 +34,12 @@ def adapter_names(model: nn.Module) -> list[str]:
     """The names of the adapters attached to ``model``, in the order first seen."""
     names: dict[str, None] = {}
     for _, module in adapter_modules(model):
-        names.update(dict.fromkeys(getattr(module, "configs", None) or [_single_name(module)]))
+        names.update(dict.fromkeys(held_adapter_names(module)))
     return list(names)
 
 
-def _single_name(module: nn.Module) -> str:
-    return getattr(module, "adapter_name", "default")
-
-
-def _switchable(model: nn.Module) -> list[nn.Module]:
-    return [m for _, m in adapter_modules(model) if hasattr(m, "active_adapters")]
+def _switchable(model: nn.Module) -> list[NamedAdapterModule]:
+    return [m for _, m in adapter_modules(model) if isinstance(m, NamedAdapterModule)]
 
 
 def _check_names(model: nn.Module, names: Sequence[str]) -> None:
@@ -77,14 +78,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """
     _check_names(model, [name])
     for module_name, module in adapter_modules(model):  # every refusal before any change
-        if getattr(module, "configs", None) is None and _single_name(module) == name:
+        if not isinstance(module, NamedAdapterModule) and held_adapter_names(module) == [name]:
             raise AdapterStateError(
                 f"{module_name} ({type(module).__name__}) holds one adapter and cannot "
                 "delete it; rebuild the model without it"
             )
     for _, module in list(adapter_modules(model)):
-        configs = getattr(module, "configs", None)
-        if configs is None or name not in configs:
+        if not isinstance(module, NamedAdapterModule) or name not in module.configs:
             continue
         module.delete_adapter(name)
         if not module.configs:
@@ -151,7 +151,7 @@ def mixed_batch(
         names = tuple(dict.fromkeys(rows))
         index = torch.tensor([names.index(r) for r in rows], dtype=torch.long)
     _check_names(model, [n for n in names if n is not None])
-    modules = [m for m in _switchable(model) if hasattr(m, "routing")]
+    modules = [m for m in _switchable(model) if isinstance(m, RoutedAdapterModule)]
     if not modules:
         raise AdapterStateError("mixed_batch routes LoRA and IA3 adapters; the model has none")
     if any(m.merged for m in modules):

@@ -8,12 +8,16 @@ import re
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import lightning_peft
+from external_method import OutputShift
 from lightning_modules import CausalLM, MixinLM, counting_data, fit
 from lightning_peft import (
     IA3,
     AdapterCheckpoint,
+    AdapterConfigError,
+    AdapterStateError,
     BitFit,
     BottleneckAdapter,
     LoRA,
@@ -27,9 +31,17 @@ from lightning_peft import (
     count_parameters,
     fold_prefix_,
     load_adapter_state_dict,
+    load_peft,
+    merge_adapters,
+    merge_and_export,
+    save_peft,
+    unmerge_adapters,
 )
+from lightning_peft.adapters import MergeableAdapter
 from lightning_peft.adapters.inputs import cache_argument
+from lightning_peft.injection import adapter_modules
 from tiny_models import VOCAB, tiny_llama
+from tolerances import reordering_tolerance
 
 METHODS = {
     "lora": LoRA(rank=4, alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -42,6 +54,7 @@ METHODS = {
     "pfeiffer": BottleneckAdapter(reduction_factor=8, placement="pfeiffer", activation="gelu"),
     "bitfit": BitFit(),
     "lora+bitfit": [LoRA(rank=4, target_modules=["q_proj"]), BitFit()],
+    "external": OutputShift(),  # defined in tests/external_method.py, unknown to the package
 }
 VIRTUAL_TOKENS = {"prompt", "prefix", "prefix-direct"}  # outputs change by design at init
 
@@ -57,6 +70,7 @@ TENSOR_NAMES = {
     "pfeiffer": r".*down_proj\.adapter_(down|up)\.default\.(weight|bias)",
     "bitfit": r".*_proj\.bias",
     "lora+bitfit": r".*(q_proj\.lora_[AB]\.default\.weight|_proj\.bias)",
+    "external": r".*_proj\.shift\.default",
 }
 
 # Tiny Llama: hidden d=64, 2 layers, 4 heads of 16, 2 key/value heads (kv width 32), ffn 128.
@@ -80,7 +94,11 @@ PAPER_COUNTS = {
     # BitFit: every bias (q, k, v, o, gate, up, down).
     "bitfit": LAYERS * (D + KV + KV + D + FFN + FFN + D),
     "lora+bitfit": LAYERS * (4 * (D + D)) + LAYERS * (D + KV + KV + D + FFN + FFN + D),
+    # OutputShift: one vector per linear layer's output, as many as BitFit's biases.
+    "external": LAYERS * (D + KV + KV + D + FFN + FFN + D),
 }
+# Methods that say they have no Hugging Face PEFT file (save_peft refuses them, naming why).
+NO_PEFT_FORMAT = {"houlsby", "pfeiffer", "bitfit", "lora+bitfit", "external"}
 
 
 def base_model(seed: int = 0) -> torch.nn.Module:
@@ -246,3 +264,56 @@ def test_mixin_under_qlora_precision_resumes_exactly(method, tmp_path):
     assert second.losses == straight.losses[3:]
     quantized = [m for m in resumed.modules() if type(m).__name__ == "Linear4bit"]
     assert len(quantized) == 2 * 7  # every linear layer of both blocks, under any adapter
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_merging_keeps_the_output_if_the_method_is_mergeable(method, tokens, tmp_path):
+    model = adapted(method)
+    perturb_(model)
+    modules = [module for _, module in adapter_modules(model)]
+    if not modules:
+        pytest.skip("the method trains the base's own tensors: they are the weights already")
+    if not all(isinstance(m, MergeableAdapter) for m in modules):
+        with pytest.raises(AdapterConfigError, match="cannot be merged into the weights"):
+            merge_and_export(model, "unused")
+        return
+    merge_and_export(model, tmp_path / "merged")  # from a copy: the model keeps its adapters
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        expected = model(input_ids=tokens).logits
+        tolerance = reordering_tolerance(expected, depth=4, width=D)
+        torch.testing.assert_close(exported(input_ids=tokens).logits, expected, **tolerance)
+        report = merge_adapters(model)
+        merged = model(input_ids=tokens).logits
+        assert report.changed == len(modules) and not torch.equal(
+            merged, base_model()(input_ids=tokens).logits
+        )
+        # The merged weights compute the update in another order: equal to rounding.
+        torch.testing.assert_close(
+            merged, expected, **reordering_tolerance(expected, depth=4, width=D)
+        )
+        unmerge_adapters(model)
+        torch.testing.assert_close(
+            model(input_ids=tokens).logits,
+            expected,
+            **reordering_tolerance(expected, depth=4, width=D),
+        )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_peft_files_round_trip_or_are_refused_before_writing(method, tokens, tmp_path):
+    trained = adapted(method)
+    perturb_(trained)
+    if method in NO_PEFT_FORMAT:
+        with pytest.raises((AdapterConfigError, AdapterStateError)) as refused:
+            save_peft(trained, tmp_path / "peft")
+        assert re.search(
+            "has no Hugging Face PEFT equivalent|a PEFT directory holds one", str(refused.value)
+        )
+        assert not (tmp_path / "peft").exists()
+        return
+    save_peft(trained, tmp_path / "peft")
+    loaded = load_peft(base_model(), tmp_path / "peft")
+    with torch.no_grad():
+        expected = trained(input_ids=tokens).logits
+        torch.testing.assert_close(loaded(input_ids=tokens).logits, expected, rtol=0, atol=0)

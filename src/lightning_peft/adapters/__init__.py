@@ -9,10 +9,13 @@ from lightning_peft.adapters.lora import LoRA, LoRALinear
 from lightning_peft.adapters.prefix import PrefixKV, PrefixTuning, fold_prefix_
 from lightning_peft.adapters.prompt import PromptTuning, SoftPrompt
 from lightning_peft.adapters.protocol import AdapterModule, MergeableAdapter, is_adapter
+from lightning_peft.adapters.registry import register_method
 
 # The methods this package ships: the type the CLI (jsonargparse) offers for ``adapters``.
 # Anything with the shape of ``lightning_peft.injection.AdapterConfig`` works in code too.
 MethodConfig = Union[LoRA, IA3, PromptTuning, PrefixTuning, BottleneckAdapter, BitFit, Unfreeze]  # noqa: UP007 (jsonargparse builds the CLI from it)
+for _method in (LoRA, IA3, PromptTuning, PrefixTuning, BottleneckAdapter, BitFit, Unfreeze):
+    register_method(_method)
 
 __all__ = [
     "IA3",
@@ -32,4 +35,5 @@ __all__ = [
     "Unfreeze",
     "fold_prefix_",
     "is_adapter",
+    "register_method",
 ]

@@ -7,7 +7,7 @@ never mistaken for an adapter.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
@@ -35,6 +35,32 @@ class MergeableAdapter(AdapterModule, Protocol):
     def unmerge(self) -> float:
         """Take the update out of the base weight again; return the error as for merge."""
         ...
+
+
+@runtime_checkable
+class NamedAdapterModule(AdapterModule, Protocol):
+    """A layer holding several named adapters at once (LoRA, IA3): the forward applies the
+    ``active_adapters``; ``set_active_adapters`` and ``delete_adapter`` act on it."""
+
+    configs: dict[str, Any]
+    active_adapters: list[str]
+
+    def delete_adapter(self, name: str) -> None: ...
+
+
+@runtime_checkable
+class RoutedAdapterModule(NamedAdapterModule, Protocol):
+    """A named-adapter layer that sends each row of a batch through its own adapter while
+    ``routing`` is set (``mixed_batch``)."""
+
+    routing: Any
+
+
+def held_adapter_names(module: nn.Module) -> list[str]:
+    """The names of the adapters ``module`` holds (one, for single-adapter modules)."""
+    if isinstance(module, NamedAdapterModule):
+        return list(module.configs)
+    return [getattr(module, "adapter_name", "default")]
 
 
 def is_adapter(module: nn.Module) -> bool:

@@ -15,9 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.adapters.ia3 import IA3Linear
 from lightning_peft.adapters.inputs import find_transformers_model
-from lightning_peft.adapters.lora import LoRALinear
+from lightning_peft.adapters.protocol import (
+    MergeableAdapter,
+    NamedAdapterModule,
+    held_adapter_names,
+)
 from lightning_peft.checkpoint.io import check_folder_target, owned_with_tokenizer, staged_folder
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.injection import adapter_modules, replace_module_
@@ -65,7 +68,7 @@ def merge_and_export(
     if not adapters:
         raise AdapterStateError(f"{type(host).__name__} has no adapters to merge")
     unmergeable = sorted(
-        {type(m).__name__ for _, m in adapters if not isinstance(m, (LoRALinear, IA3Linear))}
+        {type(m).__name__ for _, m in adapters if not isinstance(m, MergeableAdapter)}
     )
     if unmergeable:
         raise AdapterConfigError(
@@ -79,10 +82,11 @@ def merge_and_export(
     wrappers = sorted(adapter_modules(exported), key=lambda item: -item[0].count("."))
     for name, wrapper in wrappers:
         if adapter_name is not None:
-            if adapter_name not in wrapper.configs:
+            if adapter_name not in held_adapter_names(wrapper):
                 _unwrap(exported, name, wrapper)
                 continue
-            wrapper.active_adapters = [adapter_name]
+            if isinstance(wrapper, NamedAdapterModule):
+                wrapper.active_adapters = [adapter_name]
         wrapper.disabled = False
         untie_base_weight_(exported, wrapper)
         errors[name] = wrapper.merge()

@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from importlib import metadata as importlib_metadata
-from typing import Any, get_args
+from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_peft.adapters import MethodConfig
+from lightning_peft.adapters.registry import method_class, registered_methods
 from lightning_peft.checkpoint.state import key_mismatch_message
 from lightning_peft.errors import AdapterStateError, AdapterStateKeyError
 from lightning_peft.injection import (
@@ -74,22 +74,22 @@ def adapter_configs(model: nn.Module) -> list[dict[str, Any]]:
     ]
 
 
-# The configs a checkpoint may name: reading one never calls anything else it names.
-_METHODS = {cls.__name__: cls for cls in get_args(MethodConfig)}
-
-
 def config_from_metadata(entry: dict[str, Any]) -> Any:
     """An adapter config rebuilt from a checkpoint's metadata entry (see :func:`adapter_configs`).
 
+    Only registered methods are built (``lightning_peft.adapters.register_method``): reading
+    a checkpoint never calls anything else it names.
+
     Raises:
-        AdapterStateError: the entry names a method this package does not ship.
+        AdapterStateError: the entry names a method that is not registered.
     """
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}
-    method = _METHODS.get(fields.pop("method", None))
+    method = method_class(fields.pop("method", None))
     if method is None:
         raise AdapterStateError(
-            f"the checkpoint's adapter entry names method {entry.get('method')!r}; this "
-            f"lightning_peft rebuilds {sorted(_METHODS)}"
+            f"the checkpoint's adapter entry names method {entry.get('method')!r}, which is "
+            f"not registered (registered: {registered_methods()}); import the module that "
+            "defines and registers it first"
         )
     fields.pop("name", None)
     return method(**fields)
