@@ -47,8 +47,9 @@ def make_adapters(base: Path, root: Path) -> None:
     """Four PEFT folders (root/a..d) and each merged into the base (root/merged-a..d)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lightning_peft import LoRA, adapter_parameter_names, apply_adapters, save_peft
+    from lightning_peft import LoRA, apply_adapters, save_peft
     from lightning_peft.checkpoint.export import merge_and_export
+    from lightning_peft.injection import adapter_parameter_names
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     for seed, name in enumerate(NAMES):

@@ -13,8 +13,10 @@ from __future__ import annotations
 import torch
 from common import parse_args, run
 
-from lightning_peft import IA3, RankClassificationAccuracy, tfew_losses
+from lightning_peft import IA3
 from lightning_peft.lightning.tasks import ReviewSentiment
+from lightning_peft.tfew import tfew_losses
+from lightning_peft.tfew_metric import RankClassificationAccuracy
 
 
 class TFewSentimentLM(ReviewSentiment):

@@ -27,10 +27,10 @@ from lightning_peft import (
     LoRA,
     PrefixTuning,
     PromptTuning,
-    adapter_parameter_names,
     apply_adapters,
     count_parameters,
 )
+from lightning_peft.injection import adapter_parameter_names
 from lightning_peft.quantization import quantize_model
 
 VOCAB = 128

@@ -12,12 +12,12 @@ from lightning_peft import (
     PeftPrecision,
     adapter_state_dict,
     apply_adapters,
-    estimate_memory,
     load_adapter_state_dict,
     save_peft,
 )
 from lightning_peft.lightning.cli import main as cli_main
 from lightning_peft.quantization import quantize_model
+from lightning_peft.quantization.estimate import estimate_memory
 from tiny_models import tiny_llama
 
 
@@ -105,7 +105,7 @@ def test_a_compiled_modules_adapter_state_loads_into_the_uncompiled_one_and_back
 
 
 def test_an_empty_target_list_is_named_as_the_problem():
-    from lightning_peft import TargetModulesError
+    from lightning_peft.errors import TargetModulesError
 
     with pytest.raises(TargetModulesError, match=r"target_modules is empty \(got \(\)\)"):
         apply_adapters(tiny_llama(), LoRA(target_modules=[]))

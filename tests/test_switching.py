@@ -10,9 +10,7 @@ from lightning_peft import (
     AdapterStateError,
     BitFit,
     LoRA,
-    TargetModulesError,
     adapter_names,
-    adapter_parameter_names,
     adapter_state_dict,
     apply_adapters,
     delete_adapter,
@@ -20,6 +18,8 @@ from lightning_peft import (
     mixed_batch,
     set_active_adapters,
 )
+from lightning_peft.errors import TargetModulesError
+from lightning_peft.injection import adapter_parameter_names
 from snapshots import refused_without_a_trace
 from tiny_models import VOCAB, tiny_llama
 from tolerances import reordering_tolerance

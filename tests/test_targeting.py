@@ -5,13 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_peft import (
-    LoRA,
-    LoRALinear,
-    TargetModulesError,
-    UnsupportedLayerError,
-    apply_adapters,
-)
+from lightning_peft import LoRA, apply_adapters
+from lightning_peft.adapters import LoRALinear
+from lightning_peft.errors import TargetModulesError, UnsupportedLayerError
 from lightning_peft.targeting import find_targets
 from snapshots import refused_without_a_trace
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama

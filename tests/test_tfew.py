@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lightning_peft import RankClassificationAccuracy, tfew_losses
-from lightning_peft.tfew import choice_log_probs, length_normalized_scores
+from lightning_peft.tfew import choice_log_probs, length_normalized_scores, tfew_losses
+from lightning_peft.tfew_metric import RankClassificationAccuracy
 
 # One example, two choices, vocabulary of 3. Row 0 is x + the correct choice (tokens 2, 0),
 # row 1 is x + the incorrect one (token 1, then padding). Position t predicts token t + 1.

@@ -1,5 +1,7 @@
 """Parameter-efficient fine-tuning for PyTorch Lightning: LoRA and friends over any base layer."""
 
+import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from lightning_peft.adapters import (
@@ -7,26 +9,17 @@ from lightning_peft.adapters import (
     BitFit,
     BottleneckAdapter,
     LoRA,
-    LoRALinear,
     PrefixTuning,
     PromptTuning,
     Unfreeze,
-    fold_prefix_,
 )
 from lightning_peft.checkpoint import adapter_state_dict, load_adapter_state_dict
 from lightning_peft.checkpoint.export import merge_and_export
 from lightning_peft.checkpoint.peft_format import load_peft, save_peft
-from lightning_peft.counting import ParameterCount, count_parameters
-from lightning_peft.errors import (
-    AdapterConfigError,
-    AdapterStateError,
-    AdapterStateKeyError,
-    TargetModulesError,
-    UnsupportedLayerError,
-)
-from lightning_peft.injection import adapter_parameter_names, apply_adapters
-from lightning_peft.merging import MergeReport, merge_adapters, unmerge_adapters
-from lightning_peft.quantization.estimate import estimate_memory
+from lightning_peft.counting import count_parameters
+from lightning_peft.errors import AdapterConfigError, AdapterStateError
+from lightning_peft.injection import apply_adapters
+from lightning_peft.merging import merge_adapters, unmerge_adapters
 from lightning_peft.switching import (
     adapter_names,
     delete_adapter,
@@ -34,7 +27,6 @@ from lightning_peft.switching import (
     mixed_batch,
     set_active_adapters,
 )
-from lightning_peft.tfew import tfew_losses
 
 __version__ = "0.1.0"
 
@@ -45,11 +37,9 @@ if TYPE_CHECKING:
         Distillation,
         PeftCallback,
         PeftMixin,
-        PeftModelSummary,
         PeftPrecision,
         Trainer,
     )
-    from lightning_peft.tfew_metric import RankClassificationAccuracy
 
 # Lightning takes seconds to import; plain-PyTorch users of apply_adapters never pay for it.
 _LIGHTNING_NAMES = (
@@ -58,58 +48,68 @@ _LIGHTNING_NAMES = (
     "Distillation",
     "PeftCallback",
     "PeftMixin",
-    "PeftModelSummary",
     "PeftPrecision",
     "Trainer",
 )
 
+# Names that were top-level before 0.2 and now live in the module that defines them; the
+# old spelling works, with a warning, until the next release.
+_MOVED = {
+    "LoRALinear": "lightning_peft.adapters",
+    "fold_prefix_": "lightning_peft.adapters",
+    "AdapterStateKeyError": "lightning_peft.errors",
+    "TargetModulesError": "lightning_peft.errors",
+    "UnsupportedLayerError": "lightning_peft.errors",
+    "MergeReport": "lightning_peft.merging",
+    "ParameterCount": "lightning_peft.counting",
+    "adapter_parameter_names": "lightning_peft.injection",
+    "estimate_memory": "lightning_peft.quantization.estimate",
+    "tfew_losses": "lightning_peft.tfew",
+    "RankClassificationAccuracy": "lightning_peft.tfew_metric",
+    "PeftModelSummary": "lightning_peft.lightning",
+}
+
 
 def __getattr__(name: str) -> Any:
-    if name == "RankClassificationAccuracy":  # torchmetrics, imported on first use
-        from lightning_peft.tfew_metric import RankClassificationAccuracy
-
-        return RankClassificationAccuracy
     if name in _LIGHTNING_NAMES:
         import lightning_peft.lightning
 
         return getattr(lightning_peft.lightning, name)
+    if name in _MOVED:
+        warnings.warn(
+            f"lightning_peft.{name} moved: import it from {_MOVED[name]}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module 'lightning_peft' has no attribute {name!r}")
 
 
+# The configs, apply / state / merge, PEFT files and export, the multi-adapter verbs, the
+# Lightning classes and the two errors to catch. Everything else lives in its module.
 __all__ = [
     "IA3",
     "AdapterCheckpoint",
     "AdapterConfigError",
     "AdapterModelParallelStrategy",
     "AdapterStateError",
-    "AdapterStateKeyError",
     "BitFit",
     "BottleneckAdapter",
     "Distillation",
     "LoRA",
-    "LoRALinear",
-    "MergeReport",
-    "ParameterCount",
     "PeftCallback",
     "PeftMixin",
-    "PeftModelSummary",
     "PeftPrecision",
     "PrefixTuning",
     "PromptTuning",
-    "RankClassificationAccuracy",
-    "TargetModulesError",
     "Trainer",
     "Unfreeze",
-    "UnsupportedLayerError",
     "adapter_names",
-    "adapter_parameter_names",
     "adapter_state_dict",
     "apply_adapters",
     "count_parameters",
     "delete_adapter",
     "disable_adapters",
-    "estimate_memory",
-    "fold_prefix_",
     "load_adapter_state_dict",
     "load_peft",
     "merge_adapters",
@@ -117,6 +117,5 @@ __all__ = [
     "mixed_batch",
     "save_peft",
     "set_active_adapters",
-    "tfew_losses",
     "unmerge_adapters",
 ]

@@ -16,11 +16,22 @@ from typing import Union
 from torch import nn
 
 from lightning_peft.adapters.protocol import is_adapter
-from lightning_peft.errors import TargetModulesError, UnsupportedLayerError
+from lightning_peft.errors import AdapterConfigError, TargetModulesError, UnsupportedLayerError
 from lightning_peft.quantization import is_linear_layer, linear_layer_types, output_head_names
 
 ALL_LINEAR = "all-linear"
 Patterns = Union[str, Sequence[str]]  # noqa: UP007 (jsonargparse builds the CLI from it)
+
+
+def finish_config_(config: object, problems: list[str], **normalized: object) -> None:
+    """End a frozen config's ``__post_init__``: raise one error listing every problem found,
+    else store the ``normalized`` field values (as :func:`normalize_patterns` made them)."""
+    if problems:
+        raise AdapterConfigError(
+            f"invalid {type(config).__name__} config:\n  - " + "\n  - ".join(problems)
+        )
+    for field, value in normalized.items():
+        object.__setattr__(config, field, value)
 
 
 def normalize_patterns(value: Patterns, field: str, problems: list[str]) -> str | tuple[str, ...]:

@@ -1,8 +1,7 @@
 """T-Few's rank-classification accuracy as a torchmetrics ``Metric``.
 
 Apart from :mod:`lightning_peft.tfew` so that ``import lightning_peft`` does not import
-torchmetrics (most of that import's time); ``lightning_peft.RankClassificationAccuracy``
-loads this module on first use.
+torchmetrics (most of that import's time): only importing this module loads it.
 """
 
 from __future__ import annotations

@@ -25,11 +25,9 @@ from lightning_peft import (
     PeftPrecision,
     PrefixTuning,
     PromptTuning,
-    adapter_parameter_names,
     adapter_state_dict,
     apply_adapters,
     count_parameters,
-    fold_prefix_,
     load_adapter_state_dict,
     load_peft,
     merge_adapters,
@@ -37,9 +35,9 @@ from lightning_peft import (
     save_peft,
     unmerge_adapters,
 )
-from lightning_peft.adapters import MergeableAdapter
+from lightning_peft.adapters import MergeableAdapter, fold_prefix_
 from lightning_peft.adapters.inputs import cache_argument
-from lightning_peft.injection import adapter_modules
+from lightning_peft.injection import adapter_modules, adapter_parameter_names
 from tiny_models import VOCAB, tiny_llama
 from tolerances import reordering_tolerance
 

@@ -19,12 +19,12 @@ from transformers import (
 from lightning_peft import (
     PrefixTuning,
     PromptTuning,
-    adapter_parameter_names,
     apply_adapters,
     count_parameters,
     load_peft,
     save_peft,
 )
+from lightning_peft.injection import adapter_parameter_names
 from tiny_models import peft_or_skip
 
 

@@ -9,13 +9,13 @@ from transformers.pytorch_utils import Conv1D
 from lightning_peft import (
     AdapterConfigError,
     LoRA,
-    LoRALinear,
     adapter_state_dict,
     apply_adapters,
     count_parameters,
     merge_adapters,
     unmerge_adapters,
 )
+from lightning_peft.adapters import LoRALinear
 from lightning_peft.injection import adapter_modules
 from tiny_models import MODEL_FACTORIES, logits, tiny_gpt2, tiny_llama
 

@@ -13,8 +13,6 @@ from lightning_peft import (
     AdapterConfigError,
     AdapterStateError,
     LoRA,
-    UnsupportedLayerError,
-    adapter_parameter_names,
     apply_adapters,
     count_parameters,
     load_peft,
@@ -23,6 +21,8 @@ from lightning_peft import (
     save_peft,
     unmerge_adapters,
 )
+from lightning_peft.errors import UnsupportedLayerError
+from lightning_peft.injection import adapter_parameter_names
 from lightning_peft.quantization import quantize_model
 from snapshots import refused_without_a_trace
 from tiny_models import peft_or_skip

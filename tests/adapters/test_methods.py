@@ -14,16 +14,15 @@ from lightning_peft import (
     LoRA,
     PrefixTuning,
     PromptTuning,
-    TargetModulesError,
     Unfreeze,
-    UnsupportedLayerError,
-    adapter_parameter_names,
     adapter_state_dict,
     apply_adapters,
-    fold_prefix_,
     merge_adapters,
     unmerge_adapters,
 )
+from lightning_peft.adapters import fold_prefix_
+from lightning_peft.errors import TargetModulesError, UnsupportedLayerError
+from lightning_peft.injection import adapter_parameter_names
 from lightning_peft.quantization import quantize_model
 from snapshots import refused_without_a_trace
 from tiny_models import VOCAB, tiny_bert, tiny_gpt2, tiny_llama

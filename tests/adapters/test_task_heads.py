@@ -26,12 +26,12 @@ from lightning_peft import (
     PrefixTuning,
     PromptTuning,
     Unfreeze,
-    adapter_parameter_names,
     apply_adapters,
     count_parameters,
     load_peft,
     save_peft,
 )
+from lightning_peft.injection import adapter_parameter_names
 from lightning_peft.quantization import quantize_model
 from tiny_models import VOCAB, tiny_bert
 

@@ -8,15 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lightning_peft import (
-    IA3,
-    AdapterConfigError,
-    LoRA,
-    PromptTuning,
-    adapter_parameter_names,
-    apply_adapters,
-)
+from lightning_peft import IA3, AdapterConfigError, LoRA, PromptTuning, apply_adapters
 from lightning_peft.checkpoint.export import merge_and_export
+from lightning_peft.injection import adapter_parameter_names
 from lightning_peft.quantization import quantize_model
 from tiny_models import VOCAB, tiny_llama
 from tolerances import reordering_tolerance

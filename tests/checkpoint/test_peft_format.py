@@ -24,10 +24,10 @@ from lightning_peft import (
     LoRA,
     PrefixTuning,
     PromptTuning,
-    adapter_parameter_names,
     apply_adapters,
 )
 from lightning_peft.checkpoint.peft_format import load_peft, save_peft
+from lightning_peft.injection import adapter_parameter_names
 from snapshots import assert_model_unchanged, model_snapshot
 from tiny_models import VOCAB, tiny_gpt2, tiny_llama
 

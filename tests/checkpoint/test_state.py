@@ -7,13 +7,13 @@ import torch
 
 from lightning_peft import (
     AdapterStateError,
-    AdapterStateKeyError,
     LoRA,
     adapter_state_dict,
     apply_adapters,
     load_adapter_state_dict,
     merge_adapters,
 )
+from lightning_peft.errors import AdapterStateKeyError
 from tiny_models import logits, tiny_llama
 
 QV = LoRA(rank=4, target_modules=["q_proj", "v_proj"])

@@ -8,13 +8,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from lightning_modules import QV_LORA, CausalLM, MixinLM, fit, quantize_decoder
-from lightning_peft import (
-    AdapterCheckpoint,
-    PeftCallback,
-    PeftModelSummary,
-    adapter_state_dict,
-    count_parameters,
-)
+from lightning_peft import AdapterCheckpoint, PeftCallback, adapter_state_dict, count_parameters
+from lightning_peft.lightning import PeftModelSummary
 from lightning_peft.lightning.summary import PeftRichModelSummary
 from tiny_models import logits
 

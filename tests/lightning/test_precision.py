@@ -15,11 +15,11 @@ from lightning_peft import (
     AdapterCheckpoint,
     AdapterConfigError,
     LoRA,
-    LoRALinear,
     PeftCallback,
     PeftPrecision,
     adapter_state_dict,
 )
+from lightning_peft.adapters import LoRALinear
 
 DECODER_LINEARS = 14  # 7 projections x 2 layers of the tiny Llama
 

@@ -14,10 +14,10 @@ from lightning_peft import (
     AdapterCheckpoint,
     AdapterConfigError,
     AdapterStateError,
-    AdapterStateKeyError,
     LoRA,
     PeftCallback,
 )
+from lightning_peft.errors import AdapterStateKeyError
 
 
 @pytest.fixture(scope="module")

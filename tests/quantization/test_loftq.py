@@ -12,11 +12,11 @@ from lightning_peft import (
     AdapterCheckpoint,
     AdapterConfigError,
     LoRA,
-    LoRALinear,
     PeftCallback,
     adapter_state_dict,
     apply_adapters,
 )
+from lightning_peft.adapters import LoRALinear
 from lightning_peft.checkpoint.export import merge_and_export
 from lightning_peft.quantization import dequantize, quantize_model
 from snapshots import refused_without_a_trace

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from lightning_peft import IA3, LoRA, adapter_parameter_names, apply_adapters, load_peft, save_peft
+from lightning_peft import IA3, LoRA, apply_adapters, load_peft, save_peft
+from lightning_peft.injection import adapter_parameter_names
 from tiny_models import VOCAB, tiny_llama
 
 CONFIGS = {

@@ -15,10 +15,10 @@ from lightning_peft import (
     LoRA,
     PeftCallback,
     PromptTuning,
-    adapter_parameter_names,
     apply_adapters,
     save_peft,
 )
+from lightning_peft.injection import adapter_parameter_names
 from lightning_peft.serving import AdapterEngine, Job, RequestError
 from lightning_peft.serving.requests import parse_predict
 from tiny_models import tiny_llama

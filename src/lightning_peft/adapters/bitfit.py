@@ -16,8 +16,14 @@ from dataclasses import dataclass
 from torch import nn
 
 from lightning_peft.adapters.protocol import is_adapter, mark_trained_
-from lightning_peft.errors import AdapterConfigError, TargetModulesError
-from lightning_peft.targeting import Patterns, candidate_modules, find_targets, normalize_patterns
+from lightning_peft.errors import TargetModulesError
+from lightning_peft.targeting import (
+    Patterns,
+    candidate_modules,
+    find_targets,
+    finish_config_,
+    normalize_patterns,
+)
 
 
 @dataclass(frozen=True)
@@ -40,10 +46,7 @@ class BitFit:
         problems: list[str] = []
         targets = normalize_patterns(self.target_modules, "target_modules", problems)
         excludes = normalize_patterns(self.exclude_modules, "exclude_modules", problems)
-        if problems:
-            raise AdapterConfigError("invalid BitFit config:\n  - " + "\n  - ".join(problems))
-        object.__setattr__(self, "target_modules", targets)
-        object.__setattr__(self, "exclude_modules", excludes)
+        finish_config_(self, problems, target_modules=targets, exclude_modules=excludes)
 
     def check(self, model: nn.Module) -> None:
         self._biased_modules(model)
@@ -54,15 +57,7 @@ class BitFit:
 
     def _biased_modules(self, model: nn.Module) -> list[nn.Module]:
         """Modules selected by the patterns that own a bias ``nn.Parameter``."""
-        selected = find_targets(
-            model,
-            self.target_modules,
-            self.exclude_modules,
-            can_wrap=lambda module: True,
-            method="BitFit",
-            allow_adapted=True,
-            wraps=False,
-        )
+        selected = _selected_names(self, model)
         owners = {name: module for name, module in _bias_owners(model)}
         chosen = [owners[name] for name in selected if name in owners]
         if not chosen:
@@ -111,10 +106,7 @@ class Unfreeze:
             problems.append(
                 "target_modules must name the modules to train, e.g. ['classifier'], got ()"
             )
-        if problems:
-            raise AdapterConfigError("invalid Unfreeze config:\n  - " + "\n  - ".join(problems))
-        object.__setattr__(self, "target_modules", targets)
-        object.__setattr__(self, "exclude_modules", excludes)
+        finish_config_(self, problems, target_modules=targets, exclude_modules=excludes)
 
     def check(self, model: nn.Module) -> None:
         self._selected(model)
@@ -127,16 +119,22 @@ class Unfreeze:
     def selected_names(self, model: nn.Module) -> list[str]:
         """Names of the modules this config trains, outermost only (a selected module's
         children are covered by the module itself)."""
-        selected = find_targets(
-            model,
-            self.target_modules,
-            self.exclude_modules,
-            can_wrap=lambda module: True,
-            method="Unfreeze",
-            allow_adapted=True,
-            wraps=False,
-        )
+        selected = _selected_names(self, model)
         return [n for n in selected if not any(n.startswith(p + ".") for p in selected)]
 
     def _selected(self, model: nn.Module) -> list[nn.Module]:
         return [model.get_submodule(name) for name in self.selected_names(model)]
+
+
+def _selected_names(config: BitFit | Unfreeze, model: nn.Module) -> list[str]:
+    """Names of the modules ``config``'s patterns select: of any type, adapted or not (these
+    methods train tensors modules already have; they wrap nothing)."""
+    return find_targets(
+        model,
+        config.target_modules,
+        config.exclude_modules,
+        can_wrap=lambda module: True,
+        method=type(config).__name__,
+        allow_adapted=True,
+        wraps=False,
+    )

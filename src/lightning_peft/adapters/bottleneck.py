@@ -25,9 +25,8 @@ from torch import nn
 
 from lightning_peft.adapters.init import empty_linear, init_generator, reset_linear_
 from lightning_peft.adapters.wrapper import BaseLayerWrapper
-from lightning_peft.errors import AdapterConfigError
 from lightning_peft.quantization import in_out_features, is_linear_layer
-from lightning_peft.targeting import Patterns, normalize_patterns
+from lightning_peft.targeting import Patterns, finish_config_, normalize_patterns
 
 Placement = Literal["houlsby", "pfeiffer"]
 Activation = Literal["relu", "gelu", "silu", "tanh"]
@@ -82,13 +81,13 @@ class BottleneckAdapter:
                 "attention_modules and feedforward_modules must both be suffix lists or both be "
                 f"regexes, got {attention!r} and {feedforward!r}"
             )
-        if problems:
-            raise AdapterConfigError(
-                "invalid BottleneckAdapter config:\n  - " + "\n  - ".join(problems)
-            )
-        object.__setattr__(self, "attention_modules", attention)
-        object.__setattr__(self, "feedforward_modules", feedforward)
-        object.__setattr__(self, "exclude_modules", excludes)
+        finish_config_(
+            self,
+            problems,
+            attention_modules=attention,
+            feedforward_modules=feedforward,
+            exclude_modules=excludes,
+        )
 
     @property
     def target_modules(self) -> str | tuple[str, ...]:

@@ -32,7 +32,7 @@ from lightning_peft.quantization import (
     is_linear_layer,
     write_weight_,
 )
-from lightning_peft.targeting import Patterns, matches, normalize_patterns
+from lightning_peft.targeting import Patterns, finish_config_, matches, normalize_patterns
 
 # Default (targets, feed-forward targets) by transformers model type: Hugging Face PEFT's
 # table (so trainable counts and files match), plus ViT and Whisper.
@@ -124,11 +124,13 @@ class IA3:
                 problems.append(
                     f"feedforward_modules must be among target_modules {list(targets)}, got {stray}"
                 )
-        if problems:
-            raise AdapterConfigError("invalid IA3 config:\n  - " + "\n  - ".join(problems))
-        object.__setattr__(self, "target_modules", targets)
-        object.__setattr__(self, "feedforward_modules", feedforward)
-        object.__setattr__(self, "exclude_modules", excludes)
+        finish_config_(
+            self,
+            problems,
+            target_modules=targets,
+            feedforward_modules=feedforward,
+            exclude_modules=excludes,
+        )
 
     def for_model(self, model: nn.Module) -> IA3:
         """This config with the defaults of ``model``'s type filled in.

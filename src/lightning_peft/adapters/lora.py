@@ -46,7 +46,7 @@ from lightning_peft.quantization import (
     is_quantized,
     write_weight_,
 )
-from lightning_peft.targeting import Patterns, normalize_patterns
+from lightning_peft.targeting import Patterns, finish_config_, normalize_patterns
 
 LoRAInit = Literal["kaiming", "gaussian", "loftq"]
 _INITS = ("kaiming", "gaussian", "loftq")
@@ -114,10 +114,7 @@ class LoRA:
                 problems.append(f"{field} must be True or False, got {getattr(self, field)!r}")
         targets = normalize_patterns(self.target_modules, "target_modules", problems)
         excludes = normalize_patterns(self.exclude_modules, "exclude_modules", problems)
-        if problems:
-            raise AdapterConfigError("invalid LoRA config:\n  - " + "\n  - ".join(problems))
-        object.__setattr__(self, "target_modules", targets)
-        object.__setattr__(self, "exclude_modules", excludes)
+        finish_config_(self, problems, target_modules=targets, exclude_modules=excludes)
 
     @property
     def scaling(self) -> float:
