@@ -145,7 +145,8 @@ def test_an_adapter_checkpoint_loads_under_a_new_name_on_its_base_only(tmp_path,
     module = CausalLM()
     saver = AdapterCheckpoint(dirpath=tmp_path / "ckpt", filename="adapter", every_n_train_steps=8)
     if precision is None:
-        adapters = PeftCallback(LoRA(rank=4, target_modules=["q_proj", "v_proj"]))
+        # Saved under a name that is also a tensor's (lora_A.weight.weight): renamed right.
+        adapters = PeftCallback(LoRA(rank=4, target_modules=["q_proj", "v_proj"]), name="weight")
         fit(module, tmp_path, 8, [adapters, saver], data=counting_data())
     else:
         fit(
@@ -159,8 +160,10 @@ def test_an_adapter_checkpoint_loads_under_a_new_name_on_its_base_only(tmp_path,
         )
     engine = AdapterEngine.from_pretrained(tmp_path / "base", precision=precision)
     engine.load("counting", tmp_path / "ckpt" / "adapter.ckpt")
+    engine.load("model", tmp_path / "ckpt" / "adapter.ckpt")  # named like a module
     ids = [17, 18, 19, 20]
-    (served,) = engine.run([Job("counting", tuple(ids), 6)])
+    served, again = engine.run([Job("counting", tuple(ids), 6), Job("model", tuple(ids), 6)])
+    assert served == again
     module.model.eval()
     with torch.no_grad():
         local = module.model.generate(

@@ -123,6 +123,8 @@ def test_adapters_load_and_unload_without_a_restart(server, folders, tmp_path):
         409,
         {"detail": "an adapter named 'e' is loaded; DELETE it first"},
     )
+    long = call(server + "/adapters", "POST", {"name": "y" * 65, "path": str(folders / "a")})
+    assert long[0] == 400 and "at most 64 characters" in long[1]["detail"]
     status, refused = call(server + "/adapters", "POST", {"name": "f", "path": str(tmp_path)})
     assert status == 400 and "is neither a PEFT folder" in refused["detail"]
     assert call(server + "/adapters/e", "DELETE") == (200, {"deleted": "e"})
@@ -145,6 +147,7 @@ def test_adapters_load_and_unload_without_a_restart(server, folders, tmp_path):
         (["--batch-timeout", "5", "--timeout", "2"], "--timeout must be a number of seconds"),
         (["--timeout", "nan"], "--timeout must be a number of seconds above --batch-timeout"),
         (["--base", "/no/such/model"], "--base /no/such/model: no such folder"),
+        (["--base", "/tmp"], "--base /tmp: the folder has no config.json"),
     ],
 )
 def test_bad_arguments_are_one_line_before_anything_loads(argv, message, capsys):

@@ -112,6 +112,8 @@ def checked_adapters(args: argparse.Namespace) -> dict[str, str]:
             fail(f"--adapter takes NAME=PATH with NAME a Python identifier, got {given!r}")
         if name in adapters:
             fail(f"--adapter {name} is given twice")
+        if len(name) > 64:
+            fail(f"--adapter names are at most 64 characters, got {len(name)}")
         if not Path(path).exists():
             fail(f"--adapter {name}: {path} does not exist")
         try:
@@ -135,6 +137,8 @@ def resolve_base(args: argparse.Namespace, adapters: dict[str, str]) -> str:
         parser().error("--base is needed: no PEFT adapter names its base model")
     if not Path(base).is_dir() and (base.startswith(("/", ".", "~")) or base.count("/") != 1):
         parser().error(f"--base {base}: no such folder (nor a hub name like org/model)")
+    if Path(base).is_dir() and not (Path(base) / "config.json").is_file():
+        parser().error(f"--base {base}: the folder has no config.json, so it holds no model")
     if base == SMOLLM2 and not Path(base).is_dir():
         from lightning_peft.data import smollm2_path
 

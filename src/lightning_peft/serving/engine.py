@@ -42,7 +42,7 @@ from lightning_peft.injection import (
     restored_on_error,
 )
 from lightning_peft.quantization import quantize_model
-from lightning_peft.serving.requests import Job, PredictRequest, RequestError, short
+from lightning_peft.serving.requests import MAX_NAME, Job, PredictRequest, RequestError, short
 from lightning_peft.switching import (
     adapter_names,
     delete_adapter,
@@ -138,7 +138,7 @@ class AdapterEngine:
                 that cannot share a batch, or one that does not fit this base (shapes, keys,
                 or, for checkpoints, the base fingerprint).
         """
-        if not isinstance(name, str) or not name.isidentifier():
+        if not isinstance(name, str) or not name.isidentifier() or len(name) > MAX_NAME:
             raise RequestError(400, f"adapter name must be a Python identifier, got {short(name)}")
         if name in self.sources:
             raise RequestError(409, f"an adapter named {name!r} is loaded; DELETE it first")
@@ -180,7 +180,7 @@ class AdapterEngine:
 
     def unknown(self, name: str) -> str:
         """Why a request for adapter ``name`` that is not loaded is refused."""
-        return f"no adapter named {short(name)}; loaded: {list(self.sources)}"
+        return f"no adapter named {short(name)}; loaded: {short(list(self.sources), 400)}"
 
     def _load_peft(self, name: str, folder: Path) -> None:
         _peft_config(folder)
@@ -195,7 +195,9 @@ class AdapterEngine:
             before = set(adapter_parameter_names(self.model))
             apply_adapters(self.model, configs, name=name, train_head=False)
             expected = set(adapter_parameter_names(self.model)) - before
-            renamed = {_rename(k[len(prefix) :], saved_name, name): v for k, v in state.items()}
+            renamed = {
+                _rename(k[len(prefix) :], saved_name, name, expected): v for k, v in state.items()
+            }
             if set(renamed) != set(expected):
                 missing = sorted(set(expected) - set(renamed))
                 unexpected = sorted(set(renamed) - set(expected))
@@ -526,12 +528,15 @@ def _check_routable(configs: list[Any], source: Path) -> None:
             )
 
 
-def _rename(key: str, old: str, new: str) -> str:
-    """``key`` with its adapter name ``old`` (the last segment that equals it: module
-    paths come first, as in ``...q_proj.lora_A.default.weight``) replaced by ``new``."""
+def _rename(key: str, old: str, new: str, expected: set[str]) -> str:
+    """``key`` with its adapter name ``old`` replaced by ``new``: the occurrence of ``old``
+    whose replacement gives one of the ``expected`` keys (a module may be called like the
+    adapter, ``...lora_A.weight.weight`` for an adapter named ``weight``); the last one if
+    none does (the key mismatch is then reported)."""
     parts = key.split(".")
-    at = len(parts) - 1 - parts[::-1].index(old)
-    return ".".join([*parts[:at], new, *parts[at + 1 :]])
+    places = [i for i, part in enumerate(parts) if part == old][::-1]
+    candidates = [".".join([*parts[:i], new, *parts[i + 1 :]]) for i in places]
+    return next((c for c in candidates if c in expected), candidates[0] if candidates else key)
 
 
 def _prefix(key: str, names: list[str]) -> str | None:

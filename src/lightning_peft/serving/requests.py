@@ -11,6 +11,7 @@ from typing import Any
 PREDICT_FIELDS = ("adapter", "prompt", "input_ids", "max_new_tokens", "choices")
 DEFAULT_MAX_NEW_TOKENS = 16
 MAX_CHOICES = 64
+MAX_NAME = 64  # adapter names are echoed in refusals and listings
 
 
 def short(value: Any, limit: int = 60) -> str:
@@ -91,7 +92,7 @@ def parse_predict(body: Any, *, max_new_tokens_cap: int) -> PredictRequest:
         raise RequestError(
             400,
             f'"max_new_tokens" is at most {max_new_tokens_cap} on this server '
-            f"(--max-new-tokens), got {count}",
+            f"(--max-new-tokens), got {short(count)}",
         )
     return PredictRequest(adapter, prompt, input_ids, count, choices)
 
@@ -130,8 +131,11 @@ def parse_load(body: Any) -> tuple[str, str]:
     if unknown:
         raise RequestError(400, f'unknown field(s) {short(unknown)}; known: ["name", "path"]')
     name, path = body.get("name"), body.get("path")
-    if not isinstance(name, str) or not name.isidentifier():
-        raise RequestError(400, f'"name" must be a Python identifier, got {short(name)}')
+    if not isinstance(name, str) or not name.isidentifier() or len(name) > MAX_NAME:
+        raise RequestError(
+            400,
+            f'"name" must be an identifier of at most {MAX_NAME} characters, got {short(name)}',
+        )
     if not isinstance(path, str) or not path:
         raise RequestError(
             400, f'"path" must name a PEFT folder or adapter checkpoint, got {short(path)}'
