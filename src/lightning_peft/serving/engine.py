@@ -42,7 +42,13 @@ from lightning_peft.injection import (
     restored_on_error,
 )
 from lightning_peft.quantization import quantize_model
-from lightning_peft.serving.requests import MAX_NAME, Job, PredictRequest, RequestError, short
+from lightning_peft.serving.requests import (
+    Job,
+    PredictRequest,
+    RequestError,
+    check_name,
+    short,
+)
 from lightning_peft.switching import (
     adapter_names,
     delete_adapter,
@@ -138,8 +144,7 @@ class AdapterEngine:
                 that cannot share a batch, or one that does not fit this base (shapes, keys,
                 or, for checkpoints, the base fingerprint).
         """
-        if not isinstance(name, str) or not name.isidentifier() or len(name) > MAX_NAME:
-            raise RequestError(400, f"adapter name must be a Python identifier, got {short(name)}")
+        check_name(name, "adapter name")
         if name in self.sources:
             raise RequestError(409, f"an adapter named {name!r} is loaded; DELETE it first")
         source = Path(path)

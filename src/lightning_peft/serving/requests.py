@@ -123,6 +123,16 @@ def _choices(value: Any) -> tuple[str | tuple[int, ...], ...] | None:
     return tuple(c if isinstance(c, str) else tuple(c) for c in value)
 
 
+def check_name(name: Any, field: str) -> str:
+    """``name`` if it can name an adapter: an identifier of at most ``MAX_NAME`` characters."""
+    if not isinstance(name, str) or not name.isidentifier() or len(name) > MAX_NAME:
+        raise RequestError(
+            400,
+            f"{field} must be an identifier of at most {MAX_NAME} characters, got {short(name)}",
+        )
+    return name
+
+
 def parse_load(body: Any) -> tuple[str, str]:
     """``(name, path)`` of a ``POST /adapters`` body ``{"name": ..., "path": ...}``."""
     if not isinstance(body, dict):
@@ -131,11 +141,7 @@ def parse_load(body: Any) -> tuple[str, str]:
     if unknown:
         raise RequestError(400, f'unknown field(s) {short(unknown)}; known: ["name", "path"]')
     name, path = body.get("name"), body.get("path")
-    if not isinstance(name, str) or not name.isidentifier() or len(name) > MAX_NAME:
-        raise RequestError(
-            400,
-            f'"name" must be an identifier of at most {MAX_NAME} characters, got {short(name)}',
-        )
+    check_name(name, '"name"')
     if not isinstance(path, str) or not path:
         raise RequestError(
             400, f'"path" must name a PEFT folder or adapter checkpoint, got {short(path)}'
