@@ -1,5 +1,5 @@
 """How much of NF4's error LoftQ's start removes on SmolLM2-135M's weights, by rank and
-alternations: ``||W - (dequantize(Q) + s B A)|| / ||W - dequantize(NF4(W))||`` (Frobenius,
+alternations: ``||W - (dense_weight(Q) + s B A)|| / ||W - dense_weight(NF4(W))||`` (Frobenius,
 summed over the layers sampled). Explains the LoftQ rows of the fidelity table.
 
     python benchmarks/loftq_error.py        # about a minute on 2 CPU cores
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from lightning_peft.data import load_smollm2
-from lightning_peft.quantization import dequantize
+from lightning_peft.quantization import dense_weight
 from lightning_peft.quantization.loftq import loftq_layer
 
 RESULTS = Path(__file__).parent / "results"
@@ -36,8 +36,8 @@ def error_ratio(model: torch.nn.Module, rank: int, iterations: int) -> float:
         weight = layer.weight.detach().float()
         base, lora_a, lora_b = loftq_layer(layer, rank, SCALING, iterations=iterations)
         standard, _, _ = loftq_layer(layer, 1, SCALING, iterations=1)  # base = NF4(W)
-        plain += (weight - dequantize(standard).float()).norm().item() ** 2
-        start = dequantize(base).float() + SCALING * lora_b @ lora_a
+        plain += (weight - dense_weight(standard).float()).norm().item() ** 2
+        start = dense_weight(base).float() + SCALING * lora_b @ lora_a
         ours += (weight - start).norm().item() ** 2
     return (ours / plain) ** 0.5
 

@@ -296,7 +296,7 @@ def test_bad_arguments_are_refused_together():
         "teacher must be a model or 'base', got 'teacher.pt'",
         "temperature must be a positive finite number, got -1",
         "alpha must be in [0, 1] or None, got 2",
-        "quantize must be None, 'nf4', 'fp4' or 'int8', got 'q2'",
+        "quantize must be None or one of ('nf4', 'fp4', 'int8'), got 'q2'",
     ):
         assert part in message
 

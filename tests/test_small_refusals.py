@@ -188,3 +188,21 @@ def test_prompt_tuning_refuses_models_that_read_features_not_tokens():
         apply_adapters(whisper, PromptTuning(num_virtual_tokens=2))
     with refused_without_a_trace(vit, AdapterConfigError, "reads pixel_values .* use LoRA or IA3"):
         apply_adapters(vit, PromptTuning(num_virtual_tokens=2))
+
+
+def test_a_method_whose_wrap_returns_no_adapter_is_refused_and_the_model_left_as_it_was():
+    class Forgetful(LoRA):  # returns a module without adapter_params() and a disabled flag
+        def wrap(self, layer, adapter_name="default", module_name=""):
+            return torch.nn.Sequential(layer)
+
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterConfigError) as refused:
+        apply_adapters(model, Forgetful(rank=2, target_modules=["q_proj"]))
+    assert str(refused.value) == (
+        "Forgetful.wrap returned a Sequential, which is not an adapter module: it needs "
+        "adapter_params() and a disabled flag (lightning_peft.adapters.protocol.AdapterModule)"
+    )
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -5,41 +5,30 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol, TypeVar, Union
+from typing import Any, TypeVar, Union
 
 from torch import nn
 
-from lightning_peft.adapters.bitfit import Unfreeze
 from lightning_peft.adapters.heads import head_to_train
 from lightning_peft.adapters.init import initial_values_for
 from lightning_peft.adapters.inputs import find_transformers_model
-from lightning_peft.adapters.protocol import AdapterModule, is_adapter, trained_marks
+from lightning_peft.adapters.protocol import (
+    AdapterModule,
+    LayerAdapterConfig,
+    ModelAdapterConfig,
+    ModelDefaults,
+    NamedAdapterModule,
+    TrainsWholeModules,
+    WrappingAdapter,
+    is_adapter,
+    module_configs,
+    trained_marks,
+)
 from lightning_peft.errors import AdapterConfigError, TargetModulesError, UnsupportedLayerError
 from lightning_peft.quantization import keep_4bit_storage_exact_
 from lightning_peft.targeting import find_targets
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
-
-
-class LayerAdapterConfig(Protocol):
-    """A method that wraps selected layers (``LoRA``, ``IA3``, ``BottleneckAdapter``)."""
-
-    target_modules: str | tuple[str, ...]
-    exclude_modules: str | tuple[str, ...]
-
-    def can_wrap(self, module: nn.Module) -> bool: ...
-
-    def wrap(self, layer: nn.Module, adapter_name: str, module_name: str) -> nn.Module: ...
-
-
-class ModelAdapterConfig(Protocol):
-    """A method that acts on the model as a whole (``PromptTuning``, ``BitFit``, ...)."""
-
-    def check(self, model: nn.Module) -> None:
-        """Raise, without changing ``model``, if the method cannot be attached to it."""
-        ...
-
-    def attach(self, model: nn.Module, adapter_name: str) -> None: ...
 
 
 AdapterConfig = Union[LayerAdapterConfig, ModelAdapterConfig]  # noqa: UP007 (jsonargparse builds the CLI from it)
@@ -92,7 +81,7 @@ def apply_adapters(
     claimed: dict[str, str] = {}
     selected: set[str] = set()  # modules some config wraps or unfreezes (heads among them)
     for item in configs:
-        if callable(getattr(item, "for_model", None)):  # defaults by model type (IA3)
+        if isinstance(item, ModelDefaults):  # defaults by model type (IA3)
             item = item.for_model(model)
         if _is_layer_method(item):
             targets = find_targets(
@@ -110,7 +99,7 @@ def apply_adapters(
         elif is_adapter_config(item):
             item.check(model)
             plans.append((item, []))
-            if isinstance(item, Unfreeze):
+            if isinstance(item, TrainsWholeModules):
                 selected.update(item.selected_names(model))
         else:
             raise AdapterConfigError(
@@ -140,12 +129,18 @@ def apply_adapters(
                 layer = getattr(parent, child_name)
                 with initial_values_for(target.removeprefix(host_prefix)):
                     wrapped = item.wrap(layer, name, target)
+                if not is_adapter(wrapped):
+                    raise AdapterConfigError(
+                        f"{type(item).__name__}.wrap returned a {type(wrapped).__name__}, which "
+                        "is not an adapter module: it needs adapter_params() and a disabled "
+                        "flag (lightning_peft.adapters.protocol.AdapterModule)"
+                    )
                 # New modules start in train mode; an adapter follows its layer's (a model
                 # from from_pretrained is in eval mode: no LoRA dropout at inference).
                 wrapped.train(layer.training)
                 replace_module_(model, layer, wrapped)
         for module_name, module in adapter_modules(model):
-            if not hasattr(module, "base_layer"):  # a prompt or prefix: its host's mode
+            if not isinstance(module, WrappingAdapter):  # a prompt or prefix: its host's mode
                 module.train(model.get_submodule(module_name.rpartition(".")[0]).training)
         freeze_base_(model)
         _keep_fused_layers_off_(model)
@@ -239,13 +234,11 @@ def transformers_model_prefix(model: nn.Module) -> str:
 
 def is_adapter_config(config: Any) -> bool:
     """True for a method config ``apply_adapters`` accepts (``LoRA(...)``, ``BitFit()``, ...)."""
-    return _is_layer_method(config) or (
-        callable(getattr(config, "attach", None)) and callable(getattr(config, "check", None))
-    )
+    return _is_layer_method(config) or isinstance(config, ModelAdapterConfig)
 
 
 def _is_layer_method(config: Any) -> bool:
-    return callable(getattr(config, "wrap", None)) and hasattr(config, "target_modules")
+    return isinstance(config, LayerAdapterConfig)
 
 
 def _joinable(model: nn.Module, targets: list[str], config: Any, name: str) -> list[str]:
@@ -257,8 +250,8 @@ def _joinable(model: nn.Module, targets: list[str], config: Any, name: str) -> l
         if not is_adapter(module):
             kept.append(target)
             continue
-        configs = getattr(module, "configs", {})
-        if not (hasattr(module, "add_adapter") and configs) or not isinstance(
+        configs = module_configs(module)
+        if not (isinstance(module, NamedAdapterModule) and configs) or not isinstance(
             config, type(next(iter(configs.values())))
         ):
             raise TargetModulesError(
@@ -303,7 +296,7 @@ def freeze_base_(model: nn.Module) -> None:
     for tensor in adapter_parameters(model).values():
         tensor.requires_grad_(True)
     for _, module in adapter_modules(model):
-        if hasattr(module, "active_adapters"):
+        if isinstance(module, NamedAdapterModule):
             train_active_adapters_only_(module)
 
 
@@ -354,11 +347,7 @@ def adapter_configs_attached(model: nn.Module) -> list[tuple[str, Any]]:
     seen: dict[tuple[str, Any], tuple[str, Any]] = {}
     for _, module in model.named_modules():
         pairs = [(n, c) for n, (c, _) in trained_marks(module).items()]
-        if is_adapter(module):
-            configs = getattr(module, "configs", None)
-            if configs is None and getattr(module, "config", None) is not None:
-                configs = {module.adapter_name: module.config}
-            pairs.extend((configs or {}).items())
+        pairs.extend(module_configs(module).items())
         for adapter_name, item in pairs:
             seen.setdefault((adapter_name, item), (adapter_name, item))  # configs are frozen
     return list(seen.values())

@@ -18,6 +18,7 @@ from lightning_peft.adapters.protocol import (
     NamedAdapterModule,
     RoutedAdapterModule,
     held_adapter_names,
+    is_merged,
     trained_marks,
 )
 from lightning_peft.adapters.routing import Routing
@@ -62,7 +63,7 @@ def set_active_adapters(model: nn.Module, names: str | Sequence[str]) -> None:
     names = [names] if isinstance(names, str) else list(names)
     _check_names(model, names)
     for module in _switchable(model):
-        if getattr(module, "merged", False):
+        if is_merged(module):
             raise AdapterStateError("unmerge_adapters(model) before switching adapters")
         module.active_adapters = [n for n in names if n in module.configs]
         train_active_adapters_only_(module)
@@ -105,9 +106,9 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             "BitFit and Unfreeze train the base model's own tensors, so there is no separate "
             "base output to return to; disable_adapters cannot bypass them"
         )
-    if any(getattr(m, "merged", False) for m in modules):
+    if any(is_merged(m) for m in modules):
         raise AdapterStateError("merged adapters cannot be disabled: unmerge_adapters(model) first")
-    previous = [getattr(m, "disabled", False) for m in modules]
+    previous = [m.disabled for m in modules]
     for module in modules:
         module.disabled = True
     try:

@@ -15,7 +15,7 @@ from typing import Union
 
 from torch import nn
 
-from lightning_peft.adapters.protocol import is_adapter
+from lightning_peft.adapters.protocol import WrappingAdapter, is_adapter
 from lightning_peft.errors import AdapterConfigError, TargetModulesError, UnsupportedLayerError
 from lightning_peft.quantization import is_linear_layer, linear_layer_types, output_head_names
 
@@ -165,7 +165,7 @@ def read_directly(modules: dict[str, nn.Module]) -> list[str]:
 
 def _inner(module: nn.Module) -> nn.Module:
     """The layer an adapter wraps (the module itself if it wraps none)."""
-    return getattr(module, "base_layer", module) if is_adapter(module) else module
+    return module.base_layer if isinstance(module, WrappingAdapter) else module
 
 
 def _check_every_pattern_matched(target_modules: str | tuple[str, ...], names: list[str]) -> None:

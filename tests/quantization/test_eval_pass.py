@@ -16,7 +16,7 @@ import cpu_paths
 from lightning_peft import LoRA, apply_adapters, merge_adapters
 from lightning_peft.checkpoint.metadata import fingerprint_frozen
 from lightning_peft.quantization import (
-    dequantize,
+    dense_weight,
     memory_report,
     quantize_linear,
     quantize_model,
@@ -69,13 +69,13 @@ def test_a_quantized_layer_keeps_its_storage_through_an_eval_pass(layers_see_avx
     layer = quantize_linear(torch.nn.Linear(128, 64), mode)
     assert layer.support_avx512bf16_for_cpu is False  # the guard, on a layer that saw it
     before = storage(layer)
-    weight = dequantize(layer)
+    weight = dense_weight(layer)
     layer.eval()
     with torch.no_grad():
         output = layer(torch.randn(3, 128))
     assert_same_storage(before, storage(layer))
     assert layer.weight.quant_state.nested  # double quantization kept
-    assert torch.equal(dequantize(layer), weight)
+    assert torch.equal(dense_weight(layer), weight)
     assert output.shape == (3, 64)
 
 
@@ -88,7 +88,7 @@ def test_a_layer_repacked_before_the_guard_is_unpacked_when_adapters_attach():
     model = torch.nn.Sequential(
         quantize_linear(torch.nn.Linear(128, 64), "nf4", double_quant=False)
     )
-    reference = dequantize(model[0]).clone()
+    reference = dense_weight(model[0]).clone()
     # What bitsandbytes' forward does on an AVX512-BF16 CPU, done by hand so it happens on any.
     weight = model[0].weight
     weight.data, weight.quant_state = bnb_functional._convert_weight_packed_for_cpu(
@@ -101,7 +101,7 @@ def test_a_layer_repacked_before_the_guard_is_unpacked_when_adapters_attach():
     assert not getattr(base.weight.quant_state, "packing_format_for_cpu", False)
     assert base.weight.dtype == torch.uint8 and base.weight.shape == (64 * 128 // 2, 1)
     # Without double quantization absmax was float32; the packed copy rounded it to bf16.
-    torch.testing.assert_close(dequantize(base), reference, rtol=2**-8, atol=0)
+    torch.testing.assert_close(dense_weight(base), reference, rtol=2**-8, atol=0)
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["llama", "with-biases"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_peft import LoRA, apply_adapters, count_parameters, merge_adapters, unmerge_adapters
-from lightning_peft.quantization import dequantize, is_quantized, quantize_linear, real_numel
+from lightning_peft.quantization import dense_weight, is_quantized, quantize_linear, real_numel
 from tiny_models import logits, tiny_llama
 
 MODES = ["nf4", "fp4", "int8"]
@@ -35,7 +35,7 @@ def test_quantize_linear_gives_the_bitsandbytes_layer_and_dequantize_inverts_it(
     expected_type = bnb.nn.Linear8bitLt if mode == "int8" else bnb.nn.Linear4bit
     assert isinstance(layer, expected_type) and is_quantized(layer)
     assert not any(p.requires_grad for p in layer.parameters())
-    weight = dequantize(layer)
+    weight = dense_weight(layer)
     assert weight.shape == (64, 128)
     relative = (weight - linear.weight).norm() / linear.weight.norm()
     assert 0 < relative < (0.02 if mode == "int8" else 0.15)
@@ -84,13 +84,13 @@ def test_merging_into_a_quantized_base_requantizes_and_reports_the_error(mode, d
             if "lora_B" in name:
                 param.normal_(std=0.02)  # an update the size of the weights
     layer = model.model.layers[0].self_attn.q_proj
-    exact = dequantize(layer.base_layer).float() + layer.delta_weight()
+    exact = dense_weight(layer.base_layer).float() + layer.delta_weight()
     unmerged = logits(model, input_ids)
 
     report = merge_adapters(model)
     assert report.changed == 4 and 0 < report.max_abs_error < 0.1
     assert is_quantized(layer.base_layer)  # still 4-bit / 8-bit after the merge
-    stored_error = (dequantize(layer.base_layer).float() - exact).abs().max().item()
+    stored_error = (dense_weight(layer.base_layer).float() - exact).abs().max().item()
     assert stored_error == pytest.approx(report.errors["model.layers.0.self_attn.q_proj"])
     merged = logits(model, input_ids)
     assert not torch.equal(merged, unmerged)  # rounding is real, and reported

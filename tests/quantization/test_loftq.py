@@ -18,7 +18,7 @@ from lightning_peft import (
 )
 from lightning_peft.adapters import LoRALinear
 from lightning_peft.checkpoint.export import merge_and_export
-from lightning_peft.quantization import dequantize, quantize_model
+from lightning_peft.quantization import dense_weight, quantize_model
 from snapshots import refused_without_a_trace
 from tiny_models import VOCAB, tiny_llama
 
@@ -41,7 +41,7 @@ def float_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def effective_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """dequantized base + s B A of every adapted layer."""
     return {
-        name: dequantize(m.base_layer).float() + m.delta_weight()
+        name: dense_weight(m.base_layer).float() + m.delta_weight()
         for name, m in model.named_modules()
         if isinstance(m, LoRALinear)
     }
@@ -82,9 +82,9 @@ def test_one_alternation_keeps_the_usual_base_and_more_move_it():
     usual = quantize_model(float_llama(), "nf4")
     one, two = adapted("loftq"), adapted("loftq", iterations=2)
     layer = "model.layers.0.self_attn.q_proj"
-    base = dequantize(usual.get_submodule(layer))
-    assert torch.equal(dequantize(one.get_submodule(layer).base_layer), base)
-    assert not torch.equal(dequantize(two.get_submodule(layer).base_layer), base)
+    base = dense_weight(usual.get_submodule(layer))
+    assert torch.equal(dense_weight(one.get_submodule(layer).base_layer), base)
+    assert not torch.equal(dense_weight(two.get_submodule(layer).base_layer), base)
 
 
 def test_loftq_is_a_function_of_the_weights_alone():

@@ -6,6 +6,12 @@ from lightning_peft.adapters.bitfit import BitFit, Unfreeze
 from lightning_peft.adapters.bottleneck import BottleneckAdapter, BottleneckLinear
 from lightning_peft.adapters.ia3 import IA3, IA3Linear
 from lightning_peft.adapters.lora import LoRA, LoRALinear
+from lightning_peft.adapters.peft_mapping import (
+    IA3Mapping,
+    LoRAMapping,
+    PrefixTuningMapping,
+    PromptTuningMapping,
+)
 from lightning_peft.adapters.prefix import PrefixKV, PrefixTuning, fold_prefix_
 from lightning_peft.adapters.prompt import PromptTuning, SoftPrompt
 from lightning_peft.adapters.protocol import AdapterModule, MergeableAdapter, is_adapter
@@ -14,7 +20,11 @@ from lightning_peft.adapters.registry import register_method
 # The methods this package ships: the type the CLI (jsonargparse) offers for ``adapters``.
 # Anything with the shape of ``lightning_peft.injection.AdapterConfig`` works in code too.
 MethodConfig = Union[LoRA, IA3, PromptTuning, PrefixTuning, BottleneckAdapter, BitFit, Unfreeze]  # noqa: UP007 (jsonargparse builds the CLI from it)
-for _method in (LoRA, IA3, PromptTuning, PrefixTuning, BottleneckAdapter, BitFit, Unfreeze):
+register_method(LoRA, peft=LoRAMapping())
+register_method(IA3, peft=IA3Mapping())
+register_method(PromptTuning, peft=PromptTuningMapping())
+register_method(PrefixTuning, peft=PrefixTuningMapping())
+for _method in (BottleneckAdapter, BitFit, Unfreeze):  # no PEFT equivalent
     register_method(_method)
 
 __all__ = [

@@ -27,7 +27,7 @@ from lightning_peft.adapters.wrapper import BaseLayerWrapper, NamedAdapters
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.quantization import (
     CONV_TYPES,
-    dequantize,
+    dense_weight,
     in_out_features,
     is_linear_layer,
     write_weight_,
@@ -131,6 +131,8 @@ class IA3:
             feedforward_modules=feedforward,
             exclude_modules=excludes,
         )
+
+    routable = True  # rows of one batch can take different adapters (mixed_batch)
 
     def for_model(self, model: nn.Module) -> IA3:
         """This config with the defaults of ``model``'s type filled in.
@@ -302,7 +304,7 @@ class IA3Linear(NamedAdapters, BaseLayerWrapper):
         return error
 
     def _scale_weight_(self, factor: torch.Tensor) -> float:
-        weight = dequantize(self.base_layer).float()  # (out, in, *kernel)
+        weight = dense_weight(self.base_layer).float()  # (out, in, *kernel)
         kernel = (1,) * (weight.dim() - 2)
         if self.feedforward[self.adapter_name]:
             return write_weight_(self.base_layer, weight * factor.view(1, -1, *kernel))

@@ -16,7 +16,7 @@ DoRA splits the weight into a magnitude ``m`` (one per output row) and a directi
 
 ``LoRALinear`` wraps its base layer instead of subclassing it, so the same code runs over
 ``nn.Linear``, transformers' ``Conv1D`` and bitsandbytes' 4-bit and 8-bit layers; it reads
-the base weight only through :func:`lightning_peft.quantization.dequantize`.
+the base weight only through :func:`lightning_peft.quantization.dense_weight`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from lightning_peft.adapters.routing import Routing
 from lightning_peft.adapters.wrapper import BaseLayerWrapper, NamedAdapters
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.quantization import (
-    dequantize,
+    dense_weight,
     in_out_features,
     is_linear_layer,
     is_quantized,
@@ -120,6 +120,12 @@ class LoRA:
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
+    @property
+    def routable(self) -> bool:
+        """Rows of one batch can take different adapters (``mixed_batch``); DoRA's norm of
+        the whole merged weight cannot be taken per row."""
+        return not self.use_dora
+
     def can_wrap(self, module: nn.Module) -> bool:
         from lightning_peft.adapters.lora_layers import is_embedding_conv_or_attention
 
@@ -192,7 +198,7 @@ class LoRALinear(NamedAdapters, BaseLayerWrapper):
         self.lora_B[adapter_name] = lora_b.to(device)
         if config.use_dora:
             # B = 0 at init, so ||W0 + sBA|| = ||W0||: the layer starts equal to the base.
-            norm = torch.linalg.norm(dequantize(self.base_layer).float(), dim=1)
+            norm = torch.linalg.norm(dense_weight(self.base_layer).float(), dim=1)
             self.lora_magnitude[adapter_name] = nn.Parameter(norm)
         self.configs[adapter_name] = config
         self.active_adapters.append(adapter_name)
@@ -366,7 +372,7 @@ class LoRALinear(NamedAdapters, BaseLayerWrapper):
     def _dora_update(self, x: torch.Tensor, out: torch.Tensor, name: str) -> torch.Tensor:
         """``m/||W'|| · (W0 x + s B A x) - W0 x``: what DoRA adds to the base output."""
         config = self.configs[name]
-        weight = dequantize(self.base_layer).to(x.dtype)
+        weight = dense_weight(self.base_layer).to(x.dtype)
         delta = self.delta_weight(name).detach()
         row_norm = torch.linalg.norm(weight + delta, dim=1).detach()
         scale = (self.lora_magnitude[name] / row_norm).view(1, -1)  # (1, out)
@@ -395,7 +401,7 @@ class LoRALinear(NamedAdapters, BaseLayerWrapper):
         if self.merged:
             return 0.0
         name = self.adapter_name
-        weight = dequantize(self.base_layer).float() + self.delta_weight(name)
+        weight = dense_weight(self.base_layer).float() + self.delta_weight(name)
         if name in self.lora_magnitude:
             self._merged_row_norm = torch.linalg.norm(weight, dim=1)
             weight = weight * (self.lora_magnitude[name] / self._merged_row_norm).view(-1, 1)
@@ -409,7 +415,7 @@ class LoRALinear(NamedAdapters, BaseLayerWrapper):
         if not self.merged:
             return 0.0
         name = self.adapter_name
-        weight = dequantize(self.base_layer).float()
+        weight = dense_weight(self.base_layer).float()
         if name in self.lora_magnitude:
             weight = weight * (self._merged_row_norm / self.lora_magnitude[name]).view(-1, 1)
         error = write_weight_(self.base_layer, weight - self.delta_weight(name))

@@ -1,8 +1,10 @@
-"""What makes a module an adapter: a small protocol, not a base class.
+"""What makes a module an adapter, and a config a method: small protocols, not base classes.
 
 Code that needs "the adapter tensors of a model" asks the modules (``adapter_params``)
 instead of guessing from names, so a base layer that happens to be called ``lora_x`` is
-never mistaken for an adapter.
+never mistaken for an adapter. Everything outside ``lightning_peft.adapters`` asks these
+protocols (and the helpers below), never a concrete class, so a method defined elsewhere
+(``docs/extending.md``) is handled as the shipped ones are.
 """
 
 from __future__ import annotations
@@ -11,14 +13,84 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
+# -- configs -------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class LayerAdapterConfig(Protocol):
+    """A method that wraps the layers it selects (``LoRA``, ``IA3``, ``BottleneckAdapter``)."""
+
+    target_modules: str | tuple[str, ...]
+    exclude_modules: str | tuple[str, ...]
+
+    def can_wrap(self, module: nn.Module) -> bool: ...
+
+    def wrap(self, layer: nn.Module, adapter_name: str, module_name: str) -> nn.Module:
+        """The adapter module that replaces ``layer`` (or ``layer`` itself, joined by another
+        named adapter)."""
+        ...
+
+
+@runtime_checkable
+class ModelAdapterConfig(Protocol):
+    """A method that acts on the model as a whole (``PromptTuning``, ``BitFit``, ...)."""
+
+    def check(self, model: nn.Module) -> None:
+        """Raise, without changing ``model``, if the method cannot be attached to it."""
+        ...
+
+    def attach(self, model: nn.Module, adapter_name: str) -> None: ...
+
+
+@runtime_checkable
+class ModelDefaults(Protocol):
+    """A config whose defaults depend on the model (IA3's targets by model type)."""
+
+    def for_model(self, model: nn.Module) -> Any: ...
+
+
+@runtime_checkable
+class TrainsWholeModules(ModelAdapterConfig, Protocol):
+    """A method that trains whole modules of the base (``Unfreeze``; PEFT's
+    ``modules_to_save``): no task head is added beside the modules it selects."""
+
+    def selected_names(self, model: nn.Module) -> list[str]: ...
+
+
+def routes_rows(config: object) -> bool:
+    """Whether ``config``'s method sends each row of a batch through its own adapter
+    (``mixed_batch``): configs say so with a ``routable`` attribute; without one, no."""
+    return getattr(config, "routable", False) is True
+
+
+# -- modules -------------------------------------------------------------------------------
+
 
 @runtime_checkable
 class AdapterModule(Protocol):
-    """A module that adds trainable tensors to a frozen model."""
+    """A module that adds trainable tensors to a frozen model. While ``disabled`` is set
+    (``disable_adapters``) its forward computes the base model's output."""
+
+    disabled: bool
 
     def adapter_params(self) -> list[str]:
         """Names, relative to this module, of the tensors this adapter trains and saves."""
         ...
+
+
+@runtime_checkable
+class WrappingAdapter(AdapterModule, Protocol):
+    """An adapter that replaced a layer of the model and holds it as ``base_layer``."""
+
+    base_layer: nn.Module
+
+
+@runtime_checkable
+class SingleAdapterModule(AdapterModule, Protocol):
+    """An adapter module holding one adapter: its ``config`` under ``adapter_name``."""
+
+    config: Any
+    adapter_name: str
 
 
 @runtime_checkable
@@ -38,9 +110,10 @@ class MergeableAdapter(AdapterModule, Protocol):
 
 
 @runtime_checkable
-class NamedAdapterModule(AdapterModule, Protocol):
+class NamedAdapterModule(WrappingAdapter, Protocol):
     """A layer holding several named adapters at once (LoRA, IA3): the forward applies the
-    ``active_adapters``; ``set_active_adapters`` and ``delete_adapter`` act on it."""
+    ``active_adapters``; ``set_active_adapters`` and ``delete_adapter`` act on it (a layer
+    left with none goes back to its ``base_layer``)."""
 
     configs: dict[str, Any]
     active_adapters: list[str]
@@ -56,11 +129,23 @@ class RoutedAdapterModule(NamedAdapterModule, Protocol):
     routing: Any
 
 
+def module_configs(module: nn.Module) -> dict[str, Any]:
+    """``{adapter name: config}`` of the adapters ``module`` holds (none for a plain module)."""
+    if isinstance(module, NamedAdapterModule):
+        return dict(module.configs)
+    if isinstance(module, SingleAdapterModule):
+        return {module.adapter_name: module.config}
+    return {}
+
+
 def held_adapter_names(module: nn.Module) -> list[str]:
     """The names of the adapters ``module`` holds (one, for single-adapter modules)."""
-    if isinstance(module, NamedAdapterModule):
-        return list(module.configs)
-    return [getattr(module, "adapter_name", "default")]
+    return list(module_configs(module)) or ["default"]
+
+
+def is_merged(module: nn.Module) -> bool:
+    """Whether ``module`` is a mergeable adapter folded into its base layer now."""
+    return isinstance(module, MergeableAdapter) and module.merged
 
 
 def is_adapter(module: nn.Module) -> bool:

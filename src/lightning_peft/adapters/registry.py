@@ -10,17 +10,23 @@ never by importing whatever a file names. The shipped methods are registered whe
 from __future__ import annotations
 
 import dataclasses
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lightning_peft.errors import AdapterConfigError
+
+if TYPE_CHECKING:
+    from lightning_peft.adapters.peft_mapping import PeftMapping
 
 ConfigT = TypeVar("ConfigT", bound=type)
 
 _METHODS: dict[str, type] = {}
+_PEFT: dict[type, PeftMapping] = {}  # config class -> how it maps to PEFT's files
 
 
-def register_method(config_class: ConfigT) -> ConfigT:
+def register_method(config_class: ConfigT, *, peft: PeftMapping | None = None) -> ConfigT:
     """Let checkpoints name ``config_class`` (a frozen dataclass): usable as a decorator.
+    ``peft`` says how the method maps to Hugging Face PEFT's files (``adapters/
+    peft_mapping.py``); without it ``save_peft`` refuses the method by name.
 
     Raises:
         AdapterConfigError: it is not a dataclass (its fields are what a checkpoint records),
@@ -39,6 +45,8 @@ def register_method(config_class: ConfigT) -> ConfigT:
             f"({registered.__module__}.{registered.__qualname__}); give "
             f"{config_class.__module__}.{config_class.__qualname__} another name"
         )
+    if peft is not None:
+        _PEFT[config_class] = peft
     return config_class
 
 
@@ -50,3 +58,18 @@ def method_class(name: object) -> type | None:
 def registered_methods() -> list[str]:
     """The names checkpoints may use, sorted."""
     return sorted(_METHODS)
+
+
+def peft_mapping(config: Any) -> PeftMapping | None:
+    """How ``config``'s method maps to the PEFT format, or None where it has none."""
+    return _PEFT.get(type(config))
+
+
+def peft_mapping_named(peft_type: object) -> PeftMapping | None:
+    """The registered mapping whose ``peft_type`` is ``peft_type``, or None."""
+    return next((m for m in _PEFT.values() if m.peft_type == peft_type), None)
+
+
+def peft_types() -> list[str]:
+    """The PEFT types this package reads, sorted."""
+    return sorted(m.peft_type for m in _PEFT.values())

@@ -1,13 +1,12 @@
 """The Hugging Face PEFT file format, both ways: ``adapter_config.json`` plus
 ``adapter_model.safetensors`` in one directory per adapter.
 
-As PEFT 0.21 writes them (notes: lightning-internals.md §5): tensor keys are the module
-path under ``base_model.model.`` with the adapter name left out
-(``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``; IA3 ``...k_proj.ia3_l``;
-DoRA ``...q_proj.lora_magnitude_vector``); prompt and prefix tuning store one
-``prompt_embeddings`` tensor (prefix tuning: the prefix itself, the MLP folded away). The
-config names the method in ``peft_type``. Loading reads tensors with safetensors, so a file
-never runs code, and tolerates config fields it does not know (PEFT adds some each release).
+This module does what every method shares: folders written whole, keys and shapes checked,
+whole modules trained beside the method (PEFT's ``modules_to_save``), the task type. What
+differs by method (its config fields, its tensors' names) is the method's registered
+``PeftMapping`` (``adapters/peft_mapping.py``); the config names the method in
+``peft_type``. Loading reads tensors with safetensors, so a file never runs code, and
+tolerates config fields it does not know (PEFT adds some each release).
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +21,15 @@ import torch
 from torch import nn
 
 from lightning_peft.adapters.bitfit import Unfreeze
-from lightning_peft.adapters.ia3 import IA3, IA3Linear
 from lightning_peft.adapters.inputs import find_transformers_model, is_encoder_decoder
-from lightning_peft.adapters.lora import LoRA, LoRALinear
-from lightning_peft.adapters.prefix import PrefixKV, PrefixTuning, cache_shape
-from lightning_peft.adapters.prompt import PromptTuning, SoftPrompt
+from lightning_peft.adapters.peft_mapping import PROMPT, PeftMapping
 from lightning_peft.adapters.protocol import trained_marks
+from lightning_peft.adapters.registry import peft_mapping, peft_mapping_named, peft_types
 from lightning_peft.checkpoint.io import owned_with_tokenizer, staged_folder
 from lightning_peft.checkpoint.state import check_adapter_values
 from lightning_peft.errors import AdapterConfigError, AdapterStateError, UnsupportedLayerError
-from lightning_peft.injection import (
-    adapter_configs_attached,
-    adapter_modules,
-    apply_adapters,
-    restored_on_error,
-)
-from lightning_peft.quantization import QuantMode, is_linear_layer, quantize_model
+from lightning_peft.injection import adapter_configs_attached, apply_adapters, restored_on_error
+from lightning_peft.quantization import QuantMode, quantize_model
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -79,18 +70,14 @@ def save_peft(
         AdapterConfigError: the method has no PEFT equivalent (bottleneck adapters, BitFit).
     """
     host, _ = _host(model)
-    config = _single_config(model, adapter_name)
-    if isinstance(config, LoRA) and config.init == "loftq" and config.loftq_iterations > 1:
-        warnings.warn(
-            f"adapter {adapter_name!r} was initialised by LoftQ with {config.loftq_iterations} "
-            "alternations, which move the 4-bit base away from the plain NF4 base: the saved "
-            "adapter computes its trained outputs only on that LoftQ base. Export the merged "
-            "model (merge_and_export) to use it elsewhere, or train with loftq_iterations=1",
-            stacklevel=2,
-        )
-    _warn_if_attention(host, adapter_name)
-    tensors = _peft_tensors(host, config, adapter_name)
-    fields = _peft_config(host, config, tensors)
+    config, mapping = _single_config(model, adapter_name)
+    mapping.warn(host, config, adapter_name)
+    tensors = {
+        _file_key(k, mapping): v
+        for k, v in _model_tensors(host, config, mapping, adapter_name).items()
+    }
+    mapping.saved(host, config, tensors)
+    fields = {"peft_type": mapping.peft_type, **mapping.fields(host, config)}
     fields["modules_to_save"] = list(_saved_modules(host, adapter_name)) or None
     if base_model_name_or_path is None:  # as PEFT does: the model's own name or folder
         config_of_host = getattr(host, "config", None)
@@ -176,9 +163,9 @@ def load_peft(
 
     tensors = load_file(str(folder / WEIGHTS_FILE))
     host, _ = _host(model)  # fail early on a model prompt/prefix tuning cannot use
+    mapping = _mapping(config)
     submodules = fields.get("num_transformer_submodules") or 1  # prompt learning writes it
-    prompt_learning = isinstance(config, (PromptTuning, PrefixTuning))
-    if prompt_learning and submodules != (2 if is_encoder_decoder(host) else 1):
+    if mapping.prompt_learning and submodules != (2 if is_encoder_decoder(host) else 1):
         raise AdapterConfigError(
             f"{folder / CONFIG_FILE} has num_transformer_submodules={submodules}, written for "
             f"an {'encoder-decoder' if submodules == 2 else 'encoder- or decoder-only'} model; "
@@ -189,13 +176,13 @@ def load_peft(
             quantize_model(model, quantize)
         if adapter_name not in _names(model):
             saved = list(fields.get("modules_to_save") or [])
-            if isinstance(config, (PromptTuning, PrefixTuning)):  # PEFT < 0.15 lists none
+            if mapping.prompt_learning:  # PEFT < 0.15 lists none
                 saved += [k[len("base_model.") :].rsplit(".", 1)[0] for k in tensors if "." in k]
             heads = _modules_to_save(model, sorted(set(saved)))
             # The file says which modules trained whole; no task head beyond those.
             apply_adapters(model, [config, *heads], name=adapter_name, train_head=False)
         _copy_peft_tensors(model, folder, tensors, config, adapter_name)
-    _warn_if_attention(host, adapter_name)
+    mapping.warn(host, config, adapter_name)
     return model
 
 
@@ -208,12 +195,11 @@ def _copy_peft_tensors(
 ) -> None:
     """Copy a PEFT file's tensors into ``model``'s adapter, every key and shape checked first."""
     host, _ = _host(model)
-    targets = _model_tensors(host, config, adapter_name)
-    expected = {_file_key(key, config): key for key in targets}
-    prompt = tensors.get("prompt_embeddings")
-    if isinstance(config, PromptTuning) and is_encoder_decoder(host) and prompt is not None:
-        # PEFT's encoder-decoder layout: encoder rows, then decoder rows it never reads.
-        tensors = {**tensors, "prompt_embeddings": prompt[: config.num_virtual_tokens]}
+    mapping = _mapping(config)
+    targets = _model_tensors(host, config, mapping, adapter_name)
+    expected = {_file_key(key, mapping): key for key in targets}
+    tensors = dict(tensors)
+    mapping.loaded(host, config, tensors)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -258,68 +244,10 @@ def _modules_to_save(model: nn.Module, names: Any) -> list[Unfreeze]:
 
 
 def _scaling_fields(config: Any) -> dict[str, Any]:
-    """The fields of a LoRA config that decide what its tensors compute (shapes aside, which
-    the tensors themselves check); other methods have none."""
-    if not isinstance(config, LoRA):
-        return {}
-    return {f: getattr(config, f) for f in ("rank", "alpha", "use_rslora", "use_dora")}
-
-
-def _peft_config(host: nn.Module, config: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    if isinstance(config, LoRA):
-        return {
-            "peft_type": "LORA",
-            "r": config.rank,
-            "lora_alpha": config.alpha,
-            "lora_dropout": config.dropout,
-            "target_modules": _patterns(config.target_modules),
-            "exclude_modules": _patterns(config.exclude_modules) or None,
-            "use_rslora": config.use_rslora,
-            "use_dora": config.use_dora,
-            # LoftQ's values are in the file; PEFT's own LoftQ recipe saves True as well, so
-            # that loading does not run LoftQ again.
-            "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
-            "bias": "none",
-            "fan_in_fan_out": _uses_conv1d(host),
-            "rank_pattern": {},
-            "alpha_pattern": {},
-        }
-    if isinstance(config, IA3):
-        return {
-            "peft_type": "IA3",
-            "target_modules": _patterns(config.target_modules),
-            "feedforward_modules": _patterns(config.feedforward_modules),
-            "exclude_modules": _patterns(config.exclude_modules) or None,
-            "init_ia3_weights": True,
-            "fan_in_fan_out": _uses_conv1d(host),
-        }
-    layers, kv_heads, head_dim, hidden = cache_shape(host)
-    # PEFT's encoder-decoder layout: prompt rows for the encoder then for the decoder (which
-    # its forward never reads); the prefix is the decoder's either way.
-    common = {
-        "num_virtual_tokens": config.num_virtual_tokens,
-        "num_transformer_submodules": 2 if is_encoder_decoder(host) else 1,
-    }
-    if isinstance(config, PromptTuning):
-        return {
-            **common,
-            "peft_type": "PROMPT_TUNING",
-            "token_dim": hidden,
-            "num_attention_heads": host.config.num_attention_heads,
-            "num_layers": layers,
-            "prompt_tuning_init": config.init.upper(),
-            "prompt_tuning_init_text": config.init_text,
-            "tokenizer_name_or_path": config.tokenizer_name_or_path,
-        }
-    return {
-        **common,
-        "peft_type": "PREFIX_TUNING",
-        "token_dim": kv_heads * head_dim,
-        "num_attention_heads": kv_heads,
-        "num_layers": layers,
-        "encoder_hidden_size": config.encoder_hidden_size or kv_heads * head_dim,
-        "prefix_projection": config.reparametrize,
-    }
+    """The fields of ``config`` that decide what its tensors compute (shapes aside, which
+    the tensors themselves check)."""
+    mapping = peft_mapping(config)
+    return mapping.scaling_fields(config) if mapping is not None else {}
 
 
 def config_from_peft(fields: dict[str, Any]) -> Any:
@@ -329,52 +257,24 @@ def config_from_peft(fields: dict[str, Any]) -> Any:
         AdapterConfigError: a PEFT type or option not implemented here (each one named).
     """
     peft_type = fields.get("peft_type")
+    mapping = peft_mapping_named(peft_type)
+    if mapping is None:
+        raise AdapterConfigError(
+            f"PEFT type {peft_type!r} is not supported; lightning_peft reads "
+            f"{', '.join(peft_types())}"
+        )
     unsupported = [
         f"{key}={fields[key]!r}"
         for key, inert in _INERT.items()
         if key in fields and fields[key] not in inert
     ]
-    if peft_type == "LORA" and fields.get("bias", "none") != "none":
-        unsupported.append(f"bias={fields['bias']!r}")
-    if peft_type == "LORA" and fields.get("init_lora_weights", True) not in (
-        True,
-        False,
-        "gaussian",
-    ):
-        # PiSSA, OLoRA, LoftQ, CorDA, EVA...: the adapter was trained against a base PEFT
-        # rewrote, so on the original base it computes something else.
-        unsupported.append(f"init_lora_weights={fields['init_lora_weights']!r}")
+    unsupported += mapping.unsupported(fields)
     if unsupported:
         raise AdapterConfigError(
             f"this PEFT {peft_type} adapter uses options lightning_peft does not implement: "
             f"{', '.join(unsupported)}"
         )
-    if peft_type == "LORA":
-        init = fields.get("init_lora_weights", True)
-        return LoRA(
-            rank=fields["r"],
-            alpha=fields.get("lora_alpha", 8),
-            dropout=fields.get("lora_dropout", 0.0),
-            target_modules=_our_patterns(fields.get("target_modules")) or "all-linear",
-            exclude_modules=_our_patterns(fields.get("exclude_modules")),
-            use_rslora=fields.get("use_rslora", False),
-            use_dora=fields.get("use_dora", False),
-            init="gaussian" if init == "gaussian" else "kaiming",
-        )
-    if peft_type == "IA3":
-        return IA3(
-            target_modules=_our_patterns(fields.get("target_modules")),
-            feedforward_modules=_our_patterns(fields.get("feedforward_modules")),
-            exclude_modules=_our_patterns(fields.get("exclude_modules")),
-        )
-    if peft_type == "PROMPT_TUNING":
-        return PromptTuning(num_virtual_tokens=fields["num_virtual_tokens"])
-    if peft_type == "PREFIX_TUNING":  # the file holds the prefix itself (MLP folded)
-        return PrefixTuning(num_virtual_tokens=fields["num_virtual_tokens"], reparametrize=False)
-    raise AdapterConfigError(
-        f"PEFT type {peft_type!r} is not supported; lightning_peft reads LORA, IA3, "
-        "PROMPT_TUNING and PREFIX_TUNING"
-    )
+    return mapping.config(fields)
 
 
 # Options PEFT writes whose values here must be the inert ones (anything else changes the
@@ -394,25 +294,9 @@ _INERT: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _patterns(value: str | tuple[str, ...]) -> str | list[str]:
-    return value if isinstance(value, str) else list(value)
-
-
-def _our_patterns(value: Any) -> str | tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return value
-    return tuple(sorted(value))  # PEFT may write a set as a list in any order
-
-
 def _task_type(host: nn.Module) -> str | None:
     name = type(host).__name__
     return next((task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix)), None)
-
-
-def _uses_conv1d(host: nn.Module) -> bool:
-    return any(type(m).__name__ == "Conv1D" and is_linear_layer(m) for m in host.modules())
 
 
 # -- tensors ---------------------------------------------------------------------------------
@@ -432,7 +316,7 @@ def _names(model: nn.Module) -> set[str]:
     return {name for name, _ in adapter_configs_attached(model)}
 
 
-def _single_config(model: nn.Module, adapter_name: str) -> Any:
+def _single_config(model: nn.Module, adapter_name: str) -> tuple[Any, PeftMapping]:
     configs = [c for n, c in adapter_configs_attached(model) if n == adapter_name]
     if not configs:
         raise AdapterStateError(
@@ -445,29 +329,17 @@ def _single_config(model: nn.Module, adapter_name: str) -> Any:
             f"adapter {adapter_name!r} combines {len(methods)} configs "
             f"({', '.join(type(c).__name__ for c in methods)}); a PEFT directory holds one"
         )
-    if not isinstance(methods[0], (LoRA, IA3, PromptTuning, PrefixTuning)):
+    return methods[0], _mapping(methods[0])
+
+
+def _mapping(config: Any) -> PeftMapping:
+    mapping = peft_mapping(config)
+    if mapping is None:
         raise AdapterConfigError(
-            f"{type(methods[0]).__name__} has no Hugging Face PEFT equivalent; save it with "
+            f"{type(config).__name__} has no Hugging Face PEFT equivalent; save it with "
             "adapter_state_dict or AdapterCheckpoint instead"
         )
-    return methods[0]
-
-
-def _warn_if_attention(host: nn.Module, adapter_name: str) -> None:
-    """PEFT 0.21 adds the ``out_proj`` update of an ``nn.MultiheadAttention`` twice (its
-    ``merge`` adds it, then merges ``out_proj`` again): a file means ``W + 2 dW`` there and
-    ``W + dW`` here. The tensors and names agree; say that the outputs will not."""
-    from lightning_peft.adapters.lora_layers import LoRAMultiheadAttention
-
-    if any(
-        isinstance(m, LoRAMultiheadAttention) and adapter_name in m.configs for m in host.modules()
-    ):
-        warnings.warn(
-            "adapter with LoRA on nn.MultiheadAttention: Hugging Face PEFT 0.21 applies the "
-            "out_proj update of such a layer twice, so the same file computes other outputs "
-            "there than here (in_proj and every other layer agree)",
-            stacklevel=3,
-        )
+    return mapping
 
 
 def _saved_modules(host: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
@@ -480,20 +352,12 @@ def _saved_modules(host: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
     }
 
 
-def _model_tensors(host: nn.Module, config: Any, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The adapter's tensors in ``host``, keyed by module path and PEFT's tensor name."""
-    tensors: dict[str, torch.Tensor] = {}
-    for path, module in adapter_modules(host):
-        if isinstance(module, LoRALinear) and adapter_name in module.configs:
-            for name, tensor in module.peft_tensors(adapter_name).items():
-                tensors[f"{path}.{name}"] = tensor
-        elif isinstance(module, IA3Linear) and adapter_name in module.configs:
-            tensors[f"{path}.ia3_l"] = module.ia3_l[adapter_name]
-        elif isinstance(module, SoftPrompt) and module.adapter_name == adapter_name:
-            tensors["prompt_embeddings"] = module.prompt[adapter_name]
-        elif isinstance(module, PrefixKV) and module.adapter_name == adapter_name:
-            module.fold()  # PEFT stores the prefix itself
-            tensors["prompt_embeddings"] = module.prefix[adapter_name]
+def _model_tensors(
+    host: nn.Module, config: Any, mapping: PeftMapping, adapter_name: str
+) -> dict[str, torch.Tensor]:
+    """The adapter's tensors in ``host``, keyed by module path and PEFT's tensor name, with
+    the whole modules it trains (``modules_to_save``)."""
+    tensors = mapping.tensors(host, adapter_name)
     for path, module in _saved_modules(host, adapter_name).items():
         for name, tensor in module.named_parameters():
             tensors[f"{path}.{name}"] = tensor
@@ -502,23 +366,8 @@ def _model_tensors(host: nn.Module, config: Any, adapter_name: str) -> dict[str,
     return tensors
 
 
-def _peft_tensors(host: nn.Module, config: Any, adapter_name: str) -> dict[str, torch.Tensor]:
-    tensors = {
-        _file_key(k, config): v for k, v in _model_tensors(host, config, adapter_name).items()
-    }
-    if isinstance(config, PrefixTuning):
-        prefix = next(m for m in host.modules() if isinstance(m, PrefixKV))
-        tensors["prompt_embeddings"] = prefix.flat_prefix().detach()
-    if isinstance(config, PromptTuning) and is_encoder_decoder(host):
-        # PEFT's file holds decoder rows too, which its forward never reads: zeros here.
-        prompt = tensors["prompt_embeddings"].detach()
-        tensors["prompt_embeddings"] = torch.cat([prompt, torch.zeros_like(prompt)])
-    return tensors
-
-
-def _file_key(key: str, config: Any) -> str:
-    if key == "prompt_embeddings":
+def _file_key(key: str, mapping: PeftMapping) -> str:
+    if key == PROMPT:
         return key
     # Prompt learning wraps the model itself: its modules_to_save sit under "base_model.".
-    prompt_learning = isinstance(config, (PromptTuning, PrefixTuning))
-    return ("base_model." if prompt_learning else PREFIX) + key
+    return ("base_model." if mapping.prompt_learning else PREFIX) + key

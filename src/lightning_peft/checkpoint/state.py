@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from lightning_peft.adapters.protocol import is_merged
 from lightning_peft.errors import AdapterStateError, AdapterStateKeyError
 from lightning_peft.injection import adapter_modules, adapter_parameter_names
 
@@ -72,7 +73,7 @@ def check_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Te
             "base model?):\n" + "\n".join(shapes[:_SHOWN]) + _more(shapes)
         )
     check_adapter_values(state_dict, "the state dict")
-    merged = [name for name, module in adapter_modules(model) if getattr(module, "merged", False)]
+    merged = [name for name, module in adapter_modules(model) if is_merged(module)]
     if merged:
         raise AdapterStateError(
             f"cannot load into merged adapters ({', '.join(merged[:3])}{_more(merged, 3)}): "

@@ -11,9 +11,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_peft.adapters.bitfit import Unfreeze
 from lightning_peft.adapters.heads import task_head_names
-from lightning_peft.adapters.protocol import trained_marks
+from lightning_peft.adapters.protocol import TrainsWholeModules, trained_marks
 from lightning_peft.injection import AdapterConfig, apply_adapters
 from lightning_peft.lightning.precision import PeftPrecision, peft_precision
 
@@ -49,7 +48,7 @@ def _announce_head(module: nn.Module, name: str, given: list[AdapterConfig]) -> 
         head
         for head in task_head_names(module)
         if any(
-            isinstance(config, Unfreeze) and config not in given
+            isinstance(config, TrainsWholeModules) and config not in given
             for config, _ in trained_marks(module.get_submodule(head)).values()
         )
     ]

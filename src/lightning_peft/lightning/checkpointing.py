@@ -29,6 +29,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_peft.adapters.protocol import is_merged
 from lightning_peft.checkpoint import (
     METADATA_KEY,
     build_metadata,
@@ -217,7 +218,7 @@ class ResumeChecks:
             self._finish(trainer, module)
 
     def on_fit_start(self, trainer: pl.Trainer, module: nn.Module) -> None:
-        merged = [n for n, m in adapter_modules(module) if getattr(m, "merged", False)]
+        merged = [n for n, m in adapter_modules(module) if is_merged(m)]
         if merged:
             raise AdapterStateError(
                 f"the adapters of {', '.join(merged[:3])}{' ...' if len(merged) > 3 else ''} "

@@ -19,6 +19,7 @@ from lightning_peft.checkpoint.metadata import fingerprint_frozen
 from lightning_peft.distillation import is_temperature, kd_loss
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.injection import adapter_parameter_names
+from lightning_peft.quantization import QUANT_MODES
 from lightning_peft.switching import disable_adapters
 
 SELF = "base"  # Distillation(teacher="base"): the student's own base, adapters off
@@ -75,8 +76,8 @@ class Distillation(Callback):
             isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1
         ):
             problems.append(f"alpha must be in [0, 1] or None, got {alpha!r}")
-        if quantize not in (None, "nf4", "fp4", "int8"):
-            problems.append(f"quantize must be None, 'nf4', 'fp4' or 'int8', got {quantize!r}")
+        if quantize is not None and quantize not in QUANT_MODES:
+            problems.append(f"quantize must be None or one of {QUANT_MODES}, got {quantize!r}")
         if quantize is not None and teacher == SELF:
             problems.append("quantize applies to a separate teacher, not to teacher='base'")
         if problems:

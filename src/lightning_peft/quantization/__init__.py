@@ -1,18 +1,14 @@
-"""How the frozen base is stored: NF4/FP4/int8 through bitsandbytes, dequantized for merges,
-and the optimizers (8-bit, paged) that keep adapter training small."""
+"""How the frozen base is stored: one backend per layer kind (float, Conv1D, NF4/FP4, int8
+through bitsandbytes), read densely for merges, and the optimizers (8-bit, paged) that keep
+adapter training small."""
 
 from lightning_peft.quantization.layers import (
     CONV_TYPES,
-    QUANT_MODES,
     QuantMode,
-    dequantize,
-    in_out_features,
     is_linear_layer,
-    is_quantized,
     keep_4bit_storage_exact_,
     linear_layer_types,
     output_head_names,
-    quant_state_tensors,
     quantize_linear,
     real_numel,
     share_lookup_tables_,
@@ -31,6 +27,15 @@ from lightning_peft.quantization.optimizers import (
     rebind_scheduler,
     rebuild_optimizer,
 )
+from lightning_peft.quantization.storage import (
+    QUANT_MODES,
+    Storage,
+    dense_weight,
+    in_out_features,
+    is_quantized,
+    quant_state_tensors,
+    storage_of,
+)
 
 __all__ = [
     "CONV_TYPES",
@@ -39,7 +44,8 @@ __all__ = [
     "MemoryReport",
     "OptimizerName",
     "QuantMode",
-    "dequantize",
+    "Storage",
+    "dense_weight",
     "dequantize_model",
     "in_out_features",
     "is_linear_layer",
@@ -57,5 +63,6 @@ __all__ = [
     "rebind_scheduler",
     "rebuild_optimizer",
     "share_lookup_tables_",
+    "storage_of",
     "write_weight_",
 ]

@@ -1,50 +1,44 @@
-"""How a frozen base layer stores its weight: float, transposed (``Conv1D``), NF4/FP4 or int8.
+"""The base layers adapters wrap, and the 4-bit layers' care: which layers are linear, which
+are heads, bitsandbytes' CPU repacking kept off, lookup tables shared, quantizing a layer.
 
-Adapters never look at a base layer's storage themselves. They ask this module for the
-weight in ``nn.Linear`` orientation (``(out_features, in_features)``) and hand a new one back
-when merging. This is the only module that touches bitsandbytes' classes; it imports
-bitsandbytes lazily (about 2.5 s), and only when a layer could be one of its types.
+How each kind of layer stores its weight (float, transposed ``Conv1D``, NF4/FP4, int8) is
+its backend in ``storage.py``; adapters read the weight through :func:`dense_weight` in
+``nn.Linear`` orientation (``(out_features, in_features)``) and hand a new one back to
+:func:`write_weight_` when merging. bitsandbytes is imported lazily (about 2.5 s), and only
+when a layer could be one of its types.
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Literal
 
 import torch
 from torch import nn
 
-QuantMode = Literal["nf4", "fp4", "int8"]
-QUANT_MODES: tuple[str, ...] = ("nf4", "fp4", "int8")
+from lightning_peft.quantization.storage import (
+    BACKENDS,
+    backend_for_mode,
+    dense_weight,
+    is_quantized,
+    loaded_class,
+    storage_of,
+    unpack_for_training_,
+)
 
-
-def _loaded_class(module_name: str, *path: str) -> type | None:
-    """A class from ``module_name`` if that module is already imported, else None.
-
-    A layer of a library's type can only exist once the library is imported, so checking
-    ``sys.modules`` avoids importing transformers or bitsandbytes just to say "no".
-    """
-    obj = sys.modules.get(module_name)
-    for name in path:
-        obj = getattr(obj, name, None)
-    return obj if isinstance(obj, type) else None
+QuantMode = Literal["nf4", "fp4", "int8"]  # the modes of storage.BACKENDS, for type checkers
 
 
 def _conv1d_class() -> type | None:
-    return _loaded_class("transformers.pytorch_utils", "Conv1D")
+    return loaded_class("transformers.pytorch_utils", "Conv1D")
 
 
 def _linear4bit_class() -> type | None:
-    return _loaded_class("bitsandbytes", "nn", "Linear4bit")
-
-
-def _linear8bit_class() -> type | None:
-    return _loaded_class("bitsandbytes", "nn", "Linear8bitLt")
+    return loaded_class("bitsandbytes", "nn", "Linear4bit")
 
 
 def linear_layer_types() -> tuple[type, ...]:
     """The layer types an adapter can wrap: ``nn.Linear``, HF ``Conv1D``, bnb 4-bit and 8-bit."""
-    optional = (_conv1d_class(), _linear4bit_class(), _linear8bit_class())
+    optional = (backend.layer_class() for backend in BACKENDS)
     return (nn.Linear, *(cls for cls in optional if cls is not None))
 
 
@@ -145,36 +139,8 @@ def keep_4bit_storage_exact_(model: nn.Module) -> int:
         module.support_avx512bf16_for_cpu = False
         weight = module.weight
         if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
-            _unpack_for_training_(weight)
+            unpack_for_training_(weight)
     return count
-
-
-def _unpack_for_training_(weight: torch.Tensor) -> None:
-    """Undo bitsandbytes' CPU inference packing of a 4-bit weight, in place."""
-    import bitsandbytes.functional as bnb_functional
-
-    weight.data, quant_state = bnb_functional._convert_weight_packed_for_cpu_inverse(
-        weight.data, weight.quant_state
-    )
-    if quant_state.absmax.dim() == 2:
-        # bitsandbytes 0.50 re-lays out absmax only when it re-quantizes it (double
-        # quantization); otherwise it stays (blocks per row, rows) in bf16 and dequantizing
-        # would pair codes with other blocks' constants.
-        quant_state.absmax = quant_state.absmax.T.reshape(-1).float().contiguous()
-    weight.quant_state = quant_state
-
-
-def quant_state_tensors(quant_state: object) -> list[torch.Tensor]:
-    """The tensors a bitsandbytes 4-bit ``QuantState`` holds in memory: absmax, the code's
-    lookup table, and with double quantization the offset and the nested state's absmax
-    and table. (Its state-dict form adds a serialized description: not memory.)"""
-    found = []
-    for state in (quant_state, getattr(quant_state, "state2", None)):
-        for name in ("absmax", "code", "offset"):
-            value = getattr(state, name, None)
-            if isinstance(value, torch.Tensor):
-                found.append(value)
-    return found
 
 
 def share_lookup_tables_(model: nn.Module) -> int:
@@ -206,50 +172,6 @@ def share_lookup_tables_(model: nn.Module) -> int:
     return dropped
 
 
-def is_quantized(layer: nn.Module) -> bool:
-    """True for a layer whose weight is stored in 4 or 8 bits (not a float copy)."""
-    linear4bit, linear8bit = _linear4bit_class(), _linear8bit_class()
-    if linear4bit is not None and isinstance(layer, linear4bit):
-        return True
-    return (
-        linear8bit is not None
-        and isinstance(layer, linear8bit)
-        and layer.weight.dtype == torch.int8
-    )
-
-
-def in_out_features(layer: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of any layer in :func:`linear_layer_types`."""
-    conv1d = _conv1d_class()
-    if conv1d is not None and isinstance(layer, conv1d):
-        return layer.nx, layer.nf
-    return layer.in_features, layer.out_features
-
-
-def dequantize(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight as a float ``(out_features, in_features)`` tensor, detached.
-
-    For a float layer this is the weight itself (a transposed view for ``Conv1D``), not a
-    copy: callers must not write into it. For a 4-bit or 8-bit layer it is a new tensor.
-    """
-    conv1d, linear4bit = _conv1d_class(), _linear4bit_class()
-    weight = layer.weight
-    if conv1d is not None and isinstance(layer, conv1d):
-        return weight.detach().T
-    if linear4bit is not None and isinstance(layer, linear4bit) and weight.quant_state is not None:
-        import bitsandbytes.functional as bnb_functional
-
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            _unpack_for_training_(weight)  # a layer nobody guarded (keep_4bit_storage_exact_)
-        return bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
-    if weight.dtype == torch.int8:
-        # LLM.int8: row-wise absmax scaling, W = CB * SCB / 127. After the first forward
-        # bitsandbytes moves SCB from the parameter to the layer's state.
-        scales = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
-        return weight.data.float() * (scales.float().unsqueeze(1) / 127.0)
-    return weight.detach()
-
-
 @torch.no_grad()
 def write_weight_(layer: nn.Module, weight: torch.Tensor) -> float:
     """Store ``weight`` (``(out, in)``, float) into ``layer`` in the layer's own format.
@@ -259,39 +181,8 @@ def write_weight_(layer: nn.Module, weight: torch.Tensor) -> float:
     ``max |stored - weight|``: 0 for a float layer of the same dtype, the rounding error of
     the 4-bit or 8-bit code otherwise.
     """
-    if not is_quantized(layer):
-        target = dequantize(layer)  # a view of the stored weight: writing it writes the layer
-        target.copy_(weight)
-    elif isinstance(layer, _linear4bit_class()):
-        import bitsandbytes as bnb
-
-        old = layer.weight
-        layer.weight = bnb.nn.Params4bit(
-            weight.to(old.quant_state.dtype).contiguous(),
-            requires_grad=False,
-            blocksize=old.blocksize,
-            compress_statistics=old.compress_statistics,
-            quant_type=old.quant_type,
-            quant_storage=old.quant_storage,
-            module=layer,
-        ).to(old.device)
-    else:
-        layer.weight = _int8_params(weight, layer.weight.device)
-        # The layer caches the previous codes in its state after a forward pass.
-        layer.state.CB, layer.state.SCB = None, None
-    return float((dequantize(layer).float() - weight.float()).abs().max())
-
-
-def _int8_params(weight: torch.Tensor, device: torch.device) -> nn.Parameter:
-    """LLM.int8 codes of ``weight`` on ``device``.
-
-    bitsandbytes quantizes an ``Int8Params`` only when it moves from the CPU, so the float
-    weight goes through the CPU even when it and the layer live on a GPU.
-    """
-    import bitsandbytes as bnb
-
-    float_weight = weight.detach().to("cpu", copy=True).contiguous()
-    return bnb.nn.Int8Params(float_weight, requires_grad=False, has_fp16_weights=False).to(device)
+    storage_of(layer).write_(layer, weight)
+    return float((dense_weight(layer).float() - weight.float()).abs().max())
 
 
 def real_numel(param: torch.Tensor) -> int:
@@ -321,44 +212,21 @@ def quantize_linear(
         ValueError: an unknown ``mode``.
         TypeError: a layer that is not a float linear layer.
     """
-    if mode not in QUANT_MODES:
-        raise ValueError(f"quantization mode must be one of {QUANT_MODES}, got {mode!r}")
+    backend = backend_for_mode(mode)  # refuses an unknown mode by name
     if not is_linear_layer(layer) or is_quantized(layer):
         raise TypeError(
             f"quantize_linear needs a float nn.Linear or Conv1D, got {type(layer).__name__}"
         )
-    import bitsandbytes as bnb
-
-    weight = dequantize(layer).detach()
-    in_features, out_features = in_out_features(layer)
-    has_bias = getattr(layer, "bias", None) is not None
-    device = weight.device
-    if mode == "int8":
-        quantized = bnb.nn.Linear8bitLt(
-            in_features, out_features, bias=has_bias, has_fp16_weights=False, device="meta"
-        )
-        quantized.weight = _int8_params(weight, device)
-    else:
-        quantized = bnb.nn.Linear4bit(
-            in_features,
-            out_features,
-            bias=has_bias,
-            compute_dtype=compute_dtype or weight.dtype,
-            compress_statistics=double_quant,
-            quant_type=mode,
-            quant_storage=quant_storage,
-            device="meta",
-        )
-        quantized.weight = bnb.nn.Params4bit(
-            weight.clone().contiguous(),
-            requires_grad=False,
-            blocksize=blocksize,
-            compress_statistics=double_quant,
-            quant_type=mode,
-            quant_storage=quant_storage,
-            module=quantized,
-        )
-    if has_bias:
+    device = dense_weight(layer).device
+    quantized = backend.quantize(
+        layer,
+        mode,
+        compute_dtype=compute_dtype,
+        double_quant=double_quant,
+        blocksize=blocksize,
+        quant_storage=quant_storage,
+    )
+    if layer.bias is not None:
         quantized.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
     keep_4bit_storage_exact_(quantized)
     return quantized.to(device)

@@ -5,10 +5,10 @@ Standard QLoRA starts at ``Q(W)``, so the adapted model starts as far from the f
 as the quantization puts it. LoftQ alternates, ``T`` times (``B_0 A_0 = 0``)::
 
     Q_t       = quantize(W - s B_{t-1} A_{t-1})          the base absorbs what the adapter does not
-    s B_t A_t = rank-r SVD of  W - dequantize(Q_t)        the adapter absorbs the quantization error
+    s B_t A_t = rank-r SVD of  W - dequant(Q_t)         the adapter absorbs the quantization error
 
-and starts training from ``(Q_T, A_T, B_T)``: ``dequantize(Q_T) + s B_T A_T`` is closer to ``W``
-than ``dequantize(Q(W))`` is. Everything here is a function of ``W`` alone (no random draw),
+and starts training from ``(Q_T, A_T, B_T)``: ``dequant(Q_T) + s B_T A_T`` is closer to ``W``
+than ``dequant(Q(W))`` is. Everything here is a function of ``W`` alone (no random draw),
 so a resumed run recomputes the same base and the same starting adapters.
 """
 
@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.quantization.layers import dequantize, quantize_linear
+from lightning_peft.quantization.layers import quantize_linear
+from lightning_peft.quantization.storage import dense_weight
 
 
 def _float_copy(layer: nn.Module, weight: torch.Tensor) -> nn.Linear:
@@ -44,7 +45,7 @@ def loftq_layer(
     **quantize_kwargs: Any,
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """``(quantized base, A, B)`` for a float linear ``layer``: ``A`` is ``(rank, in)`` and ``B``
-    ``(out, rank)``, float32, with ``dequantize(base) + scaling * B @ A`` close to the weight.
+    ``(out, rank)``, float32, with ``dense_weight(base) + scaling * B @ A`` close to the weight.
 
     Args:
         iterations: LoftQ's ``T``, the alternations.
@@ -54,13 +55,13 @@ def loftq_layer(
     the usual 4-bit base (what bitsandbytes gives any loader of the float model) and only
     the adapters differ from standard QLoRA's.
     """
-    weight = dequantize(layer).detach()
+    weight = dense_weight(layer).detach()
     target = weight.float()
     update = torch.zeros_like(target)  # s B A
     for _ in range(iterations):
         residual_base = (target - update).to(weight.dtype)
         quantized = quantize_linear(_float_copy(layer, residual_base), mode, **quantize_kwargs)
-        error = target - dequantize(quantized).float()
+        error = target - dense_weight(quantized).float()
         u, s, vh = torch.linalg.svd(error, full_matrices=False)
         root = s[:rank].sqrt()
         lora_b = u[:, :rank] * root / scaling**0.5  # (out, rank)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_peft.quantization.layers import is_quantized, quant_state_tensors, real_numel
+from lightning_peft.quantization.layers import real_numel
+from lightning_peft.quantization.storage import is_quantized, storage_of
 
 COMPONENTS = ("quantized weights", "float weights", "adapters", "gradients", "optimizer state")
 
@@ -95,15 +96,8 @@ def _quantized_weight_bytes(layer: nn.Module, seen: set[int]) -> int:
     """Bytes the layer's weight takes in memory: its codes and their constants, each storage
     counted once across layers (``seen``: the 4-bit lookup tables are shared, see
     :func:`lightning_peft.quantization.share_lookup_tables_`)."""
-    weight = layer.weight
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None:  # 4-bit: absmax (double quantization: codes + nested absmax)
-        tensors = [weight, *quant_state_tensors(quant_state)]
-    else:  # LLM.int8: one float scale per output row
-        scales = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
-        tensors = [weight, scales]
     total = 0
-    for tensor in tensors:
+    for tensor in storage_of(layer).weight_tensors(layer):
         if tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             total += tensor.numel() * tensor.element_size()

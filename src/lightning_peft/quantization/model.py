@@ -1,4 +1,4 @@
-"""Quantize or dequantize every linear layer of a model in place."""
+"""Quantize or dense_weight every linear layer of a model in place."""
 
 from __future__ import annotations
 
@@ -9,17 +9,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_peft.adapters.protocol import is_adapter
 from lightning_peft.quantization.layers import (
     QuantMode,
-    dequantize,
-    in_out_features,
     is_linear_layer,
-    is_quantized,
     output_head_names,
     quantize_linear,
     share_lookup_tables_,
 )
 from lightning_peft.quantization.loftq import loftq_layer
+from lightning_peft.quantization.storage import (
+    FourBitStorage,
+    dense_weight,
+    in_out_features,
+    is_quantized,
+)
+
+FOUR_BIT_MODES = FourBitStorage.modes
 
 
 def quantize_model(
@@ -76,7 +82,7 @@ def quantize_model(
     if isinstance(skip_modules, str):  # one name, not its characters
         skip_modules = (skip_modules,)
     modules = dict(model.named_modules())
-    if any(hasattr(module, "adapter_params") for module in modules.values()):
+    if any(is_adapter(module) for module in modules.values()):
         raise ValueError(
             f"{type(model).__name__} already has adapters: quantize the base before attaching "
             "them, so the adapters' own layers stay trainable floats"
@@ -137,7 +143,7 @@ def quantize_model(
             else:
                 quantized = quantize_linear(layer, mode, **options)
             setattr(parent, child_name, quantized)
-        if mode in ("nf4", "fp4"):
+        if mode in FOUR_BIT_MODES:
             share_lookup_tables_(model)
             # Hugging Face PEFT and transformers read this flag to dispatch 4-bit code paths.
             model.is_loaded_in_4bit = True
@@ -164,7 +170,7 @@ def loftq_targets(
     for config in configs:
         if getattr(config, "init", None) != "loftq":
             continue
-        if mode not in ("nf4", "fp4"):
+        if mode not in FOUR_BIT_MODES:
             raise AdapterConfigError(
                 f"LoRA(init='loftq') needs a 4-bit base ('nf4' or 'fp4'), got {mode!r}"
             )
@@ -229,7 +235,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
         if not name or not is_quantized(module):
             continue
         in_features, out_features = in_out_features(module)
-        weight = dequantize(module).to(dtype)
+        weight = dense_weight(module).to(dtype)
         linear = nn.Linear(
             in_features,
             out_features,

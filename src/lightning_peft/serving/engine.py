@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.adapters.ia3 import IA3
 from lightning_peft.adapters.lora import LoRA
+from lightning_peft.adapters.protocol import routes_rows
 from lightning_peft.checkpoint.metadata import (
     config_from_metadata,
     fingerprint_frozen,
@@ -41,7 +41,7 @@ from lightning_peft.injection import (
     apply_adapters,
     restored_on_error,
 )
-from lightning_peft.quantization import quantize_model
+from lightning_peft.quantization import QUANT_MODES, quantize_model
 from lightning_peft.serving.requests import (
     Job,
     PredictRequest,
@@ -57,7 +57,7 @@ from lightning_peft.switching import (
     set_active_adapters,
 )
 
-PRECISIONS = ("nf4", "fp4", "int8")
+PRECISIONS = QUANT_MODES
 # A folder without any of these holds weights only: requests then send token ids.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -521,9 +521,8 @@ def _until_eos(row: list[int], limit: int, eos: set[int]) -> list[int]:
 
 def _check_routable(configs: list[Any], source: Path) -> None:
     for config in configs:
-        routable = isinstance(config, IA3) or (isinstance(config, LoRA) and not config.use_dora)
-        if not routable:
-            what = "DoRA" if isinstance(config, LoRA) else type(config).__name__
+        if not routes_rows(config):
+            what = "DoRA" if getattr(config, "use_dora", False) else type(config).__name__
             if what == "Unfreeze":
                 what = "whole-module (Unfreeze)"
             raise RequestError(
