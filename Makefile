@@ -2,7 +2,7 @@
 # Each creates .venv (if missing) and installs exactly the versions of requirements-lock.txt,
 # the set CI tests, into it.
 #
-#   make lint            ruff's checks and format, as CI runs them before the tests
+#   make lint            ruff's checks and format, and mypy on src, as CI runs them first
 #   make test-cpu-paths  the tests that touch 4-bit layers, with bitsandbytes' AVX512-BF16 CPU
 #                        path forced on and then off (whatever this CPU has)
 #   make test-oldest     the whole suite on the lowest versions pyproject.toml declares
@@ -44,9 +44,11 @@ test: install
 	$(BIN)/python -m pytest
 
 # The rules in pyproject.toml's [tool.ruff]; `ruff check --fix` and `ruff format` repair most.
+# Then mypy on src, as [tool.mypy] sets it.
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/mypy
 
 test-cpu-paths: install
 	LIGHTNING_PEFT_AVX512BF16=on $(BIN)/python -m pytest -q $(CPU_PATH_TESTS)

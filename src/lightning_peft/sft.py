@@ -99,7 +99,7 @@ class ChatCollator:
 
     def _padded(self, encoded: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
         width = max(len(ids) for ids, _ in encoded)
-        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        batch: dict[str, list[Any]] = {"input_ids": [], "attention_mask": [], "labels": []}
         for ids, labels in encoded:
             pad = width - len(ids)
             batch["input_ids"].append(ids + [self.pad_id] * pad)
@@ -114,7 +114,7 @@ class ChatCollator:
             if sequences[-1] and used + len(row[0]) > self.max_length:
                 sequences.append([])
             sequences[-1].append(row)
-        batch = {"input_ids": [], "labels": [], "position_ids": []}
+        batch: dict[str, list[Any]] = {"input_ids": [], "labels": [], "position_ids": []}
         for rows in sequences:
             ids = [t for row_ids, _ in rows for t in row_ids]
             pad = self.max_length - len(ids)

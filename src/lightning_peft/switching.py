@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(names)
 
 
-def _switchable(model: nn.Module) -> list[NamedAdapterModule]:
+def _switchable(model: nn.Module) -> list[Any]:  # each a NamedAdapterModule
     return [m for _, m in adapter_modules(model) if isinstance(m, NamedAdapterModule)]
 
 
@@ -155,7 +156,7 @@ def mixed_batch(
     modules = [m for m in _switchable(model) if isinstance(m, RoutedAdapterModule)]
     if not modules:
         raise AdapterStateError("mixed_batch routes LoRA and IA3 adapters; the model has none")
-    if any(m.merged for m in modules):
+    if any(is_merged(m) for m in modules):
         raise AdapterStateError("unmerge_adapters(model) before routing a mixed batch")
     routing = Routing(names, index)
     for module in modules:

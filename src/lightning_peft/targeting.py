@@ -52,7 +52,7 @@ def normalize_patterns(value: Patterns, field: str, problems: list[str]) -> str 
     return tuple(value)
 
 
-def matches(name: str, patterns: str | tuple[str, ...]) -> bool:
+def matches(name: str, patterns: Patterns) -> bool:
     """True if the module name ``name`` is selected by ``patterns`` (``all-linear`` excluded)."""
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
@@ -74,8 +74,8 @@ def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def find_targets(
     model: nn.Module,
-    target_modules: str | tuple[str, ...],
-    exclude_modules: str | tuple[str, ...] = (),
+    target_modules: Patterns,
+    exclude_modules: Patterns = (),
     *,
     can_wrap: Callable[[nn.Module], bool] = is_linear_layer,
     method: str = "LoRA",
@@ -168,7 +168,7 @@ def _inner(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, WrappingAdapter) else module
 
 
-def _check_every_pattern_matched(target_modules: str | tuple[str, ...], names: list[str]) -> None:
+def _check_every_pattern_matched(target_modules: Patterns, names: list[str]) -> None:
     if isinstance(target_modules, str):
         if not any(matches(n, target_modules) for n in names):
             closest = difflib.get_close_matches(target_modules, names, n=5, cutoff=0.3)

@@ -6,6 +6,8 @@ torchmetrics (most of that import's time): only importing this module loads it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torchmetrics import Metric
 
@@ -18,7 +20,10 @@ class RankClassificationAccuracy(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, **kwargs) -> None:
+    hits: torch.Tensor  # metric states: tensors torchmetrics reduces across processes
+    total: torch.Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.add_state("hits", torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("total", torch.tensor(0), dist_reduce_fx="sum")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lightning_peft.adapters.protocol import is_adapter, mark_trained_
+from lightning_peft.adapters.protocol import WrappingAdapter, mark_trained_
 from lightning_peft.errors import TargetModulesError
 from lightning_peft.targeting import (
     Patterns,
@@ -75,9 +75,7 @@ def _bias_owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
     its wrapper (that is the name users and state dicts see)."""
     owners = []
     for name, module in candidate_modules(model).items():
-        owner = (
-            module.base_layer if is_adapter(module) and hasattr(module, "base_layer") else module
-        )
+        owner = module.base_layer if isinstance(module, WrappingAdapter) else module
         if isinstance(owner._parameters.get("bias"), nn.Parameter):
             owners.append((name, owner))
     return owners

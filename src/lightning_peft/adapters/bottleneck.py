@@ -16,6 +16,7 @@ Each adapter trains ``2 m d + d + m`` parameters (Houlsby §2.1).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,7 +32,12 @@ from lightning_peft.targeting import Patterns, finish_config_, normalize_pattern
 Placement = Literal["houlsby", "pfeiffer"]
 Activation = Literal["relu", "gelu", "silu", "tanh"]
 _PLACEMENTS = ("houlsby", "pfeiffer")
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+}
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,7 @@ class BottleneckAdapter:
         )
 
     @property
-    def target_modules(self) -> str | tuple[str, ...]:
+    def target_modules(self) -> Patterns:
         """The layers that get an adapter, from ``placement``."""
         if self.placement == "pfeiffer":
             return self.feedforward_modules

@@ -175,9 +175,8 @@ class IA3:
     def wrap(
         self, layer: nn.Module, adapter_name: str = "default", module_name: str = ""
     ) -> IA3Linear:
-        feedforward = bool(self.feedforward_modules) and matches(
-            module_name, self.feedforward_modules
-        )
+        patterns = self.feedforward_modules
+        feedforward = patterns is not None and bool(patterns) and matches(module_name, patterns)
         if isinstance(layer, IA3Linear):  # another named adapter on an adapted layer
             layer.add_adapter(self, adapter_name, feedforward=feedforward)
             return layer
@@ -243,7 +242,7 @@ class IA3Linear(NamedAdapters, BaseLayerWrapper):
         if self.merged or self.disabled:
             return self.base_layer(x, *args, **kwargs)
         if self.routing is not None:
-            return self._routed_forward(x, *args, **kwargs)
+            return self._routed_forward(self.routing, x, *args, **kwargs)
         for name in self.active_adapters:
             if self.feedforward[name]:
                 x = x * self._broadcastable(self.ia3_l[name]).to(x.dtype)
@@ -258,9 +257,10 @@ class IA3Linear(NamedAdapters, BaseLayerWrapper):
         linear layer's, dim 1 (channels) of a convolution's (stored that way)."""
         return vector if isinstance(self.base_layer, CONV_TYPES) else vector.flatten()
 
-    def _routed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def _routed_forward(
+        self, routing: Routing, x: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         """Each row scaled by its own adapter's vectors (ones for adapters the layer lacks)."""
-        routing = self.routing
         if isinstance(self.base_layer, CONV_TYPES):
             raise AdapterStateError(
                 f"mixed batches route IA3 on linear layers; {type(self.base_layer).__name__} "
@@ -275,7 +275,7 @@ class IA3Linear(NamedAdapters, BaseLayerWrapper):
         inputs, outputs = [], []
         for name in routing.names:
             vector = self.ia3_l[name].flatten() if name in self.configs else None
-            feedforward = self.feedforward.get(name, False)
+            feedforward = name is not None and self.feedforward.get(name, False)
             ones_in, ones_out = x.new_ones(in_features), x.new_ones(out_features)
             inputs.append(vector if vector is not None and feedforward else ones_in)
             outputs.append(vector if vector is not None and not feedforward else ones_out)

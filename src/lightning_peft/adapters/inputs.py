@@ -16,10 +16,15 @@ from torch import nn
 
 from lightning_peft.errors import AdapterConfigError, UnsupportedLayerError
 
+# A transformers model (``PreTrainedModel``): typed Any, since its config fields and methods
+# are its model class's own, and transformers is never imported just to name the type.
+HFModel = Any
 
-def find_transformers_model(model: nn.Module, method: str) -> nn.Module:
+
+def find_transformers_model(model: nn.Module, method: str) -> HFModel:
     """The outermost module of ``model`` that is a transformers model (a config and input
-    embeddings: tokens, or patches and audio frames for ViT and Whisper).
+    embeddings: tokens, or patches and audio frames for ViT and Whisper). Typed ``Any``: its
+    config and methods are the model class's own.
 
     Raises:
         UnsupportedLayerError: ``model`` contains none.
@@ -34,7 +39,7 @@ def find_transformers_model(model: nn.Module, method: str) -> nn.Module:
     )
 
 
-def is_encoder_decoder(host: nn.Module) -> bool:
+def is_encoder_decoder(host: HFModel) -> bool:
     config = getattr(host, "config", None)
     return bool(getattr(config, "is_encoder_decoder", False)) and callable(
         getattr(host, "get_encoder", None)
@@ -99,17 +104,22 @@ def cache_length(cache: Any) -> int:
 
 
 def text_config(model: nn.Module) -> Any:
-    config = model.config
+    config: Any = model.config
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
-def text_token_ids(text: str, tokenizer_name_or_path: str, count: int) -> torch.Tensor:
+def text_token_ids(
+    text: str | None, tokenizer_name_or_path: str | None, count: int
+) -> torch.Tensor:
     """The token ids of ``text``, repeated or cut to ``count`` (a text-initialised prompt).
 
     Raises:
-        AdapterConfigError: the text has no tokens.
+        AdapterConfigError: no text or tokenizer, or a text without tokens.
     """
     from transformers import AutoTokenizer
+
+    if text is None or tokenizer_name_or_path is None:
+        raise AdapterConfigError("init='text' needs init_text and tokenizer_name_or_path")
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path)
     token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -37,7 +37,7 @@ from lightning_peft.adapters.init import (
     values_will_be_loaded,
 )
 from lightning_peft.adapters.routing import Routing
-from lightning_peft.adapters.wrapper import BaseLayerWrapper, NamedAdapters
+from lightning_peft.adapters.wrapper import BaseLayerWrapper, LinearDict, NamedAdapters
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.quantization import (
     dense_weight,
@@ -148,7 +148,7 @@ class LoRA:
 
 @torch.no_grad()
 def init_factors_(
-    lora_a: nn.Module, lora_b: nn.Module, config: LoRA, generator: torch.Generator | None
+    lora_a: nn.Linear, lora_b: nn.Linear, config: LoRA, generator: torch.Generator | None
 ) -> None:
     """``A`` as ``nn.Linear`` starts (or Gaussian, std ``1/rank``), ``B`` zero: the update
     starts at zero (paper §4.1)."""
@@ -176,8 +176,8 @@ class LoRALinear(NamedAdapters, BaseLayerWrapper):
 
     def __init__(self, base_layer: nn.Module, config: LoRA, adapter_name: str = "default") -> None:
         super().__init__(base_layer)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
+        self.lora_A = LinearDict()
+        self.lora_B = LinearDict()
         self.lora_magnitude = nn.ParameterDict()  # DoRA adapters only
         self.configs: dict[str, LoRA] = {}
         self.active_adapters: list[str] = []
@@ -282,7 +282,7 @@ class LoRALinear(NamedAdapters, BaseLayerWrapper):
         if self.merged or self.disabled:
             return out
         if self.routing is not None:
-            return out + self._routed_update(x, out).to(out.dtype)
+            return out + self._routed_update(self.routing, x, out).to(out.dtype)
         for name in self.active_adapters:
             out = self._add_update(x, out, name)
         return out
@@ -309,12 +309,11 @@ class LoRALinear(NamedAdapters, BaseLayerWrapper):
         update = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * config.scaling
         return out + update.to(out.dtype)
 
-    def _routed_update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _routed_update(self, routing: Routing, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Each row's own adapter's update, for all rows at once: the rows' ``A`` and ``B``
         are gathered from stacks of every routed adapter (ranks zero-padded to the largest),
         so one batched matmul serves the batch and each adapter's gradient comes only from
         its rows. Rows routed to an adapter this layer lacks get no update."""
-        routing = self.routing
         present = [n for n in routing.names if n in self.configs]
         if any(n in self.lora_magnitude for n in present):
             raise AdapterStateError("mixed batches do not support DoRA adapters")
@@ -325,7 +324,7 @@ class LoRALinear(NamedAdapters, BaseLayerWrapper):
                 f"batch of {rows} rows"
             )
         rank = max((self.configs[n].rank for n in present), default=1)
-        dtype = next(iter(self.lora_A.values())).weight.dtype
+        dtype = self.lora_A[next(iter(self.lora_A))].weight.dtype
         zeros_a = x.new_zeros((rank, x.shape[-1]), dtype=dtype)
         zeros_b = x.new_zeros((out.shape[-1], rank), dtype=dtype)
         stack_a, stack_b, slot = [], [], []

@@ -78,14 +78,14 @@ def check_layer_supported(layer: nn.Module, config: LoRA) -> None:
         )
 
 
-class _NotLinear:
+class _NotLinear(LoRALinear):
     """What LoRA on an embedding or convolution changes in ``LoRALinear``'s behaviour."""
 
     def add_adapter(self, config: LoRA, adapter_name: str) -> None:
         check_layer_supported(self.base_layer, config)
         super().add_adapter(config, adapter_name)
 
-    def _routed_update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _routed_update(self, routing: Any, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         raise _cannot_route(self)
 
 
@@ -175,7 +175,7 @@ class LoRAMultiheadAttention(_NotLinear, LoRALinear):
     """An ``nn.MultiheadAttention`` plus named LoRA updates of its q, k, v projection (here)
     and of its output projection (``out_proj``, a ``LoRALinear`` of its own)."""
 
-    def __init__(self, base_layer: nn.Module, config: LoRA, adapter_name: str = "default") -> None:
+    def __init__(self, base_layer: Any, config: LoRA, adapter_name: str = "default") -> None:
         check_layer_supported(base_layer, config)
         base_layer.out_proj = LoRALinear(base_layer.out_proj, config, adapter_name)
         super().__init__(base_layer, config, adapter_name)

@@ -18,15 +18,15 @@ import warnings
 from typing import Any
 
 import torch
-from torch import nn
 
 from lightning_peft.adapters.ia3 import IA3, IA3Linear
-from lightning_peft.adapters.inputs import is_encoder_decoder
+from lightning_peft.adapters.inputs import HFModel, is_encoder_decoder
 from lightning_peft.adapters.lora import LoRA, LoRALinear
 from lightning_peft.adapters.lora_layers import LoRAMultiheadAttention
 from lightning_peft.adapters.prefix import PrefixKV, PrefixTuning, cache_shape
 from lightning_peft.adapters.prompt import PromptTuning, SoftPrompt
 from lightning_peft.quantization import is_linear_layer
+from lightning_peft.targeting import Patterns
 
 PROMPT = "prompt_embeddings"  # prompt learning's one tensor, keyed without a module path
 
@@ -40,7 +40,7 @@ class PeftMapping:
     # "base_model." and writes num_transformer_submodules.
     prompt_learning: bool = False
 
-    def fields(self, host: nn.Module, config: Any) -> dict[str, Any]:
+    def fields(self, host: HFModel, config: Any) -> dict[str, Any]:
         """``adapter_config.json``'s method fields for ``config`` on ``host``."""
         raise NotImplementedError
 
@@ -48,7 +48,7 @@ class PeftMapping:
         """This package's config for a PEFT config of this ``peft_type``."""
         raise NotImplementedError
 
-    def tensors(self, host: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    def tensors(self, host: HFModel, adapter_name: str) -> dict[str, torch.Tensor]:
         """The adapter's live tensors in ``host``, keyed ``<module path>.<PEFT name>``."""
         raise NotImplementedError
 
@@ -60,20 +60,20 @@ class PeftMapping:
         """The config fields that decide what the tensors compute, beyond their shapes."""
         return {}
 
-    def saved(self, host: nn.Module, config: Any, tensors: dict[str, torch.Tensor]) -> None:
+    def saved(self, host: HFModel, config: Any, tensors: dict[str, torch.Tensor]) -> None:
         """Turn the live tensors into what the file holds, in place (default: as they are)."""
 
-    def loaded(self, host: nn.Module, config: Any, tensors: dict[str, torch.Tensor]) -> None:
+    def loaded(self, host: HFModel, config: Any, tensors: dict[str, torch.Tensor]) -> None:
         """Turn a file's tensors into the live ones, in place (default: as they are)."""
 
-    def warn(self, host: nn.Module, config: Any, adapter_name: str) -> None:
+    def warn(self, host: HFModel, config: Any, adapter_name: str) -> None:
         """Warn where the same file computes something else here than in PEFT."""
 
 
 class LoRAMapping(PeftMapping):
     peft_type = "LORA"
 
-    def fields(self, host: nn.Module, config: LoRA) -> dict[str, Any]:
+    def fields(self, host: HFModel, config: LoRA) -> dict[str, Any]:
         return {
             "r": config.rank,
             "lora_alpha": config.alpha,
@@ -113,7 +113,7 @@ class LoRAMapping(PeftMapping):
             init="gaussian" if fields.get("init_lora_weights", True) == "gaussian" else "kaiming",
         )
 
-    def tensors(self, host: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    def tensors(self, host: HFModel, adapter_name: str) -> dict[str, torch.Tensor]:
         return {
             f"{path}.{name}": tensor
             for path, module in host.named_modules()
@@ -124,7 +124,7 @@ class LoRAMapping(PeftMapping):
     def scaling_fields(self, config: LoRA) -> dict[str, Any]:
         return {f: getattr(config, f) for f in ("rank", "alpha", "use_rslora", "use_dora")}
 
-    def warn(self, host: nn.Module, config: LoRA, adapter_name: str) -> None:
+    def warn(self, host: HFModel, config: LoRA, adapter_name: str) -> None:
         if config.init == "loftq" and config.loftq_iterations > 1:
             warnings.warn(
                 f"adapter {adapter_name!r} was initialised by LoftQ with "
@@ -151,7 +151,7 @@ class LoRAMapping(PeftMapping):
 class IA3Mapping(PeftMapping):
     peft_type = "IA3"
 
-    def fields(self, host: nn.Module, config: IA3) -> dict[str, Any]:
+    def fields(self, host: HFModel, config: IA3) -> dict[str, Any]:
         return {
             "target_modules": peft_patterns(config.target_modules),
             "feedforward_modules": peft_patterns(config.feedforward_modules),
@@ -167,7 +167,7 @@ class IA3Mapping(PeftMapping):
             exclude_modules=our_patterns(fields.get("exclude_modules")),
         )
 
-    def tensors(self, host: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    def tensors(self, host: HFModel, adapter_name: str) -> dict[str, torch.Tensor]:
         return {
             f"{path}.ia3_l": module.ia3_l[adapter_name]
             for path, module in host.named_modules()
@@ -179,7 +179,7 @@ class PromptTuningMapping(PeftMapping):
     peft_type = "PROMPT_TUNING"
     prompt_learning = True
 
-    def fields(self, host: nn.Module, config: PromptTuning) -> dict[str, Any]:
+    def fields(self, host: HFModel, config: PromptTuning) -> dict[str, Any]:
         layers, _, _, hidden = cache_shape(host)
         return {
             **_prompt_learning_fields(host, config),
@@ -194,7 +194,7 @@ class PromptTuningMapping(PeftMapping):
     def config(self, fields: dict[str, Any]) -> PromptTuning:
         return PromptTuning(num_virtual_tokens=fields["num_virtual_tokens"])
 
-    def tensors(self, host: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    def tensors(self, host: HFModel, adapter_name: str) -> dict[str, torch.Tensor]:
         found = {}
         for module in host.modules():
             if isinstance(module, SoftPrompt) and module.adapter_name == adapter_name:
@@ -203,12 +203,12 @@ class PromptTuningMapping(PeftMapping):
 
     # PEFT's encoder-decoder file holds encoder rows, then decoder rows its forward never
     # reads: zeros when saving, cut off when loading.
-    def saved(self, host: nn.Module, config: Any, tensors: dict[str, torch.Tensor]) -> None:
+    def saved(self, host: HFModel, config: Any, tensors: dict[str, torch.Tensor]) -> None:
         if is_encoder_decoder(host):
             prompt = tensors[PROMPT].detach()
             tensors[PROMPT] = torch.cat([prompt, torch.zeros_like(prompt)])
 
-    def loaded(self, host: nn.Module, config: Any, tensors: dict[str, torch.Tensor]) -> None:
+    def loaded(self, host: HFModel, config: Any, tensors: dict[str, torch.Tensor]) -> None:
         if is_encoder_decoder(host) and PROMPT in tensors:
             tensors[PROMPT] = tensors[PROMPT][: config.num_virtual_tokens]
 
@@ -217,7 +217,7 @@ class PrefixTuningMapping(PeftMapping):
     peft_type = "PREFIX_TUNING"
     prompt_learning = True
 
-    def fields(self, host: nn.Module, config: PrefixTuning) -> dict[str, Any]:
+    def fields(self, host: HFModel, config: PrefixTuning) -> dict[str, Any]:
         layers, kv_heads, head_dim, _ = cache_shape(host)
         return {
             **_prompt_learning_fields(host, config),
@@ -231,7 +231,7 @@ class PrefixTuningMapping(PeftMapping):
     def config(self, fields: dict[str, Any]) -> PrefixTuning:  # the file holds the prefix
         return PrefixTuning(num_virtual_tokens=fields["num_virtual_tokens"], reparametrize=False)
 
-    def tensors(self, host: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    def tensors(self, host: HFModel, adapter_name: str) -> dict[str, torch.Tensor]:
         found = {}
         for module in host.modules():
             if isinstance(module, PrefixKV) and module.adapter_name == adapter_name:
@@ -240,7 +240,7 @@ class PrefixTuningMapping(PeftMapping):
         return found
 
 
-def _prompt_learning_fields(host: nn.Module, config: Any) -> dict[str, Any]:
+def _prompt_learning_fields(host: HFModel, config: Any) -> dict[str, Any]:
     # The prefix is the decoder's in an encoder-decoder model; the prompt, the encoder's.
     return {
         "num_virtual_tokens": config.num_virtual_tokens,
@@ -248,7 +248,9 @@ def _prompt_learning_fields(host: nn.Module, config: Any) -> dict[str, Any]:
     }
 
 
-def peft_patterns(value: str | tuple[str, ...]) -> str | list[str]:
+def peft_patterns(value: Patterns | None) -> str | list[str]:
+    if value is None:
+        return []
     return value if isinstance(value, str) else list(value)
 
 
@@ -260,6 +262,6 @@ def our_patterns(value: Any) -> str | tuple[str, ...]:
     return tuple(sorted(value))  # PEFT may write a set as a list in any order
 
 
-def uses_conv1d(host: nn.Module) -> bool:
+def uses_conv1d(host: HFModel) -> bool:
     """GPT-2's Conv1D stores weights transposed: PEFT's ``fan_in_fan_out``."""
     return any(type(m).__name__ == "Conv1D" and is_linear_layer(m) for m in host.modules())

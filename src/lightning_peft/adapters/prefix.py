@@ -27,6 +27,7 @@ from torch import nn
 from lightning_peft.adapters.init import empty_linear, init_generator, reset_linear_
 from lightning_peft.adapters.inputs import (
     CACHE_ARGUMENTS,
+    HFModel,
     as_keyword_arguments,
     cache_argument,
     cache_length,
@@ -131,7 +132,7 @@ class PrefixTuning:
 
 
 @torch.no_grad()
-def prefix_of_tokens(host: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
+def prefix_of_tokens(host: HFModel, token_ids: torch.Tensor) -> torch.Tensor:
     """``(n, layers · 2 · kv_heads · head_dim)``: the keys and values ``host`` computes for
     ``token_ids`` (``(n,)``), in :class:`PrefixKV`'s layout."""
     was_training = host.training
@@ -144,7 +145,7 @@ def prefix_of_tokens(host: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
     return blocks.permute(3, 0, 1, 2, 4).reshape(len(token_ids), -1).float()
 
 
-def cache_shape(host: nn.Module) -> tuple[int, int, int, int]:
+def cache_shape(host: HFModel) -> tuple[int, int, int, int]:
     """``(layers, kv_heads, head_dim, hidden)`` of a transformers decoder's attention.
 
     Raises:
@@ -251,7 +252,7 @@ class PrefixKV(nn.Module):
             for j in stored
         ]
 
-    def before_forward(self, host: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def before_forward(self, host: HFModel, args: tuple, kwargs: dict[str, Any]) -> Any:
         if self.disabled:
             return None
         kwargs = as_keyword_arguments(host, args, kwargs)
@@ -270,7 +271,7 @@ class PrefixKV(nn.Module):
             kwargs[cache_argument(host)] = self.filled_cache(cache, kwargs, host)
         return (), kwargs
 
-    def _before_seq2seq_forward(self, host: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _before_seq2seq_forward(self, host: HFModel, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Encoder-decoder models: the prefix goes into the decoder's self-attention cache
         only (the encoder and the cross-attention see none), as Hugging Face PEFT does; the
         decoder's own attention mask, when given, covers it."""
@@ -290,7 +291,7 @@ class PrefixKV(nn.Module):
         kwargs[cache_argument(host)] = self.filled_cache(cache, kwargs, host)
         return kwargs
 
-    def filled_cache(self, cache: Any, kwargs: dict[str, Any], host: nn.Module) -> Any:
+    def filled_cache(self, cache: Any, kwargs: dict[str, Any], host: HFModel) -> Any:
         """``cache`` (or a new ``DynamicCache``; for an encoder-decoder model, an
         ``EncoderDecoderCache``) holding the prefix of every (decoder) layer."""
         from transformers import DynamicCache, EncoderDecoderCache

@@ -27,6 +27,7 @@ from torch import nn
 
 from lightning_peft.adapters.init import init_generator
 from lightning_peft.adapters.inputs import (
+    HFModel,
     as_keyword_arguments,
     cache_length,
     find_transformers_model,
@@ -129,7 +130,7 @@ class SoftPrompt(nn.Module):
     def num_virtual_tokens(self) -> int:
         return self.prompt[self.adapter_name].shape[0]
 
-    def before_forward(self, host: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def before_forward(self, host: HFModel, args: tuple, kwargs: dict[str, Any]) -> Any:
         self._prompted_length = 0
         if self.disabled:
             return None
@@ -161,7 +162,7 @@ class SoftPrompt(nn.Module):
             kwargs["token_type_ids"] = torch.cat([token_types[:, :1].expand(-1, n), token_types], 1)
         return (), kwargs
 
-    def before_encoder(self, encoder: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def before_encoder(self, encoder: HFModel, args: tuple, kwargs: dict[str, Any]) -> Any:
         """An encoder-decoder's encoder: the prompt in front of its input embeddings."""
         if self.disabled:
             return None
@@ -179,7 +180,7 @@ class SoftPrompt(nn.Module):
             kwargs["attention_mask"] = prepend_ones(mask, n)
         return (), kwargs
 
-    def before_seq2seq_forward(self, host: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def before_seq2seq_forward(self, host: HFModel, args: tuple, kwargs: dict[str, Any]) -> Any:
         """An encoder-decoder's forward: its attention mask, read by the encoder and by the
         cross-attention, covers the prompt. With ``encoder_outputs`` given (``generate``'s
         decoding steps) the mask is widened only if it is ``n`` short of them."""
@@ -196,7 +197,7 @@ class SoftPrompt(nn.Module):
             kwargs["attention_mask"] = prepend_ones(mask, self.num_virtual_tokens)
         return (), kwargs
 
-    def after_forward(self, host: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def after_forward(self, host: HFModel, args: tuple, kwargs: dict, output: Any) -> Any:
         logits = getattr(output, "logits", None)
         # Only when every position has logits: generate asks for the last one only.
         if (

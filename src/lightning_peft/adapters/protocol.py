@@ -9,6 +9,7 @@ protocols (and the helpers below), never a concrete class, so a method defined e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
@@ -20,8 +21,8 @@ from torch import nn
 class LayerAdapterConfig(Protocol):
     """A method that wraps the layers it selects (``LoRA``, ``IA3``, ``BottleneckAdapter``)."""
 
-    target_modules: str | tuple[str, ...]
-    exclude_modules: str | tuple[str, ...]
+    target_modules: str | Sequence[str]
+    exclude_modules: str | Sequence[str]
 
     def can_wrap(self, module: nn.Module) -> bool: ...
 
@@ -129,7 +130,7 @@ class RoutedAdapterModule(NamedAdapterModule, Protocol):
     routing: Any
 
 
-def module_configs(module: nn.Module) -> dict[str, Any]:
+def module_configs(module: object) -> dict[str, Any]:
     """``{adapter name: config}`` of the adapters ``module`` holds (none for a plain module)."""
     if isinstance(module, NamedAdapterModule):
         return dict(module.configs)
@@ -138,12 +139,12 @@ def module_configs(module: nn.Module) -> dict[str, Any]:
     return {}
 
 
-def held_adapter_names(module: nn.Module) -> list[str]:
+def held_adapter_names(module: object) -> list[str]:
     """The names of the adapters ``module`` holds (one, for single-adapter modules)."""
     return list(module_configs(module)) or ["default"]
 
 
-def is_merged(module: nn.Module) -> bool:
+def is_merged(module: object) -> bool:
     """Whether ``module`` is a mergeable adapter folded into its base layer now."""
     return isinstance(module, MergeableAdapter) and module.merged
 

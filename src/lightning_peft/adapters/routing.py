@@ -16,5 +16,5 @@ class Routing:
         index: ``(B,)`` long tensor of positions in ``names``, one per row.
     """
 
-    names: tuple[str, ...]
+    names: tuple[str | None, ...]  # None: the row takes no adapter
     index: torch.Tensor

@@ -9,7 +9,7 @@ torch.distributed.checkpoint walks attributes by state-dict key.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -18,6 +18,10 @@ from lightning_peft.errors import AdapterStateError
 
 class BaseLayerWrapper(nn.Module):
     """An ``nn.Module`` holding ``base_layer`` and presenting it as itself to the outside."""
+
+    # Any linear-like layer (nn.Linear, transformers' Conv1D, bitsandbytes' 4-bit and 8-bit
+    # layers, embeddings, convolutions): typed by what they share, their use, not a class.
+    base_layer: Any
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -33,6 +37,13 @@ class BaseLayerWrapper(nn.Module):
             if base_layer is None:
                 raise
             return getattr(base_layer, name)
+
+
+class LinearDict(nn.ModuleDict):
+    """An ``nn.ModuleDict`` of ``nn.Linear`` (LoRA's factors by adapter name), typed so."""
+
+    def __getitem__(self, key: str) -> nn.Linear:
+        return cast(nn.Linear, super().__getitem__(key))
 
 
 class NamedAdapters:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import re
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -100,7 +100,7 @@ def merge_and_export(
     return MergeReport(len(errors), 0, errors)
 
 
-def _unwrap(model: nn.Module, name: str, wrapper: nn.Module) -> None:
+def _unwrap(model: nn.Module, name: str, wrapper: Any) -> None:
     layer = wrapper.base_layer
     layer.requires_grad_(True)  # an ordinary checkpoint: nothing frozen by us
     replace_module_(model, wrapper, layer)
@@ -113,7 +113,7 @@ def _forget_quantization(model: nn.Module) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
+        cast(Any, model).hf_quantizer = None
 
 
 # What save_pretrained writes for a model: a merged export owns these names in its folder.

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lightning_peft.adapters.bitfit import Unfreeze
-from lightning_peft.adapters.inputs import find_transformers_model, is_encoder_decoder
+from lightning_peft.adapters.inputs import HFModel, find_transformers_model, is_encoder_decoder
 from lightning_peft.adapters.peft_mapping import PROMPT, PeftMapping
 from lightning_peft.adapters.protocol import trained_marks
 from lightning_peft.adapters.registry import peft_mapping, peft_mapping_named, peft_types
@@ -294,7 +294,7 @@ _INERT: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _task_type(host: nn.Module) -> str | None:
+def _task_type(host: HFModel) -> str | None:
     name = type(host).__name__
     return next((task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix)), None)
 
@@ -342,7 +342,7 @@ def _mapping(config: Any) -> PeftMapping:
     return mapping
 
 
-def _saved_modules(host: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
+def _saved_modules(host: HFModel, adapter_name: str) -> dict[str, nn.Module]:
     """Modules of ``host`` that adapter ``adapter_name`` trains whole (``Unfreeze``, a task
     head), by path: PEFT's ``modules_to_save``."""
     return {
@@ -353,7 +353,7 @@ def _saved_modules(host: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
 
 
 def _model_tensors(
-    host: nn.Module, config: Any, mapping: PeftMapping, adapter_name: str
+    host: HFModel, config: Any, mapping: PeftMapping, adapter_name: str
 ) -> dict[str, torch.Tensor]:
     """The adapter's tensors in ``host``, keyed by module path and PEFT's tensor name, with
     the whole modules it trains (``modules_to_save``)."""

@@ -14,7 +14,8 @@ import torch
 
 
 def rng_state() -> dict[str, Any]:
-    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    numpy_state: Any = np.random.get_state(legacy=True)
+    kind, keys, position, has_gauss, cached_gauss = numpy_state
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),

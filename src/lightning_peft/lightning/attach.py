@@ -33,7 +33,7 @@ def attach_adapters_once(
         return False
     plugin = peft_precision(trainer)
     given = list(configs(plugin))
-    if plugin is None:
+    if plugin is None or trainer is None:
         apply_adapters(module, given, name=name, train_head=train_head)
     else:  # quantized on the device it trains on, then adapters (LoftQ needs both at once)
         plugin.quantize_base(module, trainer.strategy.root_device, given, name, train_head)

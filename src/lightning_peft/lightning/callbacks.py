@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -343,7 +343,8 @@ class AdapterCheckpoint(_AdapterCheckpointHooks, ModelCheckpoint):
             return self.tokenizer
         # The data module's first: it is the one the run's batches were made with (ChatData
         # may replace the chat template), as `lightning-peft export` chooses.
-        return held_tokenizer(trainer.datamodule, trainer.lightning_module)
+        datamodule = cast(Any, trainer).datamodule  # set by Lightning, not declared
+        return held_tokenizer(datamodule, trainer.lightning_module)
 
     @override
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:

@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_peft.data import ListDataset
 from lightning_peft.errors import AdapterConfigError
 from lightning_peft.sft import IGNORE, ChatCollator
 
@@ -208,13 +209,18 @@ class ChatData(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.train_encoded, self.batch_size, shuffle=True, collate_fn=self.collate.batch
+            ListDataset(self.train_encoded),
+            self.batch_size,
+            shuffle=True,
+            collate_fn=self.collate.batch,
         )
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_encoded:
             return []
-        return DataLoader(self.val_encoded, self.batch_size, collate_fn=self.collate.batch)
+        return DataLoader(
+            ListDataset(self.val_encoded), self.batch_size, collate_fn=self.collate.batch
+        )
 
 
 class CausalLMTuning(pl.LightningModule):
@@ -263,9 +269,9 @@ class CausalLMTuning(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            params, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"]
         )
-        warmup = max(1, self.hparams.warmup_steps)
+        warmup = max(1, self.hparams["warmup_steps"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / warmup)
         )

@@ -44,10 +44,12 @@ class AtomicCheckpointIO(CheckpointIO):
             self.inner.save_checkpoint(checkpoint, temporary, storage_options)
 
     @override
-    def load_checkpoint(self, path: Any, map_location: Any = None, **kwargs: Any) -> Any:
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         """The wrapped IO's load; a file that is not a whole checkpoint is named as such."""
         try:
-            return self.inner.load_checkpoint(path, map_location, **kwargs)
+            return self.inner.load_checkpoint(path, map_location, weights_only)
         except FileNotFoundError:
             raise
         except (EOFError, OSError, RuntimeError, pickle.UnpicklingError) as error:
@@ -71,7 +73,9 @@ def make_checkpoint_writes_atomic(trainer: pl.Trainer) -> None:
     strategy = trainer.strategy
     outer = strategy.checkpoint_io
     if isinstance(outer, _WrappingCheckpointIO):
-        if not isinstance(outer.checkpoint_io, AtomicCheckpointIO):
+        if outer.checkpoint_io is not None and not isinstance(
+            outer.checkpoint_io, AtomicCheckpointIO
+        ):
             # The public setter only takes a base once; this wraps the base it took.
             outer._checkpoint_io = AtomicCheckpointIO(outer.checkpoint_io)
     elif not isinstance(outer, AtomicCheckpointIO):

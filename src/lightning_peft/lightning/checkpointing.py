@@ -23,7 +23,7 @@ records that state.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
@@ -139,7 +139,7 @@ def accept_adapter_only_loading(module: pl.LightningModule) -> None:
     module.strict_loading = False
     if not getattr(module, "_lightning_peft_load_check", False):
         module.register_load_state_dict_pre_hook(_check_before_load)
-        module._lightning_peft_load_check = True
+        cast(Any, module)._lightning_peft_load_check = True
 
 
 def keep_trainable_in_optimizers_(trainer: pl.Trainer, module: nn.Module) -> None:

@@ -41,7 +41,7 @@ from lightning_peft.checkpoint.peft_format import save_peft
 from lightning_peft.errors import AdapterStateError
 from lightning_peft.lightning.attach import attach_adapters_once
 from lightning_peft.lightning.trainer import Trainer
-from lightning_peft.quantization.estimate import METHODS, estimate_memory
+from lightning_peft.quantization.estimate import METHODS, Method, estimate_memory
 
 
 class PeftCLI(LightningCLI):
@@ -55,7 +55,7 @@ class PeftCLI(LightningCLI):
             # The YAML given is the record of the run; do not litter the working directory
             # (with logger: false Lightning would write config.yaml there).
             save_config_callback=None,
-            args=args,
+            args=list(args) if args is not None else None,
             run=run,
         )
 
@@ -211,7 +211,7 @@ def memory(argv: Sequence[str]) -> None:
     args = parser.parse_args(argv)
     if args.gpu is not None and not (math.isfinite(args.gpu) and args.gpu > 0):
         parser.error(f"--gpu must be a positive number of GB, got {args.gpu}")
-    methods = METHODS if args.method == "all" else [args.method]
+    methods: Sequence[Method] = METHODS if args.method == "all" else [args.method]
     try:  # every check before the first table
         estimates = [
             estimate_memory(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -19,7 +19,7 @@ from lightning_peft.checkpoint.metadata import fingerprint_frozen
 from lightning_peft.distillation import is_temperature, kd_loss
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.injection import adapter_parameter_names
-from lightning_peft.quantization import QUANT_MODES
+from lightning_peft.quantization import QUANT_MODES, QuantMode
 from lightning_peft.switching import disable_adapters
 
 SELF = "base"  # Distillation(teacher="base"): the student's own base, adapters off
@@ -63,7 +63,7 @@ class Distillation(Callback):
         teacher: nn.Module | str,
         temperature: float = 2.0,
         alpha: float | None = 0.5,
-        quantize: str | None = None,
+        quantize: QuantMode | None = None,
     ) -> None:
         problems = []
         if isinstance(teacher, str) and teacher != SELF:
@@ -111,7 +111,7 @@ class Distillation(Callback):
                 "alpha=None and add kd_loss(logits, callback.teacher_logits) in training_step"
             )
         if not self.is_self_distillation:
-            teacher = self.teacher
+            teacher = cast(nn.Module, self.teacher)
             if any(teacher is m for m in pl_module.modules()):
                 raise AdapterConfigError(
                     "the teacher is a submodule of the LightningModule: it would be trained and "
@@ -160,7 +160,7 @@ class Distillation(Callback):
             with disable_adapters(pl_module):  # raises now for BitFit / Unfreeze, not mid-run
                 pass
             return
-        teacher = self.teacher
+        teacher = cast(nn.Module, self.teacher)  # a model: not self-distillation
         if self.quantize is not None and not teacher.__dict__.get("_distillation_quantized"):
             from lightning_peft.quantization import quantize_model
 
@@ -222,7 +222,7 @@ class Distillation(Callback):
                     with disable_adapters(module), modes_kept(module):
                         teacher_output = module.eval()(*args, **inputs)
                 else:
-                    teacher_output = self.teacher(*args, **inputs)
+                    teacher_output = cast(nn.Module, self.teacher)(*args, **inputs)
         finally:
             self._in_teacher = False
         teacher_logits = output_logits(teacher_output)

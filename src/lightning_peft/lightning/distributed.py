@@ -41,7 +41,7 @@ def check_ranks_agree(trainer: pl.Trainer, module: nn.Module) -> None:
         ("frozen base (weights and quantization constants)", 0),
         ("adapter layout", 1),
     ):
-        values = [entry[index] for entry in everyone]
+        values = [entry[index] for entry in everyone if entry is not None]  # all, gathered
         if len(set(values)) > 1:
             per_rank = ", ".join(f"rank {rank}: {value[:12]}" for rank, value in enumerate(values))
             problems.append(f"the {what} differs between ranks ({per_rank})")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -83,7 +83,8 @@ class GenerationSamples(Callback):
         if self.tokenizer is not None:
             return self.tokenizer
         # the data module's first, as AdapterCheckpoint chooses
-        return held_tokenizer(trainer.datamodule, trainer.lightning_module, needs="decode")
+        datamodule = cast(Any, trainer).datamodule  # set by Lightning, not declared
+        return held_tokenizer(datamodule, trainer.lightning_module, needs="decode")
 
     def _complete(self, host: Any, tokenizer: Any, prompt: Prompt, step: int) -> dict[str, Any]:
         device = host.get_input_embeddings().weight.device
@@ -124,6 +125,7 @@ class GenerationSamples(Callback):
             for s in self.samples
         ]
         logged = False
+        logger: Any  # each logger's own API (W&B, TensorBoard)
         for logger in trainer.loggers:
             if callable(getattr(logger, "log_text", None)):  # Weights & Biases
                 logger.log_text(key="samples", columns=["step", "prompt", "completion"], data=rows)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -64,7 +64,15 @@ def enable_gradient_checkpointing(module: nn.Module) -> None:
         host.config.use_cache = False
 
 
-class PeftMixin:
+if TYPE_CHECKING:  # what the mixin is mixed into, for type checkers
+    import lightning.pytorch as pl
+
+    _MixedInto = pl.LightningModule
+else:
+    _MixedInto = object
+
+
+class PeftMixin(_MixedInto):
     """Mix into a LightningModule (``class M(PeftMixin, L.LightningModule)``) to fine-tune it
     with adapters.
 

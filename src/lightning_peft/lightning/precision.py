@@ -32,6 +32,7 @@ from lightning_peft.lightning.checkpointing import write_adapter_only_
 from lightning_peft.quantization import (
     OPTIMIZER_NAMES,
     OptimizerName,
+    QuantMode,
     keep_norms_in_float32_,
     optimizer_class,
     quantize_model,
@@ -41,10 +42,10 @@ from lightning_peft.quantization import (
 
 PeftMode = Literal["nf4-lora", "nf4-lora-nodq", "fp4-lora", "int8-lora"]
 Compute = Literal["32-true", "bf16-mixed", "16-mixed"]
-MODES: tuple[str, ...] = get_args(PeftMode)
-COMPUTES: tuple[str, ...] = get_args(Compute)
+MODES: tuple[PeftMode, ...] = get_args(PeftMode)
+COMPUTES: tuple[Compute, ...] = get_args(Compute)
 # mode -> (bitsandbytes quantization, double quantization of the constants)
-_QUANTIZATION = {
+_QUANTIZATION: dict[str, tuple[QuantMode, bool]] = {
     "nf4-lora": ("nf4", True),
     "nf4-lora-nodq": ("nf4", False),
     "fp4-lora": ("fp4", True),
@@ -233,7 +234,7 @@ class PeftPrecision(MixedPrecision):
             write_adapter_only_(checkpoint, self._module)
 
 
-def split_precision_flag(value: str) -> tuple[str, str] | None:
+def split_precision_flag(value: str) -> tuple[PeftMode, Compute] | None:
     """``"nf4-lora-bf16-mixed"`` -> ``("nf4-lora", "bf16-mixed")``; None for Lightning's own flags.
 
     Raises:

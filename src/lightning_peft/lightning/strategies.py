@@ -25,7 +25,8 @@ class AdapterModelParallelStrategy(ModelParallelStrategy):
                 "AdapterModelParallelStrategy writes one adapter-only file; "
                 "save_distributed_checkpoint=True (sharded folders) is not supported"
             )
-        super().__init__(*args, save_distributed_checkpoint=False, **kwargs)
+        kwargs["save_distributed_checkpoint"] = False
+        super().__init__(*args, **kwargs)
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:

@@ -6,7 +6,7 @@ parameters per element, so an NF4 model would show about half its real size.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
@@ -42,7 +42,7 @@ class _RealCountSummary(summary_module.ModelSummary):
         return sum(p.numel() * p.element_size() for p in self._model.parameters()) * 1e-6
 
 
-class _RealCounts:
+class _RealCounts(ModelSummary):
     @override
     def _summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         return _RealCountSummary(pl_module, max_depth=self._max_depth)
@@ -62,9 +62,10 @@ _REPLACEMENTS = {ModelSummary: PeftModelSummary, RichModelSummary: PeftRichModel
 
 def use_real_parameter_counts(trainer: pl.Trainer) -> None:
     """Replace Lightning's own summary callback in ``trainer`` with the counting-right one."""
-    for index, callback in enumerate(trainer.callbacks):
+    callbacks: list[Any] = cast(Any, trainer).callbacks  # set by Lightning, not declared
+    for index, callback in enumerate(callbacks):
         replacement = _REPLACEMENTS.get(type(callback))
         if replacement is not None:
-            trainer.callbacks[index] = replacement(
+            callbacks[index] = replacement(
                 max_depth=callback._max_depth, **callback._summarize_kwargs
             )

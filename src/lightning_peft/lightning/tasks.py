@@ -18,7 +18,13 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_peft.data import load_smollm2, rotten_tomatoes, smollm2_tokenizer, stratified_split
+from lightning_peft.data import (
+    ListDataset,
+    load_smollm2,
+    rotten_tomatoes,
+    smollm2_tokenizer,
+    stratified_split,
+)
 
 ANSWERS = (" negative", " positive")  # label 0, label 1
 Rows = Sequence[tuple[str, int]]
@@ -57,7 +63,7 @@ def encode(tokenizer: Any, rows: Rows) -> dict[str, torch.Tensor]:
 
 def review_loader(tokenizer: Any, rows: Rows, batch_size: int, shuffle: bool) -> DataLoader:
     return DataLoader(
-        list(rows),
+        ListDataset(list(rows)),
         batch_size=batch_size,
         shuffle=shuffle,
         collate_fn=lambda batch: encode(tokenizer, batch),

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Method = Literal["full", "lora", "qlora"]
-METHODS = ("full", "lora", "qlora")
+METHODS: tuple[Method, ...] = ("full", "lora", "qlora")
 NF4_CONSTANT_BITS = 8 / 64 + 32 / (64 * 256)  # 0.127: double-quantized absmax per weight
 _OPTIMIZER_BITS = {"adamw": 64, "adamw_8bit": 16, "sgd": 0}
 

@@ -10,7 +10,7 @@ when a layer could be one of its types.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -128,7 +128,7 @@ def keep_4bit_storage_exact_(model: nn.Module) -> int:
     standard layout on every machine. A layer repacked before it got here is unpacked (what
     bitsandbytes itself does before saving); the constants it rounded stay rounded.
     """
-    linear4bit = _linear4bit_class()
+    linear4bit: Any = _linear4bit_class()
     if linear4bit is None:
         return 0
     count = 0
@@ -151,7 +151,7 @@ def share_lookup_tables_(model: nn.Module) -> int:
     a 135M model, for constants. Tables are read-only, so sharing changes no result. Returns
     how many copies were dropped.
     """
-    linear4bit = _linear4bit_class()
+    linear4bit: Any = _linear4bit_class()
     if linear4bit is None:
         return 0
     tables: dict[tuple, torch.Tensor] = {}
@@ -162,7 +162,7 @@ def share_lookup_tables_(model: nn.Module) -> int:
             continue
         for state in (quant_state, getattr(quant_state, "state2", None)):
             table = getattr(state, "code", None)
-            if not isinstance(table, torch.Tensor):
+            if state is None or not isinstance(table, torch.Tensor):
                 continue
             key = (table.device, table.dtype, tuple(table.shape), table.cpu().numpy().tobytes())
             shared = tables.setdefault(key, table)
@@ -185,7 +185,7 @@ def write_weight_(layer: nn.Module, weight: torch.Tensor) -> float:
     return float((dense_weight(layer).float() - weight.float()).abs().max())
 
 
-def real_numel(param: torch.Tensor) -> int:
+def real_numel(param: Any) -> int:
     """Number of parameters a tensor stands for: a packed 4-bit weight holds two per byte."""
     quant_state = getattr(param, "quant_state", None)
     if quant_state is not None and getattr(param, "bnb_quantized", False):
@@ -226,7 +226,8 @@ def quantize_linear(
         blocksize=blocksize,
         quant_storage=quant_storage,
     )
-    if layer.bias is not None:
-        quantized.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    bias: Any = layer.bias
+    if bias is not None:
+        quantized.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
     keep_4bit_storage_exact_(quantized)
     return quantized.to(device)

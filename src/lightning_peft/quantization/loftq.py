@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.quantization.layers import quantize_linear
+from lightning_peft.quantization.layers import QuantMode, quantize_linear
 from lightning_peft.quantization.storage import dense_weight
 
 
@@ -41,7 +41,7 @@ def loftq_layer(
     scaling: float,
     *,
     iterations: int = 1,
-    mode: str = "nf4",
+    mode: QuantMode = "nf4",
     **quantize_kwargs: Any,
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """``(quantized base, A, B)`` for a float linear ``layer``: ``A`` is ``(rank, in)`` and ``B``

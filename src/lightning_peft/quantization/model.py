@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -114,13 +114,13 @@ def quantize_model(
     del modules  # no reference to a replaced float layer outlives its turn in the loop
     configs = [c for c in as_config_list(adapters) if c is not None]
     loftq = loftq_targets(model, configs, mode, set(targets))
-    options = dict(
+    options: dict[str, Any] = dict(
         compute_dtype=compute_dtype,
         double_quant=double_quant,
         blocksize=blocksize,
         quant_storage=quant_storage,
     )
-    presets = {}
+    presets: dict[str, tuple[torch.Tensor, ...]] = {}
     prefix = transformers_model_prefix(model)
     with restored_on_error(model):
         for name in targets:
@@ -146,7 +146,7 @@ def quantize_model(
         if mode in FOUR_BIT_MODES:
             share_lookup_tables_(model)
             # Hugging Face PEFT and transformers read this flag to dispatch 4-bit code paths.
-            model.is_loaded_in_4bit = True
+            cast(Any, model).is_loaded_in_4bit = True
         if configs:
             from lightning_peft.adapters.init import preset_values
 
@@ -251,5 +251,5 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, linear)
     if getattr(model, "is_loaded_in_4bit", False):
-        model.is_loaded_in_4bit = False
+        cast(Any, model).is_loaded_in_4bit = False
     return model

@@ -59,8 +59,18 @@ class Storage:
         """The tensors the stored weight takes in memory (codes and their constants)."""
         return [layer.weight]
 
-    def quantize(self, layer: nn.Module, mode: str, **options: Any) -> nn.Module:
-        """A new layer of this kind holding ``layer``'s weight and bias, quantized by ``mode``."""
+    def quantize(
+        self,
+        layer: Any,
+        mode: str,
+        *,
+        compute_dtype: torch.dtype | None = None,
+        double_quant: bool = True,
+        blocksize: int = 64,
+        quant_storage: torch.dtype = torch.uint8,
+    ) -> nn.Module:
+        """A new layer of this kind holding ``layer``'s weight (its bias is the caller's),
+        quantized by ``mode`` with bitsandbytes' settings (those that apply to the kind)."""
         raise NotImplementedError(f"{type(self).__name__} does not quantize")
 
 
@@ -101,7 +111,7 @@ class FourBitStorage(Storage):
         import bitsandbytes as bnb
 
         old = layer.weight
-        layer.weight = bnb.nn.Params4bit(
+        params: Any = bnb.nn.Params4bit(
             weight.to(old.quant_state.dtype).contiguous(),
             requires_grad=False,
             blocksize=old.blocksize,
@@ -109,14 +119,15 @@ class FourBitStorage(Storage):
             quant_type=old.quant_type,
             quant_storage=old.quant_storage,
             module=layer,
-        ).to(old.device)
+        )
+        layer.weight = params.to(old.device)
 
     def weight_tensors(self, layer: Any) -> list[torch.Tensor]:
         return [layer.weight, *quant_state_tensors(layer.weight.quant_state)]
 
     def quantize(
         self,
-        layer: nn.Module,
+        layer: Any,
         mode: str,
         *,
         compute_dtype: torch.dtype | None = None,
@@ -174,7 +185,7 @@ class Int8Storage(Storage):
     def weight_tensors(self, layer: Any) -> list[torch.Tensor]:
         return [layer.weight, _int8_scales(layer)]
 
-    def quantize(self, layer: nn.Module, mode: str, **options: Any) -> nn.Module:
+    def quantize(self, layer: Any, mode: str, **options: Any) -> nn.Module:
         import bitsandbytes as bnb
 
         weight, (in_features, out_features) = dense_weight(layer), in_out_features(layer)
@@ -189,7 +200,7 @@ class Int8Storage(Storage):
         return quantized
 
 
-def unpack_for_training_(weight: torch.Tensor) -> None:
+def unpack_for_training_(weight: Any) -> None:
     """Undo bitsandbytes' CPU inference packing of a 4-bit weight, in place."""
     import bitsandbytes.functional as bnb_functional
 
@@ -232,7 +243,8 @@ def _int8_params(weight: torch.Tensor, device: torch.device) -> nn.Parameter:
     import bitsandbytes as bnb
 
     float_weight = weight.detach().to("cpu", copy=True).contiguous()
-    return bnb.nn.Int8Params(float_weight, requires_grad=False, has_fp16_weights=False).to(device)
+    params: Any = bnb.nn.Int8Params(float_weight, requires_grad=False, has_fp16_weights=False)
+    return params.to(device)
 
 
 # The first that owns a layer stores it; a float layer is the fallback (nn.Linear, an

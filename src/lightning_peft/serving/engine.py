@@ -15,11 +15,12 @@ import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from lightning_peft.adapters.inputs import HFModel
 from lightning_peft.adapters.lora import LoRA
 from lightning_peft.adapters.protocol import routes_rows
 from lightning_peft.checkpoint.metadata import (
@@ -41,7 +42,7 @@ from lightning_peft.injection import (
     apply_adapters,
     restored_on_error,
 )
-from lightning_peft.quantization import QUANT_MODES, quantize_model
+from lightning_peft.quantization import QUANT_MODES, QuantMode, quantize_model
 from lightning_peft.serving.requests import (
     Job,
     PredictRequest,
@@ -74,7 +75,7 @@ class AdapterEngine:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: HFModel,
         tokenizer: Any = None,
         *,
         max_new_tokens: int = 256,
@@ -115,13 +116,13 @@ class AdapterEngine:
 
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
-        model = AutoModelForCausalLM.from_pretrained(base)
+        model: HFModel = AutoModelForCausalLM.from_pretrained(base)
         folder = Path(base)
         tokenizer = None
         if not folder.is_dir() or any((folder / name).is_file() for name in _TOKENIZER_FILES):
             tokenizer = AutoTokenizer.from_pretrained(base)
         if precision is not None:
-            quantize_model(model, precision, device=device)  # type: ignore[arg-type]
+            quantize_model(model, cast(QuantMode, precision), device=device)
         return cls(model.to(device), tokenizer, **kwargs)
 
     @property

@@ -146,4 +146,4 @@ def parse_load(body: Any) -> tuple[str, str]:
         raise RequestError(
             400, f'"path" must name a PEFT folder or adapter checkpoint, got {short(path)}'
         )
-    return name, path
+    return str(name), path
