@@ -175,17 +175,31 @@ class IA3Mapping(PeftMapping):
         }
 
 
-class PromptTuningMapping(PeftMapping):
-    peft_type = "PROMPT_TUNING"
+class _PromptLearningMapping(PeftMapping):
+    """Prompt and prefix tuning: PEFT's prompt-learning configs share their first fields."""
+
     prompt_learning = True
 
-    def fields(self, host: HFModel, config: PromptTuning) -> dict[str, Any]:
-        layers, _, _, hidden = cache_shape(host)
+    def fields(self, host: HFModel, config: Any) -> dict[str, Any]:
+        # The prefix is the decoder's in an encoder-decoder model; the prompt, the encoder's.
         return {
-            **_prompt_learning_fields(host, config),
-            "token_dim": hidden,
+            "num_virtual_tokens": config.num_virtual_tokens,
+            "num_transformer_submodules": 2 if is_encoder_decoder(host) else 1,
+            "num_layers": cache_shape(host)[0],
+            **self.own_fields(host, config),
+        }
+
+    def own_fields(self, host: HFModel, config: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class PromptTuningMapping(_PromptLearningMapping):
+    peft_type = "PROMPT_TUNING"
+
+    def own_fields(self, host: HFModel, config: PromptTuning) -> dict[str, Any]:
+        return {
+            "token_dim": cache_shape(host)[3],
             "num_attention_heads": host.config.num_attention_heads,
-            "num_layers": layers,
             "prompt_tuning_init": config.init.upper(),
             "prompt_tuning_init_text": config.init_text,
             "tokenizer_name_or_path": config.tokenizer_name_or_path,
@@ -195,11 +209,7 @@ class PromptTuningMapping(PeftMapping):
         return PromptTuning(num_virtual_tokens=fields["num_virtual_tokens"])
 
     def tensors(self, host: HFModel, adapter_name: str) -> dict[str, torch.Tensor]:
-        found = {}
-        for module in host.modules():
-            if isinstance(module, SoftPrompt) and module.adapter_name == adapter_name:
-                found[PROMPT] = module.prompt[adapter_name]
-        return found
+        return _prompt_tensor(host, SoftPrompt, adapter_name)
 
     # PEFT's encoder-decoder file holds encoder rows, then decoder rows its forward never
     # reads: zeros when saving, cut off when loading.
@@ -213,17 +223,14 @@ class PromptTuningMapping(PeftMapping):
             tensors[PROMPT] = tensors[PROMPT][: config.num_virtual_tokens]
 
 
-class PrefixTuningMapping(PeftMapping):
+class PrefixTuningMapping(_PromptLearningMapping):
     peft_type = "PREFIX_TUNING"
-    prompt_learning = True
 
-    def fields(self, host: HFModel, config: PrefixTuning) -> dict[str, Any]:
-        layers, kv_heads, head_dim, _ = cache_shape(host)
+    def own_fields(self, host: HFModel, config: PrefixTuning) -> dict[str, Any]:
+        _, kv_heads, head_dim, _ = cache_shape(host)
         return {
-            **_prompt_learning_fields(host, config),
             "token_dim": kv_heads * head_dim,
             "num_attention_heads": kv_heads,
-            "num_layers": layers,
             "encoder_hidden_size": config.encoder_hidden_size or kv_heads * head_dim,
             "prefix_projection": config.reparametrize,
         }
@@ -232,20 +239,20 @@ class PrefixTuningMapping(PeftMapping):
         return PrefixTuning(num_virtual_tokens=fields["num_virtual_tokens"], reparametrize=False)
 
     def tensors(self, host: HFModel, adapter_name: str) -> dict[str, torch.Tensor]:
-        found = {}
-        for module in host.modules():
-            if isinstance(module, PrefixKV) and module.adapter_name == adapter_name:
-                module.fold()  # PEFT stores the prefix itself, not the MLP that makes it
-                found[PROMPT] = module.prefix[adapter_name]
-        return found
+        return _prompt_tensor(host, PrefixKV, adapter_name)
 
 
-def _prompt_learning_fields(host: HFModel, config: Any) -> dict[str, Any]:
-    # The prefix is the decoder's in an encoder-decoder model; the prompt, the encoder's.
-    return {
-        "num_virtual_tokens": config.num_virtual_tokens,
-        "num_transformer_submodules": 2 if is_encoder_decoder(host) else 1,
-    }
+def _prompt_tensor(host: HFModel, kind: type[Any], adapter_name: str) -> dict[str, torch.Tensor]:
+    """``{"prompt_embeddings": tensor}`` of the ``kind`` module (``SoftPrompt`` or ``PrefixKV``)
+    holding ``adapter_name`` in ``host``, or nothing."""
+    for module in host.modules():
+        if not (isinstance(module, kind) and module.adapter_name == adapter_name):
+            continue
+        if isinstance(module, PrefixKV):
+            module.fold()  # PEFT stores the prefix itself, not the MLP that makes it
+            return {PROMPT: module.prefix[adapter_name]}
+        return {PROMPT: module.prompt[adapter_name]}
+    return {}
 
 
 def peft_patterns(value: Patterns | None) -> str | list[str]:

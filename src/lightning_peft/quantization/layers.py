@@ -17,6 +17,7 @@ from torch import nn
 
 from lightning_peft.quantization.storage import (
     BACKENDS,
+    QuantOptions,
     backend_for_mode,
     dense_weight,
     is_quantized,
@@ -218,14 +219,8 @@ def quantize_linear(
             f"quantize_linear needs a float nn.Linear or Conv1D, got {type(layer).__name__}"
         )
     device = dense_weight(layer).device
-    quantized = backend.quantize(
-        layer,
-        mode,
-        compute_dtype=compute_dtype,
-        double_quant=double_quant,
-        blocksize=blocksize,
-        quant_storage=quant_storage,
-    )
+    options = QuantOptions(compute_dtype, double_quant, blocksize, quant_storage)
+    quantized = backend.quantize(layer, mode, options)
     bias: Any = layer.bias
     if bias is not None:
         quantized.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)

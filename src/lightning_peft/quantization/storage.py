@@ -14,6 +14,7 @@ types can only exist once they are imported, so the classes are looked up in ``s
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +27,16 @@ def loaded_class(module_name: str, *path: str) -> type | None:
     for name in path:
         obj = getattr(obj, name, None)
     return obj if isinstance(obj, type) else None
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """bitsandbytes' settings for a new quantized layer (the 4-bit ones; int8 has none)."""
+
+    compute_dtype: torch.dtype | None = None  # of the 4-bit matmuls (None: the weight's)
+    double_quant: bool = True  # quantize the absmax constants again (QLoRA)
+    blocksize: int = 64  # weights per absmax constant
+    quant_storage: torch.dtype = torch.uint8  # dtype the packed codes are stored in
 
 
 class Storage:
@@ -59,18 +70,9 @@ class Storage:
         """The tensors the stored weight takes in memory (codes and their constants)."""
         return [layer.weight]
 
-    def quantize(
-        self,
-        layer: Any,
-        mode: str,
-        *,
-        compute_dtype: torch.dtype | None = None,
-        double_quant: bool = True,
-        blocksize: int = 64,
-        quant_storage: torch.dtype = torch.uint8,
-    ) -> nn.Module:
+    def quantize(self, layer: Any, mode: str, options: QuantOptions) -> nn.Module:
         """A new layer of this kind holding ``layer``'s weight (its bias is the caller's),
-        quantized by ``mode`` with bitsandbytes' settings (those that apply to the kind)."""
+        quantized by ``mode`` with the ``options`` that apply to the kind."""
         raise NotImplementedError(f"{type(self).__name__} does not quantize")
 
 
@@ -125,36 +127,26 @@ class FourBitStorage(Storage):
     def weight_tensors(self, layer: Any) -> list[torch.Tensor]:
         return [layer.weight, *quant_state_tensors(layer.weight.quant_state)]
 
-    def quantize(
-        self,
-        layer: Any,
-        mode: str,
-        *,
-        compute_dtype: torch.dtype | None = None,
-        double_quant: bool = True,
-        blocksize: int = 64,
-        quant_storage: torch.dtype = torch.uint8,
-    ) -> nn.Module:
+    def quantize(self, layer: Any, mode: str, options: QuantOptions) -> nn.Module:
         import bitsandbytes as bnb
 
-        weight, (in_features, out_features) = dense_weight(layer), in_out_features(layer)
+        weight = dense_weight(layer)
         quantized = bnb.nn.Linear4bit(
-            in_features,
-            out_features,
+            *in_out_features(layer),
             bias=layer.bias is not None,
-            compute_dtype=compute_dtype or weight.dtype,
-            compress_statistics=double_quant,
+            compute_dtype=options.compute_dtype or weight.dtype,
+            compress_statistics=options.double_quant,
             quant_type=mode,
-            quant_storage=quant_storage,
+            quant_storage=options.quant_storage,
             device="meta",
         )
         quantized.weight = bnb.nn.Params4bit(
             weight.clone().contiguous(),
             requires_grad=False,
-            blocksize=blocksize,
-            compress_statistics=double_quant,
+            blocksize=options.blocksize,
+            compress_statistics=options.double_quant,
             quant_type=mode,
-            quant_storage=quant_storage,
+            quant_storage=options.quant_storage,
             module=quantized,
         )
         return quantized
@@ -185,17 +177,16 @@ class Int8Storage(Storage):
     def weight_tensors(self, layer: Any) -> list[torch.Tensor]:
         return [layer.weight, _int8_scales(layer)]
 
-    def quantize(self, layer: Any, mode: str, **options: Any) -> nn.Module:
+    def quantize(self, layer: Any, mode: str, options: QuantOptions) -> nn.Module:
         import bitsandbytes as bnb
 
-        weight, (in_features, out_features) = dense_weight(layer), in_out_features(layer)
         quantized = bnb.nn.Linear8bitLt(
-            in_features,
-            out_features,
+            *in_out_features(layer),
             bias=layer.bias is not None,
             has_fp16_weights=False,
             device="meta",
         )
+        weight = dense_weight(layer)
         quantized.weight = _int8_params(weight, weight.device)
         return quantized
 
