@@ -283,3 +283,19 @@ def test_validating_after_fit_keeps_the_rebuilt_optimizer_and_its_state(tmp_path
     assert len(optimizer.state) > 0
     run.trainer.validate(module, token_data(4), verbose=False)
     assert run.trainer.optimizers[0] is optimizer and len(optimizer.state) > 0
+
+
+def test_16_mixed_compute_hands_scaling_and_clipping_to_lightnings_mixed_precision(tmp_path):
+    module = CausalLM()
+    plugin = PeftPrecision("nf4-lora", "16-mixed", device="cpu")
+    run = fit(module, tmp_path, 3, [], plugins=[plugin], gradient_clip_val=1.0)
+    assert run.trainer.precision == "16-mixed"
+    assert isinstance(plugin.mixed, L.pytorch.plugins.precision.MixedPrecision)
+    scaler = plugin.mixed.scaler
+    assert isinstance(scaler, torch.amp.GradScaler) and scaler.get_scale() > 0
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in run.losses)
+    run.trainer.save_checkpoint(tmp_path / "last.ckpt")
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["PeftPrecision"]
+    assert saved["scale"] == scaler.get_scale()  # the scaler's state travels with the run
+    trained = [v for k, v in adapter_state_dict(module).items() if "lora_B" in k]
+    assert trained and all(v.abs().sum() > 0 for v in trained)  # B left zero: steps were taken

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import nn
+from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_peft.adapters import LoRA, MethodConfig
@@ -68,7 +70,7 @@ def default_adapters() -> LoRA:
     return LoRA(rank=8, alpha=16, target_modules="all-linear")
 
 
-class PeftPrecision(MixedPrecision):
+class PeftPrecision(Precision):
     """Quantized frozen base + adapters + (optionally) a bitsandbytes optimizer.
 
     Args:
@@ -141,11 +143,11 @@ class PeftPrecision(MixedPrecision):
         if problems:
             raise AdapterConfigError("invalid PeftPrecision:\n  - " + "\n  - ".join(problems))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if compute == "32-true":
-            # MixedPrecision refuses "32-true"; the plugin then runs without autocast.
-            self.precision, self.device, self.scaler = "32-true", device, None
-        else:
-            super().__init__(compute, device)
+        super().__init__()
+        # Autocast (and 16-mixed's gradient scaler) are Lightning's own MixedPrecision, which
+        # this plugin hands those steps to; "32-true" runs without one.
+        self.mixed = None if compute == "32-true" else MixedPrecision(compute, device)
+        self.precision, self.device = compute, device  # trainer.precision reports it
         self.mode, self.compute = mode, compute
         self.adapters = adapters
         # One name given as a string is one name, not its characters.
@@ -205,9 +207,47 @@ class PeftPrecision(MixedPrecision):
 
     @override
     def forward_context(self) -> Any:
-        if self.precision == "32-true":
+        if self.mixed is None:
             return contextlib.nullcontext()
-        return super().forward_context()
+        return self.mixed.forward_context()
+
+    # The signatures are Lightning's Precision's own (which overrides Fabric's the same way).
+    @override
+    def pre_backward(  # type: ignore[override]
+        self, tensor: torch.Tensor, module: pl.LightningModule
+    ) -> torch.Tensor:
+        if self.mixed is None:
+            return super().pre_backward(tensor, module)
+        return self.mixed.pre_backward(tensor, module)
+
+    @override
+    def optimizer_step(  # type: ignore[override]
+        self, optimizer: Any, model: pl.LightningModule, closure: Callable[[], Any], **kwargs: Any
+    ) -> Any:
+        if self.mixed is None:
+            return super().optimizer_step(optimizer, model, closure, **kwargs)
+        return self.mixed.optimizer_step(optimizer, model, closure, **kwargs)
+
+    @override
+    def clip_gradients(
+        self,
+        optimizer: Optimizer,
+        clip_val: int | float = 0.0,
+        gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM,
+    ) -> None:
+        if self.mixed is None:
+            super().clip_gradients(optimizer, clip_val, gradient_clip_algorithm)
+        else:  # refuses optimizers that unscale gradients themselves
+            self.mixed.clip_gradients(optimizer, clip_val, gradient_clip_algorithm)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.mixed is None else self.mixed.state_dict()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.mixed is not None:
+            self.mixed.load_state_dict(state_dict)
 
     @override
     def connect(
