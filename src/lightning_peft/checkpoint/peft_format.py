@@ -23,7 +23,7 @@ from torch import nn
 from lightning_peft.adapters.bitfit import Unfreeze
 from lightning_peft.adapters.inputs import HFModel, find_transformers_model, is_encoder_decoder
 from lightning_peft.adapters.peft_mapping import PROMPT, PeftMapping
-from lightning_peft.adapters.protocol import trained_marks
+from lightning_peft.adapters.protocol import TrainsWholeModules, trained_marks
 from lightning_peft.adapters.registry import peft_mapping, peft_mapping_named, peft_types
 from lightning_peft.checkpoint.io import owned_with_tokenizer, staged_folder
 from lightning_peft.checkpoint.state import check_adapter_values
@@ -323,7 +323,7 @@ def _single_config(model: nn.Module, adapter_name: str) -> tuple[Any, PeftMappin
             f"the model has no adapter named {adapter_name!r} (it has {sorted(_names(model))})"
         )
     # Whole modules trained beside the method (a task head) are PEFT's modules_to_save.
-    methods = [c for c in configs if not isinstance(c, Unfreeze)] or configs
+    methods = [c for c in configs if not isinstance(c, TrainsWholeModules)] or configs
     if len(methods) > 1:
         raise AdapterStateError(
             f"adapter {adapter_name!r} combines {len(methods)} configs "
@@ -348,7 +348,7 @@ def _saved_modules(host: HFModel, adapter_name: str) -> dict[str, nn.Module]:
     return {
         path: module
         for path, module in host.named_modules()
-        if isinstance(trained_marks(module).get(adapter_name, (None,))[0], Unfreeze)
+        if isinstance(trained_marks(module).get(adapter_name, (None,))[0], TrainsWholeModules)
     }
 
 

@@ -163,12 +163,13 @@ def loftq_targets(
     Raises:
         AdapterConfigError: LoftQ with an int8 base, or on a layer that stays in float.
     """
+    from lightning_peft.adapters.lora import LoRA  # here: lora.py imports this package
     from lightning_peft.errors import AdapterConfigError
     from lightning_peft.targeting import find_targets
 
     chosen: dict[str, Any] = {}
     for config in configs:
-        if getattr(config, "init", None) != "loftq":
+        if not (isinstance(config, LoRA) and config.init == "loftq"):
             continue
         if mode not in FOUR_BIT_MODES:
             raise AdapterConfigError(
