@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import qlora_speed
 
 from lightning_peft import IA3, LoRA, apply_adapters, mixed_batch, set_active_adapters
+from lightning_peft.demos import smollm2_config
 
 RESULTS = Path(__file__).parent / "results"
 NAMES = ("a", "b", "c", "d")
@@ -38,7 +38,7 @@ def build(method: str, adapters: int, device: str) -> torch.nn.Module:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(qlora_speed.smollm2_config()).to(device)
+    model = LlamaForCausalLM(smollm2_config()).to(device)
     for name in NAMES[:adapters]:
         config = LoRA(rank=8, target_modules=["q_proj", "v_proj"]) if method == "lora" else IA3()
         apply_adapters(model, config, name=name)

@@ -33,26 +33,11 @@ from pathlib import Path
 
 import torch
 
+from lightning_peft.demos import smollm2_config
+
 VARIANTS = ("ours", "peft", "floor", "ours-gc", "peft-gc")
 COMPILED = ("ours-compiled", "peft-compiled", "floor-compiled")
 RESULTS = Path(__file__).parent / "results"
-
-
-def smollm2_config():
-    from transformers import LlamaConfig
-
-    # SmolLM2-135M (HuggingFaceTB/SmolLM2-135M-Instruct): 30 layers, hidden 576, 9/3 heads.
-    return LlamaConfig(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-        max_position_embeddings=8192,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-    )
 
 
 def build(variant: str, device: str, compute_dtype: torch.dtype, compile_mode: str = "default"):

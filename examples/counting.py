@@ -8,21 +8,15 @@ These examples show the API; ``demo.py`` and the other examples use real models.
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
+
+from lightning_peft import demos
 
 
 def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
-    """Fresh random weights: seed torch first to get the same base every time."""
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
-        initializer_range=0.1,  # wider than the default 0.02, so the frozen head can be confident
-    )
-    return LlamaForCausalLM(config)
+    """Fresh random weights: seed torch first to get the same base every time. Wider than
+    the default init, so the frozen head can be confident."""
+    return demos.tiny_llama(vocab_size, init_std=0.1)
 
 
 def counting_rows(

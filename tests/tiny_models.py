@@ -8,9 +8,10 @@ from transformers import (
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
 )
+
+from lightning_peft import demos
 
 VOCAB = 256
 
@@ -24,25 +25,17 @@ def tiny_llama(
     hidden_size: int = 64,
     num_hidden_layers: int = 2,
 ) -> LlamaForCausalLM:
-    """A 2-layer Llama (grouped-query attention); ``bias=True`` gives its linear layers biases.
-
-    With the usual ``init_std`` the output head is nearly uniform and no adapter can move
-    the loss far; ``init_std=0.3`` gives a model whose loss a few adapter steps visibly lower.
-    """
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    """``lightning_peft.demos.tiny_llama`` (the examples' and benchmarks' too), seeded and in
+    eval mode as ``from_pretrained`` returns models."""
+    return demos.tiny_llama(
+        vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
         num_hidden_layers=num_hidden_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
+        init_std=init_std,
+        bias=bias,
         tie_word_embeddings=tie_word_embeddings,
-        attention_bias=bias,
-        mlp_bias=bias,
-        initializer_range=init_std,
-    )
-    return LlamaForCausalLM(config).eval()
+        seed=seed,
+    ).eval()
 
 
 def adapted_llama(seed: int = 0) -> LlamaForCausalLM:
