@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import cpu_paths
-from tiny_models import VOCAB
+from tests import cpu_paths
+from tests.tiny_models import VOCAB
 
 # Before any test builds a 4-bit layer: the layer reads the answer in its __init__.
 CPU_PATH = cpu_paths.apply_from_environment()

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from lightning_peft import LoRA, PeftMixin
 from lightning_peft.quantization import quantize_model
-from tiny_models import VOCAB, tiny_llama
+from tests.tiny_models import VOCAB, tiny_llama
 
 QV_LORA = LoRA(rank=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"])
 

@@ -9,7 +9,7 @@ import torch
 from lightning_peft import IA3, LoRA, PrefixTuning, PromptTuning, apply_adapters
 from lightning_peft.compiling import compile_layers, repeated_blocks
 from lightning_peft.quantization import quantize_model
-from tiny_models import VOCAB, tiny_llama
+from tests.tiny_models import VOCAB, tiny_llama
 
 METHODS = {
     "lora": LoRA(rank=4, target_modules="all-linear"),
@@ -76,8 +76,8 @@ def test_repeated_blocks_are_the_layers_and_a_model_without_them_is_refused():
 def test_the_callback_compiles_the_layers_and_trains():
     import lightning as L
 
-    from lightning_modules import CausalLM, token_data
     from lightning_peft import AdapterConfigError, PeftCallback
+    from tests.lightning_modules import CausalLM, token_data
 
     torch._dynamo.reset()
     module = CausalLM()

@@ -16,7 +16,6 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from lightning_modules import QV_LORA, CausalLM, fit, token_data
 from lightning_peft import (
     AdapterCheckpoint,
     AdapterConfigError,
@@ -26,8 +25,9 @@ from lightning_peft import (
     adapter_state_dict,
 )
 from lightning_peft.distillation import kd_loss, layer_stacks, shrink
-from snapshots import refused_without_a_trace
-from tiny_models import VOCAB, tiny_llama
+from tests.lightning_modules import QV_LORA, CausalLM, fit, token_data
+from tests.snapshots import refused_without_a_trace
+from tests.tiny_models import VOCAB, tiny_llama
 
 # ---------------------------------------------------------------------------- kd_loss
 

@@ -13,7 +13,7 @@ from lightning_peft import merge_adapters
 from lightning_peft.adapters import registry
 from lightning_peft.checkpoint.metadata import adapter_configs, config_from_metadata
 from lightning_peft.injection import adapter_parameter_names
-from tiny_models import VOCAB, tiny_llama
+from tests.tiny_models import VOCAB, tiny_llama
 
 GUIDE = Path(__file__).parent.parent / "docs" / "extending.md"
 

@@ -21,7 +21,6 @@ import pytest
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 import lightning_peft.checkpoint.io as checkpoint_io
-from lightning_modules import QV_LORA, CausalLM, fit
 from lightning_peft import (
     AdapterCheckpoint,
     PeftCallback,
@@ -29,11 +28,12 @@ from lightning_peft import (
     save_peft,
 )
 from lightning_peft.checkpoint.export import merge_and_export
-from snapshots import assert_folder_unchanged, folder_snapshot
-from tiny_models import adapted_llama as adapted
-from tiny_models import tiny_llama
+from tests.lightning_modules import QV_LORA, CausalLM, fit
+from tests.snapshots import assert_folder_unchanged, folder_snapshot
+from tests.tiny_models import adapted_llama as adapted
+from tests.tiny_models import tiny_llama
 
-TESTS = Path(__file__).parent
+CHECKOUT = Path(__file__).parent.parent  # where the tests package is imported from
 
 
 class Failing:
@@ -159,9 +159,9 @@ def test_cli_export_fails_at_each_step_without_a_trace(tmp_path, monkeypatch):
 WRITER = textwrap.dedent(
     """
     import sys, itertools
-    sys.path.insert(0, {tests!r})
+    sys.path.insert(0, {checkout!r})
     import torch
-    from tiny_models import tiny_llama
+    from tests.tiny_models import tiny_llama
     from lightning_peft import LoRA, apply_adapters, save_peft
     from lightning_peft.checkpoint.export import merge_and_export
 
@@ -185,7 +185,7 @@ WRITER = textwrap.dedent(
 @pytest.mark.parametrize("delay", [0.05, 0.2, 0.45])
 def test_a_writer_killed_mid_save_leaves_complete_files_only(delay, tmp_path):
     folder, merged = tmp_path / "adapter", tmp_path / "merged"
-    script = WRITER.format(tests=str(TESTS), folder=str(folder), merged=str(merged))
+    script = WRITER.format(checkout=str(CHECKOUT), folder=str(folder), merged=str(merged))
     writer = subprocess.Popen(
         [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
     )

@@ -14,8 +14,8 @@ from lightning_peft import (
     merge_adapters,
     save_peft,
 )
-from snapshots import assert_model_unchanged, model_snapshot
-from tiny_models import tiny_llama
+from tests.snapshots import assert_model_unchanged, model_snapshot
+from tests.tiny_models import tiny_llama
 
 
 def test_load_peft_refused_for_shapes_takes_its_adapter_away_again(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import matrix
+from tests import matrix
 
 README = Path(__file__).parent.parent / "README.md"
 DEMO = "Lightning demo transformer (nn.MultiheadAttention)"

@@ -12,7 +12,7 @@ from lightning_peft import (
     load_adapter_state_dict,
     merge_adapters,
 )
-from tiny_models import logits, tiny_gpt2, tiny_llama
+from tests.tiny_models import logits, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft", reason="peft comes with the dev extra")
 

@@ -18,9 +18,9 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_modules import CausalLM, token_data
 from lightning_peft import LoRA, apply_adapters
-from tiny_models import VOCAB, tiny_llama
+from tests.lightning_modules import CausalLM, token_data
+from tests.tiny_models import VOCAB, tiny_llama
 
 README = Path(__file__).parent.parent / "README.md"
 FENCE = re.compile(r"(?:<!-- not run: (?P<why>[^>]*) -->\n)?```python\n(?P<code>.*?)```", re.S)

@@ -8,8 +8,8 @@ import torch
 from lightning_peft import AdapterConfigError
 from lightning_peft.data import smollm2_tokenizer
 from lightning_peft.sft import IGNORE, ChatCollator
-from tiny_models import tiny_llama
-from tolerances import reordering_tolerance
+from tests.tiny_models import tiny_llama
+from tests.tolerances import reordering_tolerance
 
 pytestmark = pytest.mark.slow  # reads SmolLM2's tokenizer from the asset package
 

@@ -18,7 +18,7 @@ from lightning_peft import (
 from lightning_peft.lightning.cli import main as cli_main
 from lightning_peft.quantization import quantize_model
 from lightning_peft.quantization.estimate import estimate_memory
-from tiny_models import tiny_llama
+from tests.tiny_models import tiny_llama
 
 
 def test_one_skip_module_given_as_a_string_is_one_name():
@@ -112,8 +112,8 @@ def test_an_empty_target_list_is_named_as_the_problem():
 
 
 def test_export_peft_with_a_method_peft_lacks_is_refused_before_training(tmp_path):
-    from lightning_modules import CausalLM, fit
     from lightning_peft import AdapterCheckpoint, BottleneckAdapter, PeftCallback
+    from tests.lightning_modules import CausalLM, fit
 
     saver = AdapterCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, export_peft=True)
     recorder_steps = []
@@ -132,8 +132,8 @@ def test_adapters_on_a_meta_device_model_are_refused_with_the_way_out():
 
 
 def test_training_a_merged_model_says_it_is_merged(tmp_path):
-    from lightning_modules import MixinLM, fit
     from lightning_peft import AdapterStateError, merge_adapters
+    from tests.lightning_modules import MixinLM, fit
 
     module = MixinLM()
     module.configure_model()  # adapters attached, as fit would
@@ -151,7 +151,7 @@ def test_prompt_tuning_refuses_models_that_read_features_not_tokens():
     )
 
     from lightning_peft import PromptTuning
-    from snapshots import refused_without_a_trace
+    from tests.snapshots import refused_without_a_trace
 
     vit = ViTForImageClassification(
         ViTConfig(

@@ -20,9 +20,9 @@ from lightning_peft import (
 )
 from lightning_peft.errors import TargetModulesError
 from lightning_peft.injection import adapter_parameter_names
-from snapshots import refused_without_a_trace
-from tiny_models import VOCAB, tiny_llama
-from tolerances import reordering_tolerance
+from tests.snapshots import refused_without_a_trace
+from tests.tiny_models import VOCAB, tiny_llama
+from tests.tolerances import reordering_tolerance
 
 CONFIGS = {
     "lora": (

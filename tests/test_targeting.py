@@ -9,8 +9,8 @@ from lightning_peft import LoRA, apply_adapters
 from lightning_peft.adapters import LoRALinear
 from lightning_peft.errors import TargetModulesError, UnsupportedLayerError
 from lightning_peft.targeting import find_targets
-from snapshots import refused_without_a_trace
-from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
+from tests.snapshots import refused_without_a_trace
+from tests.tiny_models import tiny_bert, tiny_gpt2, tiny_llama
 
 
 def wrapped(model: torch.nn.Module) -> list[str]:

@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from lightning_peft import LoRA, apply_adapters, merge_adapters
 from lightning_peft.checkpoint.export import merge_and_export
-from tiny_models import VOCAB, tiny_llama
-from tolerances import reordering_tolerance
+from tests.tiny_models import VOCAB, tiny_llama
+from tests.tolerances import reordering_tolerance
 
 
 def tied_llama_with_a_trained_head_adapter() -> LlamaForCausalLM:

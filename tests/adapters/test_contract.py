@@ -11,8 +11,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import lightning_peft
-from external_method import OutputShift
-from lightning_modules import CausalLM, MixinLM, counting_data, fit
 from lightning_peft import (
     IA3,
     AdapterCheckpoint,
@@ -38,8 +36,10 @@ from lightning_peft import (
 from lightning_peft.adapters import MergeableAdapter, fold_prefix_
 from lightning_peft.adapters.inputs import cache_argument
 from lightning_peft.injection import adapter_modules, adapter_parameter_names
-from tiny_models import VOCAB, tiny_llama
-from tolerances import reordering_tolerance
+from tests.external_method import OutputShift
+from tests.lightning_modules import CausalLM, MixinLM, counting_data, fit
+from tests.tiny_models import VOCAB, tiny_llama
+from tests.tolerances import reordering_tolerance
 
 METHODS = {
     "lora": LoRA(rank=4, alpha=8, target_modules=["q_proj", "v_proj"]),

@@ -25,7 +25,7 @@ from lightning_peft import (
     save_peft,
 )
 from lightning_peft.injection import adapter_parameter_names
-from tiny_models import peft_or_skip
+from tests.tiny_models import peft_or_skip
 
 
 def tiny_t5(layers: int = 2) -> T5ForConditionalGeneration:

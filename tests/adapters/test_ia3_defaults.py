@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from lightning_peft import IA3, AdapterConfigError, apply_adapters, count_parameters
-from tiny_models import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
+from tests.tiny_models import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def tiny_t5():

@@ -6,7 +6,6 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_modules import CausalLM, fit
 from lightning_peft import (
     BottleneckAdapter,
     LoRA,
@@ -16,7 +15,8 @@ from lightning_peft import (
     adapter_state_dict,
     apply_adapters,
 )
-from tiny_models import tiny_llama
+from tests.lightning_modules import CausalLM, fit
+from tests.tiny_models import tiny_llama
 
 METHODS = {
     "lora": LoRA(rank=4, target_modules="all-linear"),

@@ -17,7 +17,7 @@ from lightning_peft import (
 )
 from lightning_peft.adapters import LoRALinear
 from lightning_peft.injection import adapter_modules
-from tiny_models import MODEL_FACTORIES, logits, tiny_gpt2, tiny_llama
+from tests.tiny_models import MODEL_FACTORIES, logits, tiny_gpt2, tiny_llama
 
 VARIANTS = {
     "lora": {},

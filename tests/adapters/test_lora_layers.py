@@ -24,8 +24,8 @@ from lightning_peft import (
 from lightning_peft.errors import UnsupportedLayerError
 from lightning_peft.injection import adapter_parameter_names
 from lightning_peft.quantization import quantize_model
-from snapshots import refused_without_a_trace
-from tiny_models import peft_or_skip
+from tests.snapshots import refused_without_a_trace
+from tests.tiny_models import peft_or_skip
 
 TARGETS = ["embed", "conv1", "conv2", "conv3"]
 

@@ -24,8 +24,8 @@ from lightning_peft.adapters import fold_prefix_
 from lightning_peft.errors import TargetModulesError, UnsupportedLayerError
 from lightning_peft.injection import adapter_parameter_names
 from lightning_peft.quantization import quantize_model
-from snapshots import refused_without_a_trace
-from tiny_models import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
+from tests.snapshots import refused_without_a_trace
+from tests.tiny_models import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def randomize_(model: torch.nn.Module) -> None:

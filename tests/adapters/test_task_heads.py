@@ -33,7 +33,7 @@ from lightning_peft import (
 )
 from lightning_peft.injection import adapter_parameter_names
 from lightning_peft.quantization import quantize_model
-from tiny_models import VOCAB, tiny_bert
+from tests.tiny_models import VOCAB, tiny_bert
 
 
 def tiny_roberta() -> RobertaForSequenceClassification:
@@ -139,7 +139,7 @@ def test_a_head_a_config_selects_is_left_to_that_config():
 
 
 def test_models_without_a_new_head_train_none():
-    from tiny_models import tiny_llama
+    from tests.tiny_models import tiny_llama
 
     model = apply_adapters(tiny_llama(), LoRA(rank=2))
     assert all("lora_" in n for n in trained_names(model))

@@ -18,8 +18,8 @@ from lightning_peft import (
     load_peft,
     save_peft,
 )
-from snapshots import assert_model_unchanged, model_snapshot
-from tiny_models import tiny_llama
+from tests.snapshots import assert_model_unchanged, model_snapshot
+from tests.tiny_models import tiny_llama
 
 QV = LoRA(rank=4, target_modules=["q_proj", "v_proj"])
 

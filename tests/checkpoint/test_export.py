@@ -12,8 +12,8 @@ from lightning_peft import IA3, AdapterConfigError, LoRA, PromptTuning, apply_ad
 from lightning_peft.checkpoint.export import merge_and_export
 from lightning_peft.injection import adapter_parameter_names
 from lightning_peft.quantization import quantize_model
-from tiny_models import VOCAB, tiny_llama
-from tolerances import reordering_tolerance
+from tests.tiny_models import VOCAB, tiny_llama
+from tests.tolerances import reordering_tolerance
 
 
 def trained(base: str) -> torch.nn.Module:

@@ -28,8 +28,8 @@ from lightning_peft import (
 )
 from lightning_peft.checkpoint.peft_format import load_peft, save_peft
 from lightning_peft.injection import adapter_parameter_names
-from snapshots import assert_model_unchanged, model_snapshot
-from tiny_models import VOCAB, tiny_gpt2, tiny_llama
+from tests.snapshots import assert_model_unchanged, model_snapshot
+from tests.tiny_models import VOCAB, tiny_gpt2, tiny_llama
 
 OURS = {
     "lora": (tiny_llama, LoRA(rank=4, alpha=8, target_modules=["q_proj", "v_proj"])),

@@ -14,7 +14,7 @@ from lightning_peft import (
     merge_adapters,
 )
 from lightning_peft.errors import AdapterStateKeyError
-from tiny_models import logits, tiny_llama
+from tests.tiny_models import logits, tiny_llama
 
 QV = LoRA(rank=4, target_modules=["q_proj", "v_proj"])
 

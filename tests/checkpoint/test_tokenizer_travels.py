@@ -7,7 +7,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightning_modules import QV_LORA, CausalLM, fit
 from lightning_peft import (
     AdapterCheckpoint,
     LoRA,
@@ -18,7 +17,8 @@ from lightning_peft import (
 )
 from lightning_peft.checkpoint.export import merge_and_export
 from lightning_peft.data import smollm2_tokenizer
-from tiny_models import tiny_llama
+from tests.lightning_modules import QV_LORA, CausalLM, fit
+from tests.tiny_models import tiny_llama
 
 pytestmark = pytest.mark.slow  # reads SmolLM2's tokenizer from the asset package
 

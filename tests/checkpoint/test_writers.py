@@ -12,14 +12,14 @@ from transformers import AutoModelForCausalLM
 from lightning_peft import LoRA, apply_adapters, load_peft, save_peft
 from lightning_peft.checkpoint.export import merge_and_export
 from lightning_peft.lightning.cli import main as cli_main
-from snapshots import (
+from tests.snapshots import (
     assert_folder_unchanged,
     assert_model_unchanged,
     folder_snapshot,
     model_snapshot,
 )
-from tiny_models import VOCAB, tiny_llama
-from tiny_models import adapted_llama as adapted
+from tests.tiny_models import VOCAB, tiny_llama
+from tests.tiny_models import adapted_llama as adapted
 
 
 @pytest.fixture

@@ -15,16 +15,14 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared test modules
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: the tests package
 
 import lightning as L
 import torch
 from torch.distributed._composable.fsdp import fully_shard
 from torch.utils.data import DataLoader, Sampler
 
-import cpu_paths
 import lightning_peft
-from lightning_modules import CausalLM, LossRecorder, MixinLM
 from lightning_peft import (
     AdapterCheckpoint,
     AdapterModelParallelStrategy,
@@ -34,7 +32,9 @@ from lightning_peft import (
     PeftPrecision,
     adapter_state_dict,
 )
-from tiny_models import VOCAB, tiny_llama
+from tests import cpu_paths
+from tests.lightning_modules import CausalLM, LossRecorder, MixinLM
+from tests.tiny_models import VOCAB, tiny_llama
 
 cpu_paths.apply_from_environment()
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from lightning_modules import QV_LORA, CausalLM, MixinLM, fit, quantize_decoder
 from lightning_peft import AdapterCheckpoint, PeftCallback, adapter_state_dict, count_parameters
 from lightning_peft.lightning import PeftModelSummary
 from lightning_peft.lightning.summary import PeftRichModelSummary
-from tiny_models import logits
+from tests.lightning_modules import QV_LORA, CausalLM, MixinLM, fit, quantize_decoder
+from tests.tiny_models import logits
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -132,7 +132,7 @@ def test_mixin_counts_and_keeps_working_over_an_nf4_base(tmp_path):
 def test_export_peft_writes_a_peft_folder_beside_each_kept_checkpoint(tmp_path):
     from peft import PeftModel
 
-    from tiny_models import tiny_llama
+    from tests.tiny_models import tiny_llama
 
     saver = AdapterCheckpoint(
         dirpath=tmp_path,

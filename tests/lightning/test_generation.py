@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules import QV_LORA, CausalLM, fit, token_data
 from lightning_peft import AdapterCheckpoint, AdapterConfigError, PeftCallback
 from lightning_peft.lightning.generation import GenerationSamples
+from tests.lightning_modules import QV_LORA, CausalLM, fit, token_data
 
 PROMPTS = [[5, 6, 7, 8], [100, 101]]
 

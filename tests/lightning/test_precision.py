@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import lightning_peft
-from lightning_modules import CausalLM, MixinLM, counting_data, fit, token_data
 from lightning_peft import (
     AdapterCheckpoint,
     AdapterConfigError,
@@ -20,6 +19,7 @@ from lightning_peft import (
     adapter_state_dict,
 )
 from lightning_peft.adapters import LoRALinear
+from tests.lightning_modules import CausalLM, MixinLM, counting_data, fit, token_data
 
 DECODER_LINEARS = 14  # 7 projections x 2 layers of the tiny Llama
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_modules import QV_LORA, CausalLM, MixinLM, fit, token_data
 from lightning_peft import (
     AdapterCheckpoint,
     AdapterConfigError,
@@ -18,6 +17,7 @@ from lightning_peft import (
     PeftCallback,
 )
 from lightning_peft.errors import AdapterStateKeyError
+from tests.lightning_modules import QV_LORA, CausalLM, MixinLM, fit, token_data
 
 
 @pytest.fixture(scope="module")

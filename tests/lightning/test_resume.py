@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import lightning_peft
-from lightning_modules import QV_LORA, CausalLM, MixinLM, fit, token_data
 from lightning_peft import AdapterCheckpoint, PeftCallback, adapter_state_dict
+from tests.lightning_modules import QV_LORA, CausalLM, MixinLM, fit, token_data
 
 DESIGNS = {
     "callback": (lambda **kw: CausalLM(**kw), lambda: [PeftCallback(QV_LORA)]),

@@ -9,9 +9,9 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_modules import fit, token_data
 from lightning_peft import LoRA, PeftCallback, PeftMixin
-from tiny_models import tiny_llama
+from tests.lightning_modules import fit, token_data
+from tests.tiny_models import tiny_llama
 
 QV = LoRA(rank=4, dropout=0.1, target_modules=["q_proj", "v_proj"])
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import cpu_paths
 from lightning_peft import LoRA, apply_adapters, merge_adapters
 from lightning_peft.checkpoint.metadata import fingerprint_frozen
 from lightning_peft.quantization import (
@@ -21,7 +20,8 @@ from lightning_peft.quantization import (
     quantize_linear,
     quantize_model,
 )
-from tiny_models import tiny_llama
+from tests import cpu_paths
+from tests.tiny_models import tiny_llama
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import torch
 
 from lightning_peft import LoRA, apply_adapters, count_parameters, merge_adapters, unmerge_adapters
 from lightning_peft.quantization import dense_weight, is_quantized, quantize_linear, real_numel
-from tiny_models import logits, tiny_llama
+from tests.tiny_models import logits, tiny_llama
 
 MODES = ["nf4", "fp4", "int8"]
 

@@ -7,7 +7,6 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import lightning_peft
-from lightning_modules import CausalLM, fit
 from lightning_peft import (
     AdapterCheckpoint,
     AdapterConfigError,
@@ -19,8 +18,9 @@ from lightning_peft import (
 from lightning_peft.adapters import LoRALinear
 from lightning_peft.checkpoint.export import merge_and_export
 from lightning_peft.quantization import dense_weight, quantize_model
-from snapshots import refused_without_a_trace
-from tiny_models import VOCAB, tiny_llama
+from tests.lightning_modules import CausalLM, fit
+from tests.snapshots import refused_without_a_trace
+from tests.tiny_models import VOCAB, tiny_llama
 
 RANK = 16
 

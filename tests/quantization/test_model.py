@@ -14,7 +14,7 @@ from lightning_peft.quantization import (
     quantize_model,
     rebuild_optimizer,
 )
-from tiny_models import logits, tiny_llama
+from tests.tiny_models import logits, tiny_llama
 
 
 def wide_mlp() -> torch.nn.Sequential:

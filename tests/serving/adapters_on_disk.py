@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from lightning_peft import IA3, LoRA, apply_adapters, load_peft, save_peft
 from lightning_peft.injection import adapter_parameter_names
-from tiny_models import VOCAB, tiny_llama
+from tests.tiny_models import VOCAB, tiny_llama
 
 CONFIGS = {
     "a": LoRA(rank=4, target_modules=["q_proj", "v_proj"]),

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapters_on_disk import write_folders
+from tests.serving.adapters_on_disk import write_folders
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from adapters_on_disk import prompts, reference
+from tests.serving.adapters_on_disk import prompts, reference
 
 pytest.importorskip("litserve")
 

@@ -7,8 +7,6 @@ import pytest
 import torch
 
 import lightning_peft
-from adapters_on_disk import CONFIGS, prompts, randomized, reference, reference_scores
-from lightning_modules import CausalLM, counting_data, fit
 from lightning_peft import (
     IA3,
     AdapterCheckpoint,
@@ -21,8 +19,10 @@ from lightning_peft import (
 from lightning_peft.injection import adapter_parameter_names
 from lightning_peft.serving import AdapterEngine, Job, RequestError
 from lightning_peft.serving.requests import parse_predict
-from tiny_models import tiny_llama
-from tolerances import reordering_tolerance
+from tests.lightning_modules import CausalLM, counting_data, fit
+from tests.serving.adapters_on_disk import CONFIGS, prompts, randomized, reference, reference_scores
+from tests.tiny_models import tiny_llama
+from tests.tolerances import reordering_tolerance
 
 
 @pytest.mark.parametrize("mix", [True, False], ids=["mixed", "per-adapter"])

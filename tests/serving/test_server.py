@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from adapters_on_disk import call, prompts, reference, reference_scores, serving
-from tolerances import reordering_tolerance
+from tests.serving.adapters_on_disk import call, prompts, reference, reference_scores, serving
+from tests.tolerances import reordering_tolerance
 
 pytest.importorskip("litserve")
 
@@ -167,7 +167,7 @@ def test_the_server_binds_loopback_unless_told_otherwise():
 def test_adapters_are_checked_from_their_files_before_the_model_loads(folders, tmp_path, capsys):
     from lightning_peft import LoRA, apply_adapters, save_peft
     from lightning_peft.serving.cli import serve
-    from tiny_models import tiny_llama
+    from tests.tiny_models import tiny_llama
 
     save_peft(apply_adapters(tiny_llama(), LoRA(rank=2, use_dora=True)), tmp_path / "dora")
     (tmp_path / "broken").mkdir()

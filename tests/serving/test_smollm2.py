@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters_on_disk import call, serving
 from lightning_peft import LoRA, apply_adapters, load_peft, save_peft
-from tolerances import reordering_tolerance
+from tests.serving.adapters_on_disk import call, serving
+from tests.tolerances import reordering_tolerance
 
 pytest.importorskip("litserve")
 pytestmark = pytest.mark.slow  # reads SmolLM2 from its asset package
