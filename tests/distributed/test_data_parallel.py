@@ -18,9 +18,17 @@ WORKER = Path(__file__).parent / "worker.py"
 TOLERANCE = dict(rtol=0, atol=1e-5)
 
 
+# A spawned process that finished training can still abort in C++ teardown (std::thread
+# destroyed while joinable; seen once in many ddp_spawn runs on 2 CPU cores, torch 2.13 +
+# gloo). The run did what the test checks; only the process exit failed, so it runs again.
+_TEARDOWN_ABORT = ("`Trainer.fit` stopped", "terminate called without an active exception")
+
+
 def run_worker(out: Path, *args: str, expect_failure: bool = False) -> subprocess.CompletedProcess:
     command = [sys.executable, str(WORKER), *args, "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0 and all(part in result.stderr for part in _TEARDOWN_ABORT):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if not expect_failure and result.returncode != 0:
         pytest.fail(f"{' '.join(args)} failed:\n{result.stderr[-4000:]}")
     return result
