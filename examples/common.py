@@ -16,10 +16,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
+import torch
 
 from lightning_peft import PeftCallback, count_parameters
 from lightning_peft.data import load_smollm2
-from lightning_peft.lightning.tasks import ReviewSentiment, accuracy, review_loader, review_split
+from lightning_peft.lightning.tasks import ReviewSentiment, review_loader, review_split, score
 
 
 def parse_args(
@@ -42,11 +43,11 @@ def parse_args(
     parser.add_argument("--eval-size", type=int, default=200, help="held-out reviews scored")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--fast", action="store_true", help="a smoke run: 3 steps, 16 held-out reviews (tests)"
+        "--fast", action="store_true", help="a smoke run: 8 steps, 16 held-out reviews (tests)"
     )
     args = parser.parse_args()
     if args.fast:
-        args.steps, args.eval_size = 3, 16
+        args.steps, args.eval_size = 8, 16
     return args
 
 
@@ -63,7 +64,10 @@ def run(
     model, tokenizer = load_smollm2()
     train_rows, test_rows = review_split(args.steps * args.batch_size, args.eval_size, args.seed)
     loaded = time.perf_counter()
-    before = accuracy(model, tokenizer, test_rows)
+    before, loss_before = score(model, tokenizer, test_rows)
+    seen = train_rows[:32]  # what the model trains on: its loss there must fall
+    with torch.random.fork_rng():  # an extra pass would shift the training run's random draws
+        _, seen_before = score(model, tokenizer, seen)
     module = module_class(args.lr, model=model, tokenizer=tokenizer)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -77,15 +81,17 @@ def run(
     trained_at = time.perf_counter()
     trainer.fit(module, review_loader(tokenizer, train_rows, args.batch_size, shuffle=True))
     train_seconds = time.perf_counter() - trained_at
-    after = accuracy(model, tokenizer, test_rows)
+    after, loss_after = score(model, tokenizer, test_rows)
+    _, seen_after = score(model, tokenizer, seen)
     counts = count_parameters(model)
     print(
         f"\n{method} on SmolLM2-135M-Instruct, Rotten Tomatoes ({args.eval_size} held-out reviews)"
     )
-    print(f"  accuracy before: {before:.3f}")
+    print(f"  accuracy before: {before:.3f}   held-out loss {loss_before:.4f}")
     print(
-        f"  accuracy after:  {after:.3f}   ({args.steps} steps of {args.batch_size}, {train_seconds:.0f} s)"
+        f"  accuracy after:  {after:.3f}   held-out loss {loss_after:.4f}   ({args.steps} steps of {args.batch_size}, {train_seconds:.0f} s)"
     )
+    print(f"  loss on {len(seen)} training reviews: {seen_before:.4f} -> {seen_after:.4f}")
     print(
         f"  trainable:       {counts.trainable:,} of {counts.total:,} parameters ({100 * counts.trainable_fraction:.3f}%)"
     )
@@ -93,5 +99,13 @@ def run(
         f"  total time:      {time.perf_counter() - started:.0f} s (loading {loaded - started:.0f} s)"
     )
     return SimpleNamespace(
-        before=before, after=after, model=model, tokenizer=tokenizer, test_rows=test_rows
+        before=before,
+        after=after,
+        loss_before=loss_before,
+        loss_after=loss_after,
+        seen_before=seen_before,
+        seen_after=seen_after,
+        model=model,
+        tokenizer=tokenizer,
+        test_rows=test_rows,
     )

@@ -44,9 +44,10 @@ def test_plain_pytorch_example_learns_the_rule_and_survives_merging(capsys):
     assert "merged 14 layers into the NF4 base" in out
 
 
-# Each method's example on its real model, in its fast mode: a few steps, a few reviews.
-# The numbers a full run gives are in the README; here the example must run end to end
-# and report what it promises.
+# Each method's example on its real model, in its fast mode: 8 steps, 16 held-out reviews.
+# The numbers a full run gives are in the README. So short a run moves the held-out accuracy
+# of 16 reviews by less than its noise (a review is 0.06), in either direction; the loss on
+# the reviews it trained on falls by more than 0.03 (measured: by 0.07 to 0.16).
 METHOD_EXAMPLES = {
     "ia3_tfew.py": "(IA)^3 + T-Few losses",
     "prompt_tuning.py": "Prompt tuning",
@@ -57,11 +58,13 @@ METHOD_EXAMPLES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", METHOD_EXAMPLES)
-def test_method_example_runs_on_smollm2(name, capsys):
+def test_method_example_learns_on_smollm2(name, capsys):
     out = run_example(name, capsys, "--fast")
     assert METHOD_EXAMPLES[name] in out
     before, after = accuracy("accuracy before", out), accuracy("accuracy after", out)
-    assert 0.4 < before <= 1 and 0 < after <= 1  # the real model answers far above chance
+    assert 0.4 < before <= 1 and 0.4 < after <= 1  # far above chance, before and after
+    seen = re.search(r"loss on 32 training reviews: ([0-9.]+) -> ([0-9.]+)", out)
+    assert float(seen.group(2)) < float(seen.group(1)) - 0.03  # it learned what it saw
     assert re.search(r"trainable: +[0-9,]+ of 13[4-7],[0-9,]+ parameters", out)  # 135M + adapters
 
 
@@ -138,5 +141,7 @@ def test_mixin_example_reloads_an_adapter_checkpoint_exactly(capsys):
 def test_chat_example_trains_on_chat_rows_and_shows_samples(capsys):
     out = run_example("chat_sft.py", capsys, "--fast")
     assert "Chat SFT (QLoRA)" in out
-    assert 0 <= accuracy("accuracy before", out) <= 1 and 0 <= accuracy("accuracy after", out) <= 1
+    # Two steps teach the answer's form: the greedy answer starts with the label (measured:
+    # none of 4 before, 4 of 4 after).
+    assert accuracy("accuracy after", out) > accuracy("accuracy before", out)
     assert re.search(r"last samples: +\['.*', '.*'\]", out)  # GenerationSamples ran

@@ -6,8 +6,15 @@ import lightning as L
 import pytest
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_peft import AdapterCheckpoint, PeftCallback, adapter_state_dict, count_parameters
+from lightning_peft import (
+    AdapterCheckpoint,
+    PeftCallback,
+    PeftPrecision,
+    adapter_state_dict,
+    count_parameters,
+)
 from lightning_peft.lightning import PeftModelSummary
 from lightning_peft.lightning.summary import PeftRichModelSummary
 from tests.lightning_modules import QV_LORA, CausalLM, MixinLM, fit, quantize_decoder
@@ -91,6 +98,32 @@ def test_mixin_module_loads_from_an_adapter_checkpoint(tmp_path, input_ids):
     assert all(torch.equal(adapter_state_dict(loaded)[k], v) for k, v in expected.items())
     trained.eval(), loaded.eval()
     assert torch.equal(logits(loaded.model, input_ids), logits(trained.model, input_ids))
+
+
+@pytest.mark.parametrize("entry", ["callback", "mixin", "precision"])
+def test_weights_only_saves_hold_the_adapters_alone(tmp_path, entry, input_ids):
+    """Lightning calls neither the callbacks' nor the precision plugin's on_save_checkpoint
+    for weights-only saves; the files must be adapter-only all the same, for each way in."""
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="weights", save_weights_only=True)
+    module, callbacks, plugins = {
+        "callback": (CausalLM(), [PeftCallback(QV_LORA)], []),
+        "mixin": (MixinLM(), [], []),
+        "precision": (CausalLM(), [], [PeftPrecision("nf4-lora", adapters=QV_LORA)]),
+    }[entry]
+    run = fit(module, tmp_path, 2, [*callbacks, saver], plugins=plugins)
+    run.trainer.save_checkpoint(tmp_path / "direct.ckpt", weights_only=True)
+    expected = adapter_state_dict(module)
+    assert len(expected) == 8  # LoRA A and B on q and v of two layers
+    for name in ("weights.ckpt", "direct.ckpt"):
+        saved = torch.load(tmp_path / name, weights_only=True)
+        assert "optimizer_states" not in saved  # a weights-only file, as asked
+        assert saved["lightning_peft"]["adapter_keys"] == list(expected)
+        assert saved["state_dict"].keys() == expected.keys()
+        assert all(torch.equal(saved["state_dict"][k], v) for k, v in expected.items())
+    if entry == "mixin":
+        loaded = MixinLM.load_from_checkpoint(tmp_path / "weights.ckpt")
+        module.eval(), loaded.eval()
+        assert torch.equal(logits(loaded.model, input_ids), logits(module.model, input_ids))
 
 
 def test_only_trainable_parameters_reach_the_optimizer(tmp_path):

@@ -124,21 +124,6 @@ def test_mixin_refuses_a_mismatch_before_copying_anything(tmp_path, checkpoint):
         fit(module, tmp_path, 6, [], ckpt_path=str(checkpoint))
 
 
-def test_save_weights_only_is_refused_with_the_reason(tmp_path):
-    with pytest.raises(
-        AdapterConfigError,
-        match=r"save_weights_only=True cannot be used .*skips the callbacks' on_save_checkpoint",
-    ):
-        AdapterCheckpoint(dirpath=tmp_path, save_weights_only=True)
-    with pytest.raises(ValueError, match=r"ModelCheckpoint: save_weights_only=True cannot be used"):
-        fit(
-            CausalLM(),
-            tmp_path,
-            1,
-            [PeftCallback(QV_LORA), ModelCheckpoint(dirpath=tmp_path, save_weights_only=True)],
-        )
-
-
 def test_peft_callback_refuses_what_is_not_an_adapter_config():
     with pytest.raises(
         AdapterConfigError,

@@ -14,9 +14,8 @@ from torch import nn
 from lightning_peft.adapters.heads import task_head_names
 from lightning_peft.adapters.protocol import TrainsWholeModules, trained_marks
 from lightning_peft.injection import AdapterConfig, apply_adapters
+from lightning_peft.lightning.module_state import state_of
 from lightning_peft.lightning.precision import PeftPrecision, peft_precision
-
-_ATTACHED = "_lightning_peft_attached"
 
 
 def attach_adapters_once(
@@ -29,7 +28,7 @@ def attach_adapters_once(
     """Quantize ``module``'s base if the Trainer runs ``PeftPrecision``, then attach the
     adapters ``configs(plugin)`` returns (and a task head, see ``apply_adapters``). Does
     nothing if this already happened; returns whether it happened now."""
-    if module.__dict__.get(_ATTACHED, False):
+    if state_of(module).attached:
         return False
     plugin = peft_precision(trainer)
     given = list(configs(plugin))
@@ -37,7 +36,7 @@ def attach_adapters_once(
         apply_adapters(module, given, name=name, train_head=train_head)
     else:  # quantized on the device it trains on, then adapters (LoftQ needs both at once)
         plugin.quantize_base(module, trainer.strategy.root_device, given, name, train_head)
-    module.__dict__[_ATTACHED] = True
+    state_of(module).attached = True
     _announce_head(module, name, given)
     return True
 

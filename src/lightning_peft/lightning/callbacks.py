@@ -20,13 +20,12 @@ from lightning_peft.compiling import compile_layers
 from lightning_peft.errors import AdapterConfigError
 from lightning_peft.injection import AdapterConfig, as_config_list, is_adapter_config
 from lightning_peft.lightning.attach import attach_adapters_once
-from lightning_peft.lightning.checkpoint_io import make_checkpoint_writes_atomic
+from lightning_peft.lightning.checkpoint_io import install_checkpoint_io
 from lightning_peft.lightning.checkpointing import (
     ResumeChecks,
     accept_adapter_only_loading,
     hold_rng_for_validation,
     release_rng_after_validation,
-    write_adapter_only_,
 )
 from lightning_peft.lightning.distributed import check_ranks_agree
 from lightning_peft.lightning.mixin import (
@@ -36,14 +35,6 @@ from lightning_peft.lightning.mixin import (
 )
 from lightning_peft.lightning.precision import PeftPrecision, default_adapters
 from lightning_peft.lightning.summary import use_real_parameter_counts
-
-_WEIGHTS_ONLY_REFUSED = (
-    "save_weights_only=True cannot be used with adapter checkpoints: Lightning then skips the "
-    "callbacks' on_save_checkpoint, so the file would hold the whole frozen base and no "
-    "optimizer state to resume from. Keep save_weights_only=False: the adapter checkpoint is "
-    "already small."
-)
-
 
 _SPAWN_WARNING = (
     "PeftCallback under a spawning strategy (ddp_spawn): training runs in child processes and "
@@ -62,23 +53,11 @@ class _AdapterCheckpointHooks(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        weights_only = [
-            cb for cb in trainer.checkpoint_callbacks if getattr(cb, "save_weights_only", False)
-        ]
-        if weights_only:
-            raise AdapterConfigError(f"{type(weights_only[0]).__name__}: {_WEIGHTS_ONLY_REFUSED}")
         accept_adapter_only_loading(pl_module)
-        make_checkpoint_writes_atomic(trainer)
+        install_checkpoint_io(trainer)
         use_real_parameter_counts(trainer)
         self._resume.reset()
         super().setup(trainer, pl_module, stage)
-
-    @override
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        write_adapter_only_(checkpoint, pl_module)
-        super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
     @override
     def on_load_checkpoint(
@@ -292,9 +271,6 @@ class AdapterCheckpoint(_AdapterCheckpointHooks, ModelCheckpoint):
             ``tokenizer`` attribute (the DataModule's first), if either has one; ``None``: no
             tokenizer.
         *args, **kwargs: as for ``ModelCheckpoint``.
-
-    Raises:
-        AdapterConfigError: ``save_weights_only=True`` (it would save the frozen base).
     """
 
     def __init__(
@@ -305,8 +281,6 @@ class AdapterCheckpoint(_AdapterCheckpointHooks, ModelCheckpoint):
         tokenizer: Any = "auto",
         **kwargs: Any,
     ) -> None:
-        if kwargs.get("save_weights_only"):
-            raise AdapterConfigError(f"AdapterCheckpoint: {_WEIGHTS_ONLY_REFUSED}")
         super().__init__(*args, **kwargs)
         self.export_peft = export_peft
         self.base_model_name_or_path = base_model_name_or_path

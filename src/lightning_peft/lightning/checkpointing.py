@@ -23,7 +23,7 @@ records that state.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
@@ -43,6 +43,7 @@ from lightning_peft.checkpoint import (
 )
 from lightning_peft.errors import AdapterStateError
 from lightning_peft.injection import adapter_modules, adapter_parameter_names
+from lightning_peft.lightning.module_state import state_of
 
 
 def optimizer_param_names(trainer: pl.Trainer | None, module: nn.Module) -> list[list[str]]:
@@ -60,26 +61,24 @@ def optimizer_param_names(trainer: pl.Trainer | None, module: nn.Module) -> list
     ]
 
 
-_HELD_RNG = "_lightning_peft_rng_before_validation"
-
-
 def hold_rng_for_validation(module: nn.Module) -> None:
     """Remember the RNG state now, the last moment before a validation pass may begin.
 
     Called where training hands over to validation: ``on_fit_start`` (the sanity check
     follows) and ``on_train_batch_end``. Idempotent: the callback and the mixin may both call.
     """
-    module.__dict__[_HELD_RNG] = rng_state()
+    state_of(module).rng_before_validation = rng_state()
 
 
 def forget_held_rng(module: nn.Module) -> None:
     """Training goes on (``on_train_batch_start``): a held state would be stale from now."""
-    module.__dict__.pop(_HELD_RNG, None)
+    state_of(module).rng_before_validation = None
 
 
 def release_rng_after_validation(module: nn.Module) -> None:
     """Put back the RNG state held before this validation pass (``on_validation_end``)."""
-    held = module.__dict__.pop(_HELD_RNG, None)
+    state = state_of(module)
+    held, state.rng_before_validation = state.rng_before_validation, None
     if held is not None:
         set_rng_state(held)
 
@@ -103,7 +102,7 @@ def write_adapter_only_(checkpoint: dict[str, Any], module: pl.LightningModule) 
     }
     metadata = build_metadata(module, keys, optimizer_param_names(module._trainer, module))
     # Written during a validation pass, the file records the state training will go on from.
-    metadata["rng"] = module.__dict__.get(_HELD_RNG) or rng_state()
+    metadata["rng"] = state_of(module).rng_before_validation or rng_state()
     checkpoint[METADATA_KEY] = metadata
 
 
@@ -137,9 +136,9 @@ def accept_adapter_only_loading(module: pl.LightningModule) -> None:
     the strictness back for the adapter tensors (keys and shapes) before anything is copied.
     """
     module.strict_loading = False
-    if not getattr(module, "_lightning_peft_load_check", False):
+    if not state_of(module).load_check:
         module.register_load_state_dict_pre_hook(_check_before_load)
-        cast(Any, module)._lightning_peft_load_check = True
+        state_of(module).load_check = True
 
 
 def keep_trainable_in_optimizers_(trainer: pl.Trainer, module: nn.Module) -> None:

@@ -19,6 +19,7 @@ from lightning_peft.checkpoint.metadata import fingerprint_frozen
 from lightning_peft.distillation import is_temperature, kd_loss
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.injection import adapter_parameter_names
+from lightning_peft.lightning.module_state import state_of
 from lightning_peft.quantization import QUANT_MODES, QuantMode
 from lightning_peft.switching import disable_adapters
 
@@ -161,11 +162,11 @@ class Distillation(Callback):
                 pass
             return
         teacher = cast(nn.Module, self.teacher)  # a model: not self-distillation
-        if self.quantize is not None and not teacher.__dict__.get("_distillation_quantized"):
+        if self.quantize is not None and not state_of(teacher).quantized:
             from lightning_peft.quantization import quantize_model
 
             quantize_model(teacher, self.quantize, device=pl_module.device)
-            teacher.__dict__["_distillation_quantized"] = True
+            state_of(teacher).quantized = True
         teacher.to(pl_module.device)
         self._fingerprint = fingerprint_frozen(teacher)
         restored = self._restored_fingerprint

@@ -10,7 +10,6 @@ before adapters are attached and leaves them (and the output head) alone.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
 
@@ -30,7 +29,8 @@ from lightning_peft.injection import (
     as_config_list,
     is_adapter_config,
 )
-from lightning_peft.lightning.checkpointing import write_adapter_only_
+from lightning_peft.lightning.checkpoint_io import install_checkpoint_io
+from lightning_peft.lightning.module_state import state_of
 from lightning_peft.quantization import (
     OPTIMIZER_NAMES,
     OptimizerName,
@@ -159,7 +159,6 @@ class PeftPrecision(Precision):
             optimizer = default_optimizer(mode, device)
         self.optimizer, self.optimizer_kwargs = optimizer, dict(optimizer_kwargs or {})
         self.gradient_checkpointing = gradient_checkpointing
-        self._module: Any = None
 
     def quantize_base(
         self,
@@ -171,7 +170,7 @@ class PeftPrecision(Precision):
     ) -> None:
         """Quantize ``module``'s linear layers for this mode, once, then attach ``adapters``
         (in one step, which ``LoRA(init="loftq")`` needs: it reads the float weights)."""
-        if module.__dict__.get("_lightning_peft_quantized", False):
+        if state_of(module).quantized:
             if adapters:
                 apply_adapters(module, list(adapters), name=name, train_head=train_head)
             return
@@ -191,7 +190,7 @@ class PeftPrecision(Precision):
         )
         if quant != "int8":
             keep_norms_in_float32_(module)
-        module.__dict__["_lightning_peft_quantized"] = True
+        state_of(module).quantized = True
 
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
@@ -202,7 +201,8 @@ class PeftPrecision(Precision):
         missing = not adapter_parameter_names(module)
         adapters = self.adapters or default_adapters()
         self.quantize_base(module, device, as_config_list(adapters) if missing else ())
-        self._module = weakref.proxy(module)
+        if trainer is not None:
+            install_checkpoint_io(trainer)  # its checkpoints hold the adapters only
         return module
 
     @override
@@ -267,11 +267,6 @@ class PeftPrecision(Precision):
                     rebind_scheduler(config.scheduler, new)
             rebuilt.append(new)
         return model, rebuilt, lr_schedulers
-
-    @override
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self._module is not None:
-            write_adapter_only_(checkpoint, self._module)
 
 
 def split_precision_flag(value: str) -> tuple[PeftMode, Compute] | None:

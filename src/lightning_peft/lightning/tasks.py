@@ -79,17 +79,27 @@ def answer_scores(
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, tokenizer: Any, rows: Rows, batch_size: int = 16) -> float:
-    """Rank-classification accuracy of ``model`` on ``rows``."""
+def score(
+    model: torch.nn.Module, tokenizer: Any, rows: Rows, batch_size: int = 16
+) -> tuple[float, float]:
+    """Rank-classification accuracy of ``model`` on ``rows`` and its mean cross-entropy
+    between the two answers (the training loss of :class:`ReviewSentiment`, held out)."""
     was_training = model.training
     model.eval()
-    answers, hits = answer_ids(tokenizer), 0
+    answers, hits, loss = answer_ids(tokenizer), 0, 0.0
     device = next(model.parameters()).device
     for batch in review_loader(tokenizer, rows, batch_size, shuffle=False):
         batch = {k: v.to(device) for k, v in batch.items()}
-        hits += (answer_scores(model, batch, answers).argmax(-1) == batch["label"]).sum().item()
+        scores = answer_scores(model, batch, answers)
+        hits += (scores.argmax(-1) == batch["label"]).sum().item()
+        loss += torch.nn.functional.cross_entropy(scores, batch["label"], reduction="sum").item()
     model.train(was_training)
-    return hits / len(rows)
+    return hits / len(rows), loss / len(rows)
+
+
+def accuracy(model: torch.nn.Module, tokenizer: Any, rows: Rows, batch_size: int = 16) -> float:
+    """Rank-classification accuracy of ``model`` on ``rows``."""
+    return score(model, tokenizer, rows, batch_size)[0]
 
 
 class ReviewSentiment(pl.LightningModule):
