@@ -18,12 +18,15 @@ benchmarks/results/qlora_speed-<device>.md.
     python benchmarks/qlora_speed.py --device cuda       # GPU: batch 8 x 512, 30 steps, 3 rounds
     python benchmarks/qlora_speed.py --compiled          # and the compiled variants
     python benchmarks/qlora_speed.py --device cuda --compiled --compile-mode reduce-overhead
+    python benchmarks/qlora_speed.py --model small --batch 4  # tiny Llama: hidden 256, 4 layers
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import re
 import resource
 import statistics
 import subprocess
@@ -33,18 +36,32 @@ from pathlib import Path
 
 import torch
 
-from lightning_peft.demos import smollm2_config
+from lightning_peft.demos import smollm2_config, tiny_llama
 
 VARIANTS = ("ours", "peft", "floor", "ours-gc", "peft-gc")
 COMPILED = ("ours-compiled", "peft-compiled", "floor-compiled")
 RESULTS = Path(__file__).parent / "results"
 
 
-def build(variant: str, device: str, compute_dtype: torch.dtype, compile_mode: str = "default"):
+MODELS = {
+    "smollm2": "SmolLM2-135M architecture (random weights)",
+    "small": "tiny Llama (hidden 256, 4 layers, vocabulary 256, random weights)",
+}
+
+
+def build(
+    variant: str,
+    device: str,
+    compute_dtype: torch.dtype,
+    compile_mode: str = "default",
+    model_name: str = "smollm2",
+):
     if variant.endswith("-compiled"):
         from lightning_peft.compiling import compile_layers
 
-        model = build(variant.removesuffix("-compiled"), device, compute_dtype)
+        model = build(
+            variant.removesuffix("-compiled"), device, compute_dtype, model_name=model_name
+        )
         compile_layers(model, mode=compile_mode)
         return model
     from transformers import LlamaForCausalLM
@@ -53,7 +70,10 @@ def build(variant: str, device: str, compute_dtype: torch.dtype, compile_mode: s
     from lightning_peft.quantization import quantize_model
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(smollm2_config())
+    if model_name == "small":  # where the adapters' share of the step is largest
+        model = tiny_llama(hidden_size=256, num_hidden_layers=4)
+    else:
+        model = LlamaForCausalLM(smollm2_config())
     quantize_model(model, "nf4", compute_dtype=compute_dtype, device=device)
     model.to(device)
     if variant.startswith("ours"):
@@ -83,19 +103,25 @@ def synchronize(device: str) -> None:
 
 
 def run_variant(
-    variant: str, device: str, steps: int, batch: int, seq: int, compile_mode: str = "default"
+    variant: str,
+    device: str,
+    steps: int,
+    batch: int,
+    seq: int,
+    compile_mode: str = "default",
+    model_name: str = "smollm2",
 ) -> dict:
     from lightning_peft.quantization import memory_report
 
     compute_dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = build(variant, device, compute_dtype, compile_mode)
+    model = build(variant, device, compute_dtype, compile_mode, model_name)
     compiled = variant.endswith("-compiled")
     # A KV cache hands each layer its index, and every layer would compile anew.
     forward_options = {"use_cache": False} if compiled else {}
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None  # the floor has none
     input_ids = torch.randint(
-        0, 49152, (batch, seq), generator=torch.Generator().manual_seed(0)
+        0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0)
     ).to(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -135,11 +161,23 @@ def run_variant(
     }
 
 
+def cpu_name() -> str:
+    """The CPU's model name, its threads for torch and whether it has AVX512-BF16 (which
+    changes bitsandbytes' 4-bit path)."""
+    model, bf16 = "CPU", False
+    with contextlib.suppress(OSError):
+        info = Path("/proc/cpuinfo").read_text()
+        names = re.findall(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
+        model = names[0].strip() if names else model
+        bf16 = "avx512_bf16" in info
+    return f"{model} ({torch.get_num_threads()} threads, AVX512-BF16 {'yes' if bf16 else 'no'})"
+
+
 def run_child(variant: str, args: argparse.Namespace) -> dict:
     """``run_variant`` in a fresh process (so peak memory is the variant's own)."""
     command = [sys.executable, __file__, "--variant", variant, "--device", args.device]
     command += ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
-    command += ["--compile-mode", args.compile_mode]
+    command += ["--compile-mode", args.compile_mode, "--model", args.model]
     child = subprocess.run(command, capture_output=True, text=True, check=False)
     if child.returncode != 0:
         sys.exit(f"variant {variant} failed:\n{child.stderr}")
@@ -150,7 +188,7 @@ def table(rows: dict[str, dict], args: argparse.Namespace, device_name: str) -> 
     ours, peft, floor = rows["ours"], rows["peft"], rows["floor"]
     ours_gc, peft_gc = rows["ours-gc"], rows["peft-gc"]
     lines = [
-        f"QLoRA step, SmolLM2-135M architecture (random weights), NF4 + double quantization, "
+        f"QLoRA step, {MODELS[args.model]}, NF4 + double quantization, "
         f"LoRA r=16 on all linear layers, batch {args.batch} x {args.seq}, median of {args.steps} "
         f"steps, median of {args.rounds} rounds (each a fresh process), {device_name}, torch "
         f"{torch.__version__}.",
@@ -213,6 +251,7 @@ def table(rows: dict[str, dict], args: argparse.Namespace, device_name: str) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model", choices=list(MODELS), default="smollm2")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
@@ -228,7 +267,13 @@ def main() -> None:
     args.rounds = args.rounds or 3
     if args.variant:  # child process: one variant, JSON out
         result = run_variant(
-            args.variant, args.device, args.steps, args.batch, args.seq, args.compile_mode
+            args.variant,
+            args.device,
+            args.steps,
+            args.batch,
+            args.seq,
+            args.compile_mode,
+            args.model,
         )
         print(json.dumps(result))
         return
@@ -258,13 +303,11 @@ def main() -> None:
             min(r["median_s"] for r in results),
             max(r["median_s"] for r in results),
         )
-    device_name = (
-        torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
-    )
+    device_name = torch.cuda.get_device_name() if gpu else cpu_name()
     text = table(rows, args, device_name)
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    suffix = "-compiled" if args.compiled else ""
+    suffix = ("-small" if args.model == "small" else "") + ("-compiled" if args.compiled else "")
     (RESULTS / f"qlora_speed-{args.device}{suffix}.md").write_text(text + "\n")
 
 

@@ -152,6 +152,19 @@ def test_checkpoints_move_between_one_process_and_data_parallel_runs(
     assert_same_adapters(runs("--strategy", resumed_by, "--steps", "6"), resumed)
 
 
+def test_lightnings_own_fsdp2_strategy_writes_adapter_only_files_too(runs, tmp_path):
+    """Lightning's ModelParallelStrategy writes its one file from rank 0 alone; the reduction
+    to the adapters (whose base fingerprint gathers shards from every rank) must not wait
+    there for ranks that are not coming."""
+    checkpoint, _ = save_at_step_3(tmp_path, "fsdp2-lightning")
+    straight = runs("--strategy", "single", "--steps", "6")
+    saved = torch.load(checkpoint, weights_only=True)
+    assert set(saved["state_dict"]) == set(straight["adapters"])  # not the gathered base
+    resumed = resume_to_step_6(tmp_path, "single", checkpoint)
+    assert resumed["step"] == 6
+    assert_same_adapters(straight, resumed)
+
+
 @pytest.mark.parametrize("base", ["fp32", "nf4"])
 def test_a_different_base_on_one_rank_stops_every_rank_with_one_message(base, tmp_path):
     result = run_worker(

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: th
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed._composable.fsdp import fully_shard
 from torch.utils.data import DataLoader, Sampler
 
@@ -94,7 +95,10 @@ def data(devices: int) -> DataLoader:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
-        "--strategy", choices=["single", "ddp", "ddp_spawn", "fsdp2"], required=True
+        "--strategy",
+        # fsdp2: AdapterModelParallelStrategy; fsdp2-lightning: Lightning's own, one file
+        choices=["single", "ddp", "ddp_spawn", "fsdp2", "fsdp2-lightning"],
+        required=True,
     )
     parser.add_argument(
         "--design", choices=["callback", "mixin", "precision", "plugin"], default="callback"
@@ -116,7 +120,7 @@ def main() -> None:
 
     devices = 1 if args.strategy == "single" else 2
     base_seed = int(os.environ.get("LOCAL_RANK", "0")) if args.different_base else 0
-    sharded = args.strategy == "fsdp2"
+    sharded = args.strategy.startswith("fsdp2")
     nf4 = args.base == "nf4" and args.design not in ("precision", "plugin")
     if args.design == "mixin":
         module = (ShardedMixinLM if sharded else MixinLM)(
@@ -140,8 +144,12 @@ def main() -> None:
             )
         )
     strategy = args.strategy if args.strategy in ("ddp", "ddp_spawn") else "auto"
-    if sharded:
+    if args.strategy == "fsdp2":
         strategy = AdapterModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    elif args.strategy == "fsdp2-lightning":
+        strategy = ModelParallelStrategy(
+            data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False
+        )
     trainer_class = lightning_peft.Trainer if args.design == "precision" else L.Trainer
     if not args.seed_first:
         L.seed_everything(123, verbose=False)

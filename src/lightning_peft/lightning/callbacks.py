@@ -20,7 +20,7 @@ from lightning_peft.compiling import compile_layers
 from lightning_peft.errors import AdapterConfigError
 from lightning_peft.injection import AdapterConfig, as_config_list, is_adapter_config
 from lightning_peft.lightning.attach import attach_adapters_once
-from lightning_peft.lightning.checkpoint_io import install_checkpoint_io
+from lightning_peft.lightning.checkpoint_io import make_checkpoints_adapter_only
 from lightning_peft.lightning.checkpointing import (
     ResumeChecks,
     accept_adapter_only_loading,
@@ -54,7 +54,7 @@ class _AdapterCheckpointHooks(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         accept_adapter_only_loading(pl_module)
-        install_checkpoint_io(trainer)
+        make_checkpoints_adapter_only(trainer)
         use_real_parameter_counts(trainer)
         self._resume.reset()
         super().setup(trainer, pl_module, stage)

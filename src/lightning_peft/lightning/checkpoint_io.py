@@ -1,22 +1,23 @@
-"""Checkpoint files through Lightning's own extension point, a ``CheckpointIO``: adapter-only
-contents, atomic writes, clear refusals of damaged files.
+"""Checkpoint files: adapter-only contents, atomic writes, clear refusals of damaged files.
 
-Every save a Trainer makes passes through its strategy's ``CheckpointIO``, on the calling
-thread: ``ModelCheckpoint``'s, ``trainer.save_checkpoint(path)`` and
-``trainer.save_checkpoint(path, weights_only=True)`` (for which Lightning calls neither the
-callbacks' nor the precision plugin's ``on_save_checkpoint``). So that is where a checkpoint
-becomes adapter-only, once, whichever of ``PeftCallback``, ``PeftMixin`` or ``PeftPrecision``
-put the IO there. Two wrappers, because their places differ:
+Every save a Trainer makes goes through its strategy's ``save_checkpoint``, on every rank,
+on the calling thread, after all hooks ran: ``ModelCheckpoint``'s, ``trainer.save_checkpoint``
+and weights-only saves too (for which Lightning calls neither the callbacks' nor the
+precision plugin's ``on_save_checkpoint``), and under every strategy, including those that
+write sharded folders without a ``CheckpointIO``. So that is where a checkpoint becomes
+adapter-only, once, whichever of ``PeftCallback``, ``PeftMixin`` or ``PeftPrecision`` set it
+up. Every rank takes part (the base fingerprint gathers sharded tensors under FSDP2), and
+the frozen base is gone before ``AsyncCheckpointIO`` copies the dict for its thread.
 
-- :class:`AdapterOnlyCheckpointIO` sits outermost: the dict is reduced before
-  ``AsyncCheckpointIO`` copies it for its background thread (the frozen base is never copied).
-- :class:`AtomicCheckpointIO` sits innermost: a file appears whole or not at all (temporary
-  file + rename), and under ``AsyncCheckpointIO`` the rename follows the write in its thread.
+Writing the file is Lightning's own extension point, a ``CheckpointIO``:
+:class:`AtomicCheckpointIO` sits innermost (under ``AsyncCheckpointIO``, the rename then
+follows the write in its thread), so a file appears whole or not at all.
 """
 
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,57 +32,37 @@ from lightning_peft.injection import adapter_parameter_names
 from lightning_peft.lightning.checkpointing import write_adapter_only_
 
 
-class _Delegating(CheckpointIO):
-    def __init__(self, inner: CheckpointIO) -> None:
-        self.inner = inner
-
-    @override
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
-    ) -> None:
-        self.inner.save_checkpoint(checkpoint, path, storage_options)
-
-    @override
-    def load_checkpoint(
-        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
-    ) -> dict[str, Any]:
-        return self.inner.load_checkpoint(path, map_location, weights_only)
-
-    @override
-    def remove_checkpoint(self, path: Any) -> None:
-        self.inner.remove_checkpoint(path)
-
-    @override
-    def teardown(self) -> None:
-        self.inner.teardown()
-
-
-class AdapterOnlyCheckpointIO(_Delegating):
-    """Reduce each checkpoint to the adapters (tensors, metadata) of the strategy's module.
+class _AdapterOnlySaves:
+    """Stands in for a strategy's ``save_checkpoint``: reduces the checkpoint to the adapters
+    of the strategy's module (tensors and metadata), then saves it as the strategy would.
 
     A module without adapters (a plain one fitted later by the same Trainer) is saved whole.
+    A callable object holding the class's function, not a closure or a bound method, so the
+    strategy still pickles and unpickles (``ddp_spawn``).
     """
 
-    def __init__(self, inner: CheckpointIO, strategy: pl.strategies.Strategy) -> None:
-        super().__init__(inner)
+    def __init__(self, strategy: pl.strategies.Strategy) -> None:
         self.strategy = strategy
+        self.save: Callable[..., None] = type(strategy).save_checkpoint
 
-    @override
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    def __call__(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
         module = self.strategy.lightning_module
         if module is not None and adapter_parameter_names(module):
             write_adapter_only_(checkpoint, module)
-        super().save_checkpoint(checkpoint, path, storage_options)
+        self.save(self.strategy, checkpoint, filepath, storage_options=storage_options)
 
 
-class AtomicCheckpointIO(_Delegating):
+class AtomicCheckpointIO(CheckpointIO):
     """Any ``CheckpointIO`` whose local writes become temp file + rename.
 
     Remote paths (``s3://``, ...) go to the wrapped one unchanged: object stores write each
     object whole already, and have no rename.
     """
+
+    def __init__(self, inner: CheckpointIO) -> None:
+        self.inner = inner
 
     @override
     def save_checkpoint(
@@ -109,19 +90,25 @@ class AtomicCheckpointIO(_Delegating):
                 "whole or not at all, so a half file comes from elsewhere)"
             ) from error
 
+    @override
+    def remove_checkpoint(self, path: Any) -> None:
+        self.inner.remove_checkpoint(path)
 
-def install_checkpoint_io(trainer: pl.Trainer) -> None:
-    """Wrap ``trainer``'s checkpoint IO: adapter-only outermost, atomic innermost; once."""
+    @override
+    def teardown(self) -> None:
+        self.inner.teardown()
+
+
+def make_checkpoints_adapter_only(trainer: pl.Trainer) -> None:
+    """Make every checkpoint ``trainer`` saves adapter-only, and its writes atomic; once."""
     strategy = trainer.strategy
-    outer = strategy.checkpoint_io
-    if isinstance(outer, AdapterOnlyCheckpointIO):
-        return
-    if isinstance(outer, _WrappingCheckpointIO):  # AsyncCheckpointIO
-        if outer.checkpoint_io is not None and not isinstance(
-            outer.checkpoint_io, AtomicCheckpointIO
-        ):
+    if not isinstance(strategy.__dict__.get("save_checkpoint"), _AdapterOnlySaves):
+        # On the instance: any strategy class, the user's own included.
+        strategy.save_checkpoint = _AdapterOnlySaves(strategy)  # type: ignore[method-assign]
+    io = strategy.checkpoint_io
+    if isinstance(io, _WrappingCheckpointIO):  # AsyncCheckpointIO
+        if io.checkpoint_io is not None and not isinstance(io.checkpoint_io, AtomicCheckpointIO):
             # The public setter only takes a base once; this wraps the base it took.
-            outer._checkpoint_io = AtomicCheckpointIO(outer.checkpoint_io)
-    elif not isinstance(outer, AtomicCheckpointIO):
-        outer = AtomicCheckpointIO(outer)
-    strategy.checkpoint_io = AdapterOnlyCheckpointIO(outer, strategy)
+            io._checkpoint_io = AtomicCheckpointIO(io.checkpoint_io)
+    elif not isinstance(io, AtomicCheckpointIO):
+        strategy.checkpoint_io = AtomicCheckpointIO(io)

@@ -15,12 +15,13 @@ from lightning_peft.checkpoint import load_adapter_state_dict
 from lightning_peft.errors import UnsupportedLayerError
 from lightning_peft.injection import AdapterConfig, as_config_list
 from lightning_peft.lightning.attach import attach_adapters_once
-from lightning_peft.lightning.checkpoint_io import install_checkpoint_io
+from lightning_peft.lightning.checkpoint_io import make_checkpoints_adapter_only
 from lightning_peft.lightning.checkpointing import (
     ResumeChecks,
     check_if_adapter_only,
     hold_rng_for_validation,
     release_rng_after_validation,
+    write_adapter_only_,
 )
 from lightning_peft.lightning.distributed import check_ranks_agree
 from lightning_peft.lightning.module_state import state_of
@@ -85,7 +86,7 @@ class PeftMixin(_MixedInto):
     - resumes exactly with ``trainer.fit(module, ckpt_path=...)`` and loads with
       ``M.load_from_checkpoint(path)``, refusing checkpoints that do not fit.
 
-    If the module overrides ``configure_model``, ``on_load_checkpoint``,
+    If the module overrides ``configure_model``, ``on_save_checkpoint``, ``on_load_checkpoint``,
     ``on_fit_start``, ``on_train_start``, ``on_train_epoch_start``, ``on_train_batch_start``,
     ``on_train_batch_end``, ``on_validation_end``, ``setup`` or ``load_state_dict``, call
     ``super()`` there.
@@ -131,8 +132,16 @@ class PeftMixin(_MixedInto):
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
             use_real_parameter_counts(self._trainer)
-            install_checkpoint_io(self._trainer)
+            make_checkpoints_adapter_only(self._trainer)
         super().setup(stage)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The strategy's save reduces the checkpoint too (see checkpoint_io); Lightning calls
+        # this hook in every save as well, and in the process that launched ddp_spawn, whose
+        # strategy never ran setup, it is the only one that does.
+        write_adapter_only_(checkpoint, self)
+        super().on_save_checkpoint(checkpoint)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ from lightning_peft.injection import (
     as_config_list,
     is_adapter_config,
 )
-from lightning_peft.lightning.checkpoint_io import install_checkpoint_io
+from lightning_peft.lightning.checkpoint_io import make_checkpoints_adapter_only
 from lightning_peft.lightning.module_state import state_of
 from lightning_peft.quantization import (
     OPTIMIZER_NAMES,
@@ -202,7 +202,7 @@ class PeftPrecision(Precision):
         adapters = self.adapters or default_adapters()
         self.quantize_base(module, device, as_config_list(adapters) if missing else ())
         if trainer is not None:
-            install_checkpoint_io(trainer)  # its checkpoints hold the adapters only
+            make_checkpoints_adapter_only(trainer)  # its checkpoints hold the adapters only
         return module
 
     @override

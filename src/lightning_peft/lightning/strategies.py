@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy
 from typing_extensions import override
 
 from lightning_peft.injection import adapter_parameter_names
-from lightning_peft.lightning.checkpointing import write_adapter_only_
 
 
 class AdapterModelParallelStrategy(ModelParallelStrategy):
@@ -41,13 +39,3 @@ class AdapterModelParallelStrategy(ModelParallelStrategy):
                 tensor = tensor.full_tensor()
             state[name] = tensor.cpu()
         return state if self.global_rank == 0 else {}
-
-    @override
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
-    ) -> None:
-        # The metadata's base fingerprint gathers sharded tensors, a collective every rank
-        # must join; the checkpoint IO, which would write it otherwise, runs on rank 0 only.
-        assert self.lightning_module is not None
-        write_adapter_only_(checkpoint, self.lightning_module)
-        super().save_checkpoint(checkpoint, filepath, storage_options)
