@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_peft import (
     AdapterCheckpoint,
@@ -124,6 +124,37 @@ def test_weights_only_saves_hold_the_adapters_alone(tmp_path, entry, input_ids):
         loaded = MixinLM.load_from_checkpoint(tmp_path / "weights.ckpt")
         module.eval(), loaded.eval()
         assert torch.equal(logits(loaded.model, input_ids), logits(module.model, input_ids))
+
+
+class StateDictSizes(Callback):
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.sizes.append(len(checkpoint["state_dict"]))
+
+
+class MixinSeeingTheWholeState(MixinLM):
+    def on_save_checkpoint(self, checkpoint) -> None:
+        super().on_save_checkpoint(checkpoint)
+        self.sizes = [*getattr(self, "sizes", []), len(checkpoint["state_dict"])]
+
+
+@pytest.mark.parametrize("entry", ["callback", "mixin"])
+def test_hooks_see_the_whole_state_and_the_file_holds_the_adapters(tmp_path, entry):
+    """The checkpoint is reduced after every hook ran (in the strategy's save), so users'
+    own on_save_checkpoint read what Lightning gave them; the file is adapter-only."""
+    sizes = StateDictSizes()
+    module = MixinSeeingTheWholeState() if entry == "mixin" else CausalLM()
+    adapters = [] if entry == "mixin" else [PeftCallback(QV_LORA)]
+    saver = AdapterCheckpoint(dirpath=tmp_path, filename="adapter", every_n_train_steps=2)
+    fit(module, tmp_path, 2, [*adapters, sizes, saver])
+    whole = len(module.state_dict())
+    assert sizes.sizes == [whole] and whole > 8
+    if entry == "mixin":
+        assert module.sizes == [whole]
+    saved = torch.load(tmp_path / "adapter.ckpt", weights_only=True)
+    assert len(saved["state_dict"]) == 8
 
 
 def test_only_trainable_parameters_reach_the_optimizer(tmp_path):

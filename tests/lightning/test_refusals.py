@@ -124,6 +124,33 @@ def test_mixin_refuses_a_mismatch_before_copying_anything(tmp_path, checkpoint):
         fit(module, tmp_path, 6, [], ckpt_path=str(checkpoint))
 
 
+def test_strategies_that_write_sharded_folders_are_refused_with_the_fix():
+    """Lightning reloads sharded folders by matching every tensor of the model, frozen base
+    included: adapter-only folders would not load. (FSDP1 needs a GPU to reach a Trainer.)"""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    from lightning_peft.lightning.checkpoint_io import make_checkpoints_adapter_only
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=ModelParallelStrategy())
+    with pytest.raises(
+        AdapterConfigError,
+        match=r"ModelParallelStrategy\(save_distributed_checkpoint=True\) writes sharded "
+        r"checkpoint folders.*use lightning_peft\.AdapterModelParallelStrategy",
+    ):
+        make_checkpoints_adapter_only(trainer)
+    fsdp = SimpleNamespace(strategy=FSDPStrategy(state_dict_type="sharded"))
+    with pytest.raises(AdapterConfigError, match=r"pass state_dict_type='full'"):
+        make_checkpoints_adapter_only(fsdp)
+    one_file = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=ModelParallelStrategy(save_distributed_checkpoint=False),
+    )
+    make_checkpoints_adapter_only(one_file)  # one file: reduced on every rank, then written
+
+
 def test_peft_callback_refuses_what_is_not_an_adapter_config():
     with pytest.raises(
         AdapterConfigError,

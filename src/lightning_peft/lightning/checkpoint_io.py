@@ -3,11 +3,13 @@
 Every save a Trainer makes goes through its strategy's ``save_checkpoint``, on every rank,
 on the calling thread, after all hooks ran: ``ModelCheckpoint``'s, ``trainer.save_checkpoint``
 and weights-only saves too (for which Lightning calls neither the callbacks' nor the
-precision plugin's ``on_save_checkpoint``), and under every strategy, including those that
-write sharded folders without a ``CheckpointIO``. So that is where a checkpoint becomes
-adapter-only, once, whichever of ``PeftCallback``, ``PeftMixin`` or ``PeftPrecision`` set it
-up. Every rank takes part (the base fingerprint gathers sharded tensors under FSDP2), and
-the frozen base is gone before ``AsyncCheckpointIO`` copies the dict for its thread.
+precision plugin's ``on_save_checkpoint``), under single-device, DDP and FSDP strategies.
+So that is where a checkpoint becomes adapter-only, once, whichever of ``PeftCallback``,
+``PeftMixin`` or ``PeftPrecision`` set it up. Every rank takes part (the base fingerprint
+gathers sharded tensors under FSDP2), and the frozen base is gone before
+``AsyncCheckpointIO`` copies the dict for its thread.
+Strategies that write sharded folders are refused (their loader wants every tensor back);
+DeepSpeed's engine writes its own files, frozen parameters included, and is not covered.
 
 Writing the file is Lightning's own extension point, a ``CheckpointIO``:
 :class:`AtomicCheckpointIO` sits innermost (under ``AsyncCheckpointIO``, the rename then
@@ -24,10 +26,11 @@ import lightning.pytorch as pl
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from typing_extensions import override
 
 from lightning_peft.checkpoint import atomic_path
-from lightning_peft.errors import AdapterStateError
+from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.injection import adapter_parameter_names
 from lightning_peft.lightning.checkpointing import write_adapter_only_
 
@@ -100,9 +103,16 @@ class AtomicCheckpointIO(CheckpointIO):
 
 
 def make_checkpoints_adapter_only(trainer: pl.Trainer) -> None:
-    """Make every checkpoint ``trainer`` saves adapter-only, and its writes atomic; once."""
+    """Make every checkpoint ``trainer`` saves adapter-only, and its writes atomic; once.
+
+    Raises:
+        AdapterConfigError: the strategy writes sharded checkpoint folders, which Lightning
+            reloads by matching every tensor of the model: adapters alone would not load.
+    """
     strategy = trainer.strategy
-    if not isinstance(strategy.__dict__.get("save_checkpoint"), _AdapterOnlySaves):
+    _refuse_sharded_saves(strategy)
+    installed = strategy.__dict__.get("save_checkpoint")
+    if not (isinstance(installed, _AdapterOnlySaves) and installed.strategy is strategy):
         # On the instance: any strategy class, the user's own included.
         strategy.save_checkpoint = _AdapterOnlySaves(strategy)  # type: ignore[method-assign]
     io = strategy.checkpoint_io
@@ -112,3 +122,22 @@ def make_checkpoints_adapter_only(trainer: pl.Trainer) -> None:
             io._checkpoint_io = AtomicCheckpointIO(io.checkpoint_io)
     elif not isinstance(io, AtomicCheckpointIO):
         strategy.checkpoint_io = AtomicCheckpointIO(io)
+
+
+def _refuse_sharded_saves(strategy: pl.strategies.Strategy) -> None:
+    sharded = None
+    if isinstance(strategy, ModelParallelStrategy) and strategy._save_distributed_checkpoint:
+        sharded = "save_distributed_checkpoint=True"
+        fix = (
+            "use lightning_peft.AdapterModelParallelStrategy (same arguments; it gathers only "
+            "the adapters) or pass save_distributed_checkpoint=False"
+        )
+    elif isinstance(strategy, FSDPStrategy) and strategy._state_dict_type == "sharded":
+        sharded = "state_dict_type='sharded'"
+        fix = "pass state_dict_type='full': the adapter file is small"
+    if sharded is not None:
+        raise AdapterConfigError(
+            f"{type(strategy).__name__}({sharded}) writes sharded checkpoint folders, which "
+            "Lightning reloads by matching every tensor of the model, frozen base included, "
+            f"so adapter-only ones would not load: {fix}"
+        )

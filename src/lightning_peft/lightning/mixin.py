@@ -21,7 +21,6 @@ from lightning_peft.lightning.checkpointing import (
     check_if_adapter_only,
     hold_rng_for_validation,
     release_rng_after_validation,
-    write_adapter_only_,
 )
 from lightning_peft.lightning.distributed import check_ranks_agree
 from lightning_peft.lightning.module_state import state_of
@@ -137,10 +136,11 @@ class PeftMixin(_MixedInto):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The strategy's save reduces the checkpoint too (see checkpoint_io); Lightning calls
-        # this hook in every save as well, and in the process that launched ddp_spawn, whose
-        # strategy never ran setup, it is the only one that does.
-        write_adapter_only_(checkpoint, self)
+        # The strategy's save reduces the checkpoint (see checkpoint_io). In the process that
+        # launched ddp_spawn setup never ran, so the strategy is set up here: Lightning calls
+        # this hook in every save, before it looks up the strategy's save_checkpoint.
+        if self._trainer is not None:
+            make_checkpoints_adapter_only(self._trainer)
         super().on_save_checkpoint(checkpoint)
 
     @override
