@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct (a real pretrained Llama, read offline from the `llm-smoll
 is stored in 4-bit NormalFloat with double quantization, gets LoRA adapters on every linear
 layer, and learns to judge Rotten Tomatoes reviews ("Review: ...\\nSentiment:" -> positive /
 negative) with 8-bit AdamW (paged on CUDA) -- all from one flag, ``precision="nf4-lora"``. It
-prints held-out accuracy before and after, what trains, the bits per parameter, the optimizer
+prints held-out accuracy before and after (and the loss on 32 of the reviews it trains on),
+what trains, the bits per parameter, the optimizer
 and its state, the size of the adapter files, and where the time went; the adapters are
 saved as a checkpoint that ``lightning-peft fit --ckpt_path`` resumes, and in the Hugging
 Face PEFT format.
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 
 import lightning_peft
 from lightning_peft import (
@@ -30,7 +32,7 @@ from lightning_peft import (
     count_parameters,
     disable_adapters,
 )
-from lightning_peft.lightning.tasks import ReviewData, ReviewSentiment
+from lightning_peft.lightning.tasks import ReviewData, ReviewSentiment, score
 from lightning_peft.quantization import memory_report
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -97,11 +99,15 @@ def main() -> None:
     if args.init == "loftq":  # the NF4 base alone, for comparison
         with disable_adapters(module.model):
             base = trainer.validate(module, data, verbose=False)[0]["val_acc"]
-    lap("score held-out reviews (before)")
+    seen = data.train_rows[:32]  # reviews it trains on: the loss there must fall
+    with torch.random.fork_rng():  # an extra pass would shift the training run's random draws
+        _, seen_before = score(module.model, module.tokenizer, seen)
+    lap("score reviews (before)")
     trainer.fit(module, data)
     lap("train")
     after = trainer.validate(module, data, verbose=False)[0]["val_acc"]
-    lap("score held-out reviews (after)")
+    _, seen_after = score(module.model, module.tokenizer, seen)
+    lap("score reviews (after)")
 
     counts = count_parameters(module.model)
     optimizer = trainer.optimizers[0]
@@ -117,6 +123,7 @@ def main() -> None:
     else:
         print(f"  accuracy before: {before:.3f}   (the NF4 base, zero-shot)")
     print(f"  accuracy after:  {after:.3f}   ({args.steps} steps of {args.batch_size} reviews)")
+    print(f"  loss on {len(seen)} training reviews: {seen_before:.4f} -> {seen_after:.4f}")
     print(
         f"  trainable:       {counts.trainable:,} of {counts.total:,} parameters ({100 * counts.trainable_fraction:.2f}%)"
     )
