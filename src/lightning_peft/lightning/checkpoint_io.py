@@ -31,7 +31,6 @@ from typing_extensions import override
 
 from lightning_peft.checkpoint import atomic_path
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
-from lightning_peft.injection import adapter_parameter_names
 from lightning_peft.lightning.checkpointing import write_adapter_only_
 
 
@@ -39,7 +38,6 @@ class _AdapterOnlySaves:
     """Stands in for a strategy's ``save_checkpoint``: reduces the checkpoint to the adapters
     of the strategy's module (tensors and metadata), then saves it as the strategy would.
 
-    A module without adapters (a plain one fitted later by the same Trainer) is saved whole.
     A callable object holding the class's function, not a closure or a bound method, so the
     strategy still pickles and unpickles (``ddp_spawn``).
     """
@@ -52,7 +50,7 @@ class _AdapterOnlySaves:
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
         module = self.strategy.lightning_module
-        if module is not None and adapter_parameter_names(module):
+        if module is not None:
             write_adapter_only_(checkpoint, module)
         self.save(self.strategy, checkpoint, filepath, storage_options=storage_options)
 

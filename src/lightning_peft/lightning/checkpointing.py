@@ -86,16 +86,11 @@ def release_rng_after_validation(module: nn.Module) -> None:
 def write_adapter_only_(checkpoint: dict[str, Any], module: pl.LightningModule) -> None:
     """Reduce a Lightning checkpoint dict to the adapter tensors and add the metadata.
 
-    Idempotent: several hooks may call it on the same checkpoint.
+    A module without adapters (a plain one fitted later by the same Trainer) is left whole.
     """
-    if METADATA_KEY in checkpoint:
-        return
     keys = adapter_parameter_names(module)
     if not keys:
-        raise AdapterStateError(
-            f"{type(module).__name__} has no adapters, so there is no adapter checkpoint to "
-            "write: attach them with PeftCallback, PeftMixin or apply_adapters first"
-        )
+        return
     state = checkpoint.get("state_dict", {})
     checkpoint["state_dict"] = {
         k: state[k] if k in state else module.get_parameter(k).detach() for k in keys

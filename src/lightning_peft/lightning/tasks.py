@@ -97,6 +97,14 @@ def score(
     return hits / len(rows), loss / len(rows)
 
 
+def loss_on(model: torch.nn.Module, tokenizer: Any, rows: Rows) -> float:
+    """Mean cross-entropy of ``model`` on ``rows`` (see :func:`score`), with the global RNG
+    left as it was: a DataLoader's iterator draws its seed from it, and a pass before training
+    would shift every random draw of the run."""
+    with torch.random.fork_rng():
+        return score(model, tokenizer, rows)[1]
+
+
 def accuracy(model: torch.nn.Module, tokenizer: Any, rows: Rows, batch_size: int = 16) -> float:
     """Rank-classification accuracy of ``model`` on ``rows``."""
     return score(model, tokenizer, rows, batch_size)[0]
