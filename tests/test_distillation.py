@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
@@ -14,6 +16,8 @@ from transformers import (
     RobertaForSequenceClassification,
     T5Config,
     T5ForConditionalGeneration,
+    WhisperConfig,
+    WhisperForConditionalGeneration,
 )
 
 from lightning_peft import (
@@ -104,6 +108,38 @@ def four_layers(family: str) -> torch.nn.Module:
     if family == "roberta":
         config = RobertaConfig(**small, num_hidden_layers=4, pad_token_id=1)
         return RobertaForSequenceClassification(config).eval()
+    if family == "bart":
+        config = BartConfig(
+            d_model=64,
+            encoder_layers=4,
+            decoder_layers=4,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+        )
+        return BartForConditionalGeneration(config).eval()
+    if family == "whisper":
+        config = WhisperConfig(
+            d_model=64,
+            encoder_layers=4,
+            decoder_layers=4,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            vocab_size=VOCAB,
+            num_mel_bins=8,
+            max_source_positions=16,
+            max_target_positions=32,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=1,
+        )
+        return WhisperForConditionalGeneration(config).eval()
     config = T5Config(
         d_model=64,
         d_ff=128,
@@ -119,18 +155,22 @@ def four_layers(family: str) -> torch.nn.Module:
 
 def run(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
+        if isinstance(model, WhisperForConditionalGeneration):  # audio features in
+            features = torch.randn(ids.shape[0], 8, 32, generator=torch.Generator().manual_seed(1))
+            return model(input_features=features, decoder_input_ids=ids[:, :5]).logits
         if model.config.is_encoder_decoder:
             return model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "roberta", "t5"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "roberta", "t5", "bart", "whisper"])
 def test_shrink_keeps_every_other_layer_identical_and_saves(family, tmp_path):
     teacher = four_layers(family)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = shrink(teacher)
     stacks, sources = layer_stacks(student), layer_stacks(teacher)
-    assert stacks.keys() == sources.keys() and len(stacks) == (2 if family == "t5" else 1)
+    encoder_decoder = family in ("t5", "bart", "whisper")
+    assert stacks.keys() == sources.keys() and len(stacks) == (2 if encoder_decoder else 1)
     for name, stack in stacks.items():
         assert len(stack) == 2
         for index, source in zip((0, 1), (0, 2), strict=True):
@@ -140,6 +180,8 @@ def test_shrink_keeps_every_other_layer_identical_and_saves(family, tmp_path):
     assert student.config.num_hidden_layers == 2
     if family == "t5":
         assert (student.config.num_layers, student.config.num_decoder_layers) == (2, 2)
+    if family in ("bart", "whisper"):  # the decoder's depth too, or it reloads 4 random layers
+        assert (student.config.encoder_layers, student.config.decoder_layers) == (2, 2)
     # the teacher is untouched; the student saves and loads as an ordinary model
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
     assert teacher.config.num_hidden_layers == 4
@@ -389,3 +431,69 @@ def test_another_label_count_is_refused_before_training(tmp_path):
     teacher.config.num_labels = 5
     with pytest.raises(AdapterConfigError, match=r"num_labels=5, the student .* num_labels=2"):
         fit(Classifier(), tmp_path, 2, [Distillation(teacher)])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_kd_loss_refuses_a_teacher_whose_logits_are_not_finite(value):
+    teacher = torch.full((2, 5), value)
+    with pytest.raises(FloatingPointError, match=r"teacher logits are not finite: 10 of 10"):
+        kd_loss(torch.zeros(2, 5), teacher)
+    ruled_out = torch.tensor([[0.0, -float("inf")]])  # -inf: a class ruled out, allowed
+    assert torch.isfinite(kd_loss(torch.zeros(1, 2), ruled_out))
+
+
+class Overflowing(torch.nn.Module):
+    """Wraps a teacher; from the third call on its logits overflow to +inf."""
+
+    def __init__(self, teacher: torch.nn.Module) -> None:
+        super().__init__()
+        self.teacher, self.calls = teacher, 0
+        self.config = teacher.config
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        output = self.teacher(*args, **kwargs)
+        if self.calls >= 3:
+            output.logits = torch.full_like(output.logits, float("inf"))
+        return output
+
+
+def test_a_teacher_that_overflows_stops_training_naming_it_and_the_step(tmp_path):
+    distill = Distillation(Overflowing(teacher_model()), alpha=0.5)
+    with pytest.raises(AdapterStateError, match=r"at step 2: teacher Overflowing: teacher logits"):
+        fit(CausalLM(), tmp_path, 4, [distill])
+
+
+def test_a_teacher_on_the_meta_device_is_refused_at_construction():
+    with torch.device("meta"):
+        teacher = tiny_llama(seed=5)
+    with pytest.raises(AdapterConfigError, match=r"weights on the meta device .* load its weights"):
+        Distillation(teacher)
+
+
+class WithTokenizer(CausalLM):
+    def __init__(self, tokenizer) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+
+
+class Vocabulary:
+    def __init__(self, vocab: dict[str, int]) -> None:
+        self.vocab = vocab
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.vocab)
+
+
+def test_a_teacher_with_another_tokenizer_of_the_same_size_is_refused(tmp_path):
+    ours = {f"t{i}": i for i in range(VOCAB)}
+    theirs = {**ours, "t0": 1, "t1": 0}  # the same size, two tokens swapped
+    module = WithTokenizer(Vocabulary(ours))
+    teacher = teacher_model()
+    with refused_without_a_trace(
+        module,
+        AdapterConfigError,
+        r"2 tokens differ, e.g. 't0': 0 for the student, 1 for the teacher",
+    ):
+        fit(module, tmp_path, 2, [Distillation(teacher, teacher_tokenizer=Vocabulary(theirs))])
+    fit(module, tmp_path / "same", 1, [Distillation(teacher, teacher_tokenizer=Vocabulary(ours))])

@@ -72,5 +72,5 @@ def test_a_packed_batch_gives_the_padded_batchs_loss(tokenizer):
 def test_bad_arguments_are_refused(tokenizer):
     with pytest.raises(AdapterConfigError, match=r"max_length must be an int above 1, got 0"):
         ChatCollator(tokenizer, max_length=0)
-    with pytest.raises(AdapterConfigError, match=r"train_on must be 'assistant' or 'all'"):
+    with pytest.raises(AdapterConfigError, match=r"train_on must be 'assistant', 'last' or 'all'"):
         ChatCollator(tokenizer, train_on="user")

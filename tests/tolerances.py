@@ -26,3 +26,20 @@ def reordering_tolerance(
     eps = torch.finfo(dtype or reference.dtype).eps
     scale = float(reference.detach().abs().max())
     return {"rtol": 0.0, "atol": HEADROOM * eps * math.sqrt(width) * depth * scale}
+
+
+def eight_bit_adam_tolerance(*, lr: float, steps: int) -> dict[str, float]:
+    """``assert_close`` keywords for adapters trained ``steps`` steps by bitsandbytes' 8-bit
+    Adam from gradients that equal up to rounding (DDP's all-reduce against one process).
+
+    Each Adam state is stored as one of 256 levels of bitsandbytes' dynamic map, relative to
+    its block's absmax: a last-bit difference in a gradient can put a state on the
+    neighbouring level, which moves that step's update (about ``lr`` in size) by up to the
+    map's widest gap between neighbouring levels, for each of the two states. A real bug (a
+    missing or doubled update) moves a value by about ``lr``.
+    """
+    import bitsandbytes.functional as F
+
+    levels = F.create_dynamic_map(signed=True).sort().values
+    gap = float((levels[1:] - levels[:-1]).max())
+    return {"rtol": 0.0, "atol": steps * lr * 2 * gap}

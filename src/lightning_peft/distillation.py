@@ -25,8 +25,9 @@ from lightning_peft.errors import AdapterConfigError
 
 # The class-name endings of the modules a transformers model stacks into its layer lists.
 _LAYER_SUFFIXES = ("Layer", "Block")
-# Config fields holding a stack's depth, by the name of the stack inside the model.
-_DEPTH_FIELDS = {"decoder.block": "num_decoder_layers", "encoder.block": "num_layers"}
+# Config fields that may hold an encoder-decoder's stack depths, by family.
+_DECODER_DEPTH = ("decoder_layers", "num_decoder_layers")
+_ENCODER_DEPTH = ("encoder_layers", "num_layers", "num_hidden_layers")
 
 
 def kd_loss(
@@ -47,6 +48,7 @@ def kd_loss(
     Raises:
         AdapterConfigError: shapes that differ (another vocabulary or label count) or a
             temperature that is not a positive number.
+        FloatingPointError: NaN or +inf teacher logits.
     """
     if student_logits.shape != teacher_logits.shape:
         raise AdapterConfigError(
@@ -57,6 +59,14 @@ def kd_loss(
     if not is_temperature(temperature):
         raise AdapterConfigError(
             f"temperature must be a positive finite number, got {temperature!r}"
+        )
+    bad = torch.isnan(teacher_logits) | torch.isposinf(teacher_logits)
+    if bad.any():
+        # A NaN or +inf teacher makes every term NaN or drops it; the mean would read 0.0.
+        raise FloatingPointError(
+            f"teacher logits are not finite: {int(bad.sum())} of {teacher_logits.numel()} "
+            "values are NaN or +inf (-inf, a class the teacher rules out, is allowed): the "
+            "teacher is broken or overflowed its dtype"
         )
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
@@ -172,9 +182,28 @@ def shrink(
 
 
 def _update_depth(config: Any, stack: str, old_depth: int, kept: list[int]) -> None:
-    field = next((f for suffix, f in _DEPTH_FIELDS.items() if stack.endswith(suffix)), None)
-    field = field or "num_hidden_layers"
-    setattr(config, field, len(kept))
+    """Set the config fields that hold this stack's depth: every candidate for its kind
+    (decoder, encoder, or the one stack) that still says ``old_depth``: BART and Whisper
+    write ``encoder_layers``/``decoder_layers``, T5 ``num_layers``/``num_decoder_layers``,
+    the rest ``num_hidden_layers``."""
+    fields: tuple[str, ...]
+    if "decoder" in stack:
+        fields = _DECODER_DEPTH
+    elif "encoder" in stack and getattr(config, "is_encoder_decoder", False):
+        fields = _ENCODER_DEPTH
+    else:
+        fields = ("num_hidden_layers",)
+    updated = False
+    for field in fields:
+        if getattr(config, field, None) == old_depth:
+            setattr(config, field, len(kept))
+            updated = True
+    if not updated:
+        raise AdapterConfigError(
+            f"shrink cannot tell which field of {type(config).__name__} holds the depth of "
+            f"{stack} ({old_depth} layers; looked at {', '.join(fields)}): the shrunk model "
+            "would load with the old depth"
+        )
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, list) and len(layer_types) == old_depth:
         config.layer_types = [layer_types[i] for i in kept]

@@ -19,6 +19,67 @@ import torch
 from lightning_peft.errors import AdapterConfigError
 
 IGNORE = -100
+# Stands in for an assistant message's content to find where the template puts it.
+_PLACEHOLDER = "lightningpeftcontent7f3a9"
+
+
+def _shared_length(a: str, b: str) -> int:
+    """How many characters ``a`` and ``b`` share at their start."""
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+def check_messages(messages: Any) -> list[dict[str, str]]:
+    """``messages`` if it is a non-empty list of ``{"role": str, "content": str}``.
+
+    Raises:
+        AdapterConfigError: naming the first message that is not.
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise AdapterConfigError(f"messages must be a non-empty list, got {str(messages)[:80]!r}")
+    for index, message in enumerate(messages):
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            raise AdapterConfigError(
+                f"message {index} must be {{'role': str, 'content': str}}, got "
+                f"{str(message)[:80]!r}"
+            )
+    return list(messages)
+
+
+def check_labelled_span(
+    text: str, offsets: Sequence[tuple[int, int]], labels: Sequence[int], span: tuple[int, int]
+) -> None:
+    """Check that the tokens labelled for ``span`` cover exactly its text: from the token
+    holding its first character (which may start with the whitespace before it) to its end,
+    or to the end of the kept tokens where ``max_length`` cut the row.
+
+    Raises:
+        AdapterConfigError: the labelled text is not the span's.
+    """
+    start, end = span
+    covered = [
+        (b, e)
+        for (b, e), label in zip(offsets, labels, strict=True)
+        if label != IGNORE and b < end and e > start
+    ]
+    if not covered:
+        if offsets and offsets[-1][1] <= start:  # cut off by max_length: nothing to check
+            return
+        raise AdapterConfigError(
+            f"no token labelled for the assistant text {text[start:end][:40]!r}"
+        )
+    first, last = covered[0][0], covered[-1][1]
+    truncated = offsets[-1][1] < end
+    if text[first:start].strip() or (last != end and not truncated) or last > end:
+        raise AdapterConfigError(
+            f"the labelled text {text[first:last][:60]!r} is not the assistant's "
+            f"{text[start:end][:60]!r}: the tokenizer joins the turn with what surrounds it"
+        )
 
 
 class ChatCollator:
@@ -27,8 +88,9 @@ class ChatCollator:
     Args:
         tokenizer: a transformers fast tokenizer with a chat template.
         max_length: tokens per row (longer rows are cut), or per packed sequence.
-        train_on: ``"assistant"`` (labels only on assistant turns: their text and the token
-            that ends the turn) or ``"all"``.
+        train_on: ``"assistant"`` (labels only on assistant turns: their text and what
+            ends the turn, checked against each message), ``"last"`` (the last assistant
+            turn only) or ``"all"``.
         pack: pack rows into ``max_length`` sequences instead of padding each.
 
     Raises:
@@ -39,14 +101,14 @@ class ChatCollator:
         self,
         tokenizer: Any,
         max_length: int = 1024,
-        train_on: Literal["assistant", "all"] = "assistant",
+        train_on: Literal["assistant", "last", "all"] = "assistant",
         pack: bool = False,
     ) -> None:
         problems = []
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 1:
             problems.append(f"max_length must be an int above 1, got {max_length!r}")
-        if train_on not in ("assistant", "all"):
-            problems.append(f"train_on must be 'assistant' or 'all', got {train_on!r}")
+        if train_on not in ("assistant", "last", "all"):
+            problems.append(f"train_on must be 'assistant', 'last' or 'all', got {train_on!r}")
         if not getattr(tokenizer, "chat_template", None):
             problems.append(f"{type(tokenizer).__name__} has no chat template")
         if not getattr(tokenizer, "is_fast", False):
@@ -58,22 +120,14 @@ class ChatCollator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def encode(self, messages: Sequence[dict[str, str]]) -> tuple[list[int], list[int]]:
-        """``(input_ids, labels)`` of one conversation, cut to ``max_length``."""
-        render = self.tokenizer.apply_chat_template
-        text = render(list(messages), tokenize=False)
-        spans = []  # character spans of the assistant turns in ``text``
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            start = len(render(list(messages[:i]), tokenize=False, add_generation_prompt=True))
-            end = len(render(list(messages[: i + 1]), tokenize=False))
-            if not text.startswith(render(list(messages[: i + 1]), tokenize=False)):
-                raise AdapterConfigError(
-                    "the chat template renders a conversation's beginning differently once "
-                    "more turns follow, so assistant turns cannot be located; use "
-                    "train_on='all'"
-                )
-            spans.append((start, end))
+        """``(input_ids, labels)`` of one conversation, cut to ``max_length``.
+
+        Raises:
+            AdapterConfigError: the template's assistant turns cannot be located and checked
+                (see :meth:`assistant_spans`).
+        """
+        messages = check_messages(messages)
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False)
         encoded = self.tokenizer(
             text,
             add_special_tokens=False,
@@ -81,17 +135,88 @@ class ChatCollator:
             truncation=True,
             max_length=self.max_length,
         )
-        ids = encoded["input_ids"]
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
         if self.train_on == "all":
             return ids, list(ids)
+        spans = self.assistant_spans(messages, text)
+        if self.train_on == "last":
+            spans = spans[-1:]
+        # A token is trained on when it overlaps an assistant span: the one that carries the
+        # answer's first word may begin with the space the template put before it.
         labels = [
-            token if any(s <= begin < e for s, e in spans) else IGNORE
-            for token, (begin, _) in zip(ids, encoded["offset_mapping"], strict=True)
+            token if any(begin < e and end > s for s, e in spans) else IGNORE
+            for token, (begin, end) in zip(ids, offsets, strict=True)
         ]
+        for s, e in spans:
+            check_labelled_span(text, offsets, labels, (s, e))
         return ids, labels
 
+    def assistant_spans(
+        self, messages: Sequence[dict[str, str]], text: str
+    ) -> list[tuple[int, int]]:
+        """The character spans of ``text`` (the rendered conversation) that hold each
+        assistant message: its content as rendered, then what the template ends the turn
+        with (``<|im_end|>\n``, ``<|eot_id|>``, ...), nothing of the role header.
+
+        The conversation is rendered again with a placeholder for the turn's content: what
+        surrounds the placeholder must surround the content in ``text`` too, which locates it
+        without assuming anything of the template (a generation prompt that is not the turn's
+        header, none at all, history rendered another way). The end of the turn is what
+        follows the content both when the conversation goes on and when it ends there. A
+        template that renders the content other than as given (beyond trimming whitespace)
+        cannot be checked, and is refused.
+
+        Raises:
+            AdapterConfigError: naming the turn and the fix.
+        """
+        render = self.tokenizer.apply_chat_template
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            marked = {**message, "content": _PLACEHOLDER}
+            full = render([*messages[:i], marked, *messages[i + 1 :]], tokenize=False)
+            before, found, after = full.partition(_PLACEHOLDER)
+            content = text[len(before) : len(text) - len(after)]
+            if not (
+                found
+                and _PLACEHOLDER not in after
+                and text.startswith(before)
+                and text.endswith(after)
+                and content in (message["content"], message["content"].strip())
+            ):
+                raise AdapterConfigError(
+                    f"assistant turn {i}: the chat template does not render the assistant's "
+                    f"content {message['content'][:40]!r} as given, so the tokens to train on "
+                    "cannot be located and checked. Use a template that renders message "
+                    "contents as they are (most do), or train_on='all'"
+                )
+            last = render([*messages[:i], marked], tokenize=False).partition(_PLACEHOLDER)[2]
+            end_of_turn = last[: _shared_length(last, after)]
+            if end_of_turn != last:
+                # The template ends a conversation otherwise than a turn (Phi-3 adds its eos
+                # token): the turn's end is the part both share, up to its last line break.
+                end_of_turn = end_of_turn[: max(map(end_of_turn.rfind, ("\n", " "))) + 1]
+            start = len(before)
+            spans.append((start, start + len(content) + len(end_of_turn)))
+        return spans
+
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        return self.batch([self.encode(row["messages"]) for row in rows])
+        if not rows:
+            raise AdapterConfigError(
+                "ChatCollator got an empty batch: it would be all padding, with a NaN loss"
+            )
+        encoded = []
+        for number, row in enumerate(rows):
+            if not isinstance(row, dict) or "messages" not in row:
+                raise AdapterConfigError(
+                    f"batch row {number}: expected {{'messages': [...]}}, got {str(row)[:80]!r}"
+                )
+            try:
+                encoded.append(self.encode(row["messages"]))
+            except AdapterConfigError as error:
+                raise AdapterConfigError(f"batch row {number}: {error}") from error
+        return self.batch(encoded)
 
     def batch(self, encoded: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
         r"""The batch of rows already :meth:`encode`\ d (a collate_fn over encodings)."""
@@ -119,8 +244,10 @@ class ChatCollator:
             ids = [t for row_ids, _ in rows for t in row_ids]
             pad = self.max_length - len(ids)
             batch["input_ids"].append(ids + [self.pad_id] * pad)
+            # A row's first token is never predicted from within the row (a padded batch
+            # drops it in the shift); packed, the previous row's last token would predict it.
             batch["labels"].append(
-                [t for _, row_labels in rows for t in row_labels] + [IGNORE] * pad
+                [t for _, row_labels in rows for t in [IGNORE, *row_labels[1:]]] + [IGNORE] * pad
             )
             # positions restart at each row (and at the padding, a segment of its own)
             positions = [p for row_ids, _ in rows for p in range(len(row_ids))]

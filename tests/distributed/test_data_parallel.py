@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.tolerances import eight_bit_adam_tolerance
+
 WORKER = Path(__file__).parent / "worker.py"
 TOLERANCE = dict(rtol=0, atol=1e-5)
 
@@ -76,7 +78,10 @@ def test_data_parallel_training_matches_one_process(runs, strategy, design, base
     distributed = runs("--strategy", strategy, *common)
     # ddp_spawn trains in child processes; the parent's Trainer keeps step 0 (Lightning).
     assert distributed["step"] == (0 if strategy == "ddp_spawn" else 3)
-    assert_same_adapters(runs("--strategy", "single", *common), distributed)
+    # The flag rebuilds AdamW as 8-bit AdamW: its state levels turn DDP's last-bit gradient
+    # differences into larger ones (measured 5e-5 on an Intel Xeon).
+    tolerance = eight_bit_adam_tolerance(lr=1e-2, steps=3) if design == "precision" else {}
+    assert_same_adapters(runs("--strategy", "single", *common), distributed, **tolerance)
 
 
 def test_distillation_under_ddp_runs_the_teacher_on_every_rank(runs):

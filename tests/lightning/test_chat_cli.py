@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from lightning_peft import AdapterConfigError
@@ -85,7 +86,7 @@ def test_bad_paths_and_templates_are_refused_before_training(tmp_path):
     with pytest.raises(AdapterConfigError, match=r"tokenizer 'org/some-model' is not a folder"):
         ChatData(tokenizer="org/some-model")
     with pytest.raises(
-        AdapterConfigError, match=r"'t.jinja' is neither a Jinja template nor a file"
+        AdapterConfigError, match=r"'t.jinja' is neither a Jinja template nor an existing file"
     ):
         ChatData(chat_template="t.jinja")
     with pytest.raises(AdapterConfigError, match="row 1: the chat template cannot render it"):
@@ -134,3 +135,23 @@ def test_fit_from_the_chat_yaml_with_a_template_then_export(tmp_path, monkeypatc
     ckpt = tmp_path / "runs/chat/checkpoints/chat.ckpt"
     main(["export", "--config", config, *data_args, "--ckpt", str(ckpt), "--peft-dir", "peft"])
     assert AutoTokenizer.from_pretrained(tmp_path / "peft").chat_template == TEMPLATE
+    # The template travels in the checkpoint: an export that does not repeat the flag
+    # writes the one the run trained with, not the tokenizer's default.
+    assert torch.load(ckpt, weights_only=True)["lightning_peft"]["chat_template"] == TEMPLATE
+    main(["export", "--config", config, *data_args[:4], "--ckpt", str(ckpt), "--peft-dir", "p2"])
+    assert AutoTokenizer.from_pretrained(tmp_path / "p2").chat_template == TEMPLATE
+
+
+def test_files_that_are_not_utf8_or_not_files_are_refused_with_file_and_line(tmp_path):
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_text(json.dumps(CHATS[0]) + "\n", encoding="utf-16")
+    with pytest.raises(AdapterConfigError, match=r"utf16.jsonl:1: not UTF-8 text .*UTF-16"):
+        ChatData(train_file=str(utf16))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(json.dumps(CHATS[0]).encode() + b"\n" + b'{"messages": "\xff"}\n')
+    with pytest.raises(AdapterConfigError, match=r"broken.jsonl:2: not UTF-8 text \(byte 0xff"):
+        ChatData(train_file=str(broken))
+    with pytest.raises(AdapterConfigError, match=r"is a folder; give the JSON Lines file"):
+        ChatData(train_file=str(tmp_path))
+    with pytest.raises(AdapterConfigError, match=r"neither a Jinja template nor an existing file"):
+        ChatData(chat_template="templates/chat_{model}.jinja")

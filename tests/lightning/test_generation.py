@@ -68,3 +68,14 @@ def test_a_run_with_samples_resumes_exactly_and_sampling_draws_nothing_training_
 def test_bad_arguments_are_refused(kwargs, message):
     with pytest.raises(AdapterConfigError, match=message):
         GenerationSamples(**kwargs)
+
+
+def test_text_prompts_without_a_tokenizer_are_refused_before_training(tmp_path):
+    module = CausalLM()
+    steps = []
+    module.on_train_batch_start = lambda batch, index: steps.append(index)
+    with pytest.raises(
+        AdapterConfigError, match=r"text prompts \('Hello'\) but finds no tokenizer"
+    ):
+        fit(module, tmp_path, 2, [PeftCallback(QV_LORA), GenerationSamples(["Hello"])])
+    assert steps == []  # said at setup, not after an epoch

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import torch
+
 from lightning_peft.errors import AdapterConfigError
 
 if TYPE_CHECKING:
@@ -47,6 +49,9 @@ def register_method(config_class: ConfigT, *, peft: PeftMapping | None = None) -
         )
     if peft is not None:
         _PEFT[config_class] = peft
+    # A module that records its config with save_hyperparameters() keeps it in every
+    # checkpoint, which Lightning and torch load with weights_only=True: allow the class.
+    torch.serialization.add_safe_globals([config_class])
     return config_class
 
 

@@ -29,7 +29,7 @@ _SAMPLES_PER_TENSOR = 4096  # values hashed per frozen tensor: enough to tell ba
 _PACKAGES = ("lightning_peft", "torch", "lightning", "transformers", "bitsandbytes")
 
 
-def fingerprint_frozen(model: nn.Module) -> str:
+def fingerprint_frozen(model: nn.Module, float_dtype: torch.dtype | None = None) -> str:
     """A hash of the frozen tensors of ``model``: names, shapes, dtypes and sampled values.
 
     Two bases with different weights (another checkpoint, another seed, another model)
@@ -38,6 +38,10 @@ def fingerprint_frozen(model: nn.Module) -> str:
     ``DistributedDataParallel``'s broadcast does not copy. Sharded (DTensor) weights are
     gathered first, so every rank and a single process agree. Hashing a strided sample
     rather than every byte keeps this fast on large models.
+
+    ``float_dtype``: hash floating-point tensors as if cast to it (the dtype a checkpoint's
+    base had, :func:`frozen_float_dtype`): a base that Lightning's ``"bf16-true"`` /
+    ``"16-true"`` casts only after the checkpoint is checked gets the fingerprint it will have.
     """
     digest = hashlib.sha256()
     named = [*model.named_parameters(), *model.named_buffers()]
@@ -47,6 +51,8 @@ def fingerprint_frozen(model: nn.Module) -> str:
     for name, tensor in sorted(named, key=lambda item: item[0]):
         if tensor.requires_grad or id(tensor) in adapters:
             continue
+        if float_dtype is not None and tensor.is_floating_point():
+            tensor = tensor.detach().to(float_dtype)
         _hash_sample(digest, name, tensor)
         quant_state = getattr(tensor, "quant_state", None)
         if quant_state is not None:
@@ -54,6 +60,20 @@ def fingerprint_frozen(model: nn.Module) -> str:
                 if isinstance(value, torch.Tensor):
                     _hash_sample(digest, f"{name}.{key}", value)
     return digest.hexdigest()
+
+
+def frozen_float_dtype(model: nn.Module) -> str | None:
+    """The one 16-bit dtype of ``model``'s frozen floating-point tensors (a base cast whole by
+    ``"bf16-true"`` or ``"16-true"``), or None when they are 32-bit or mixed."""
+    adapters = {id(tensor) for tensor in adapter_parameters(model).values()}
+    dtypes = {
+        tensor.dtype
+        for tensor in [*model.parameters(), *model.buffers()]
+        if tensor.is_floating_point() and not tensor.requires_grad and id(tensor) not in adapters
+    }
+    if len(dtypes) == 1 and next(iter(dtypes)) in (torch.bfloat16, torch.float16):
+        return str(next(iter(dtypes))).removeprefix("torch.")
+    return None
 
 
 def _hash_sample(digest: Any, name: str, tensor: torch.Tensor) -> None:
@@ -120,6 +140,8 @@ def build_metadata(
         "adapters": adapter_configs(model),
         "optimizer_param_names": optimizer_param_names,
         "base_fingerprint": fingerprint_frozen(model),
+        # A base cast whole to 16 bit is checked, on resume, before Lightning casts it again.
+        "base_float_dtype": frozen_float_dtype(model),
         "versions": package_versions(),
     }
 
@@ -175,7 +197,9 @@ def check_base_fingerprint(metadata: dict[str, Any], model: nn.Module, source: s
         missing = [k for k in current_keys if k not in set(saved_keys)]
         unexpected = [k for k in saved_keys if k not in set(current_keys)]
         raise AdapterStateKeyError(f"{source}: " + key_mismatch_message(missing, unexpected))
-    current = fingerprint_frozen(model)
+    cast = metadata.get("base_float_dtype")
+    float_dtype = getattr(torch, cast) if cast in ("bfloat16", "float16") else None
+    current = fingerprint_frozen(model, float_dtype)
     if metadata["base_fingerprint"] != current:
         raise AdapterStateError(
             f"{source} was trained on a different base model: its frozen weights have fingerprint "

@@ -1,6 +1,7 @@
 """The only layer that imports Lightning: callbacks, the mixin, the precision plugin, the "
 "Trainer."""
 
+from lightning_peft.lightning.averaging import AdapterWeightAveraging
 from lightning_peft.lightning.callbacks import AdapterCheckpoint, PeftCallback
 from lightning_peft.lightning.distillation import Distillation
 from lightning_peft.lightning.generation import GenerationSamples
@@ -13,6 +14,7 @@ from lightning_peft.lightning.trainer import Trainer
 __all__ = [
     "AdapterCheckpoint",
     "AdapterModelParallelStrategy",
+    "AdapterWeightAveraging",
     "Distillation",
     "GenerationSamples",
     "PeftCallback",

@@ -33,7 +33,7 @@ from lightning_peft.lightning.mixin import (
     enable_gradient_checkpointing,
     put_adapted_model_in_train_mode,
 )
-from lightning_peft.lightning.precision import PeftPrecision, default_adapters
+from lightning_peft.lightning.precision import PeftPrecision, default_adapters, peft_precision
 from lightning_peft.lightning.summary import use_real_parameter_counts
 
 _SPAWN_WARNING = (
@@ -41,6 +41,15 @@ _SPAWN_WARNING = (
     "Lightning hands back to this process only weights its module already has, so the adapters "
     "attached in the children do not come back to it. Read them from an AdapterCheckpoint, use "
     "strategy='ddp', or use PeftMixin (which attaches its adapters in this process too)."
+)
+
+
+_SPAWN_QUANTIZED = (
+    "PeftPrecision with PeftCallback under a spawning strategy (ddp_spawn) cannot hand the "
+    "trained model back: Lightning loads the children's quantized, adapted weights into this "
+    "process's module, whose base is neither quantized nor adapted here. Use strategy='ddp' "
+    "(the script itself runs on every process), or a PeftMixin module (it quantizes and "
+    "attaches in this process too)."
 )
 
 
@@ -198,6 +207,8 @@ class PeftCallback(_AdapterCheckpointHooks):
                 compile_layers(pl_module, **self.compile_options)
             check_ranks_agree(trainer, pl_module)
             if type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher":
+                if peft_precision(trainer) is not None:
+                    raise AdapterConfigError(_SPAWN_QUANTIZED)
                 rank_zero_warn(_SPAWN_WARNING)
         super().setup(trainer, pl_module, stage)
 

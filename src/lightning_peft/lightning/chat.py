@@ -66,12 +66,16 @@ def read_chats(path: str) -> list[dict[str, Any]]:
             line named).
     """
     file = Path(path)
+    if file.is_dir():
+        raise AdapterConfigError(
+            f"chat file {path!r} is a folder; give the JSON Lines file inside it"
+        )
     if not file.is_file():
         raise AdapterConfigError(f"chat file {path!r} does not exist")
     rows = []
     # Lines end at "\n" only: str.splitlines would also split at U+2028 and U+0085, which
     # JSON strings may hold raw. utf-8-sig accepts a byte-order mark.
-    text = file.read_text(encoding="utf-8-sig")
+    text = _read_utf8(file)
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
@@ -99,6 +103,33 @@ def read_chats(path: str) -> list[dict[str, Any]]:
     if not rows:
         raise AdapterConfigError(f"chat file {path!r} holds no rows")
     return rows
+
+
+def _read_utf8(file: Path) -> str:
+    """The file's text, or a refusal naming the line and byte that are not UTF-8."""
+    data = file.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        hint = (
+            " (it looks like UTF-16: save it as UTF-8)"
+            if data[:2] in (b"\xff\xfe", b"\xfe\xff")
+            else ""
+        )
+        raise AdapterConfigError(
+            f"{file}:{line}: not UTF-8 text (byte {data[error.start]:#04x} at offset "
+            f"{error.start}){hint}; JSON Lines files are UTF-8"
+        ) from error
+
+
+def _looks_like_a_path(value: str) -> bool:
+    """Every Jinja template has a tag (``{{`` or ``{%``); a name ending like a template
+    file is a path even when braces are in it."""
+    name = value.strip()
+    return ("{{" not in name and "{%" not in name) or (
+        not any(c.isspace() for c in name) and name.endswith((".jinja", ".jinja2", ".j2"))
+    )
 
 
 def _is_file(value: str) -> bool:
@@ -183,10 +214,11 @@ class ChatData(pl.LightningDataModule):
         self.tokenizer = load_tokenizer(tokenizer)
         if chat_template is not None:
             if _is_file(chat_template):
-                chat_template = Path(chat_template).read_text(encoding="utf-8")
-            elif "{" not in chat_template:  # every Jinja template has a tag
+                chat_template = _read_utf8(Path(chat_template))
+            elif _looks_like_a_path(chat_template):
                 raise AdapterConfigError(
-                    f"chat_template {chat_template!r} is neither a Jinja template nor a file"
+                    f"chat_template {chat_template!r} is neither a Jinja template nor an "
+                    "existing file"
                 )
             self.tokenizer.chat_template = chat_template
         self.collate = ChatCollator(self.tokenizer, max_length, train_on, pack)

@@ -32,6 +32,7 @@ from typing_extensions import override
 from lightning_peft.checkpoint import atomic_path
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.lightning.checkpointing import write_adapter_only_
+from lightning_peft.lightning.compatibility import refuse_callbacks_that_break_adapters
 
 
 class _AdapterOnlySaves:
@@ -84,12 +85,18 @@ class AtomicCheckpointIO(CheckpointIO):
             return self.inner.load_checkpoint(path, map_location, weights_only)
         except FileNotFoundError:
             raise
-        except (EOFError, OSError, RuntimeError, pickle.UnpicklingError) as error:
+        except pickle.UnpicklingError as error:
+            if "Weights only load failed" not in str(error):
+                raise _damaged(path, error) from error
             raise AdapterStateError(
-                f"checkpoint {str(path)!r} is truncated or damaged ({type(error).__name__}: "
-                f"{error}); resume from another one (AdapterCheckpoint's files are written "
-                "whole or not at all, so a half file comes from elsewhere)"
+                f"checkpoint {str(path)!r} holds objects that loading with weights_only=True "
+                f"refuses (torch names them below). If the file is yours: allow their classes "
+                "with torch.serialization.add_safe_globals([...]) before loading (lightning_peft's "
+                "adapter configs are allowed already), or pass weights_only=False to fit/load "
+                f"only for files you trust.\n{error}"
             ) from error
+        except (EOFError, OSError, RuntimeError) as error:
+            raise _damaged(path, error) from error
 
     @override
     def remove_checkpoint(self, path: Any) -> None:
@@ -100,15 +107,25 @@ class AtomicCheckpointIO(CheckpointIO):
         self.inner.teardown()
 
 
+def _damaged(path: Any, error: Exception) -> AdapterStateError:
+    return AdapterStateError(
+        f"checkpoint {str(path)!r} is truncated or damaged ({type(error).__name__}: "
+        f"{error}); resume from another one (AdapterCheckpoint's files are written "
+        "whole or not at all, so a half file comes from elsewhere)"
+    )
+
+
 def make_checkpoints_adapter_only(trainer: pl.Trainer) -> None:
     """Make every checkpoint ``trainer`` saves adapter-only, and its writes atomic; once.
 
     Raises:
         AdapterConfigError: the strategy writes sharded checkpoint folders, which Lightning
-            reloads by matching every tensor of the model: adapters alone would not load.
+            reloads by matching every tensor of the model: adapters alone would not load; or
+            a callback would change the frozen base (:func:`refuse_callbacks_that_break_adapters`).
     """
     strategy = trainer.strategy
     _refuse_sharded_saves(strategy)
+    refuse_callbacks_that_break_adapters(trainer)
     installed = strategy.__dict__.get("save_checkpoint")
     if not (isinstance(installed, _AdapterOnlySaves) and installed.strategy is strategy):
         # On the instance: any strategy class, the user's own included.

@@ -41,13 +41,20 @@ from lightning_peft.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from lightning_peft.checkpoint.io import held_tokenizer
 from lightning_peft.errors import AdapterStateError
 from lightning_peft.injection import adapter_modules, adapter_parameter_names
 from lightning_peft.lightning.module_state import state_of
 
 
 def optimizer_param_names(trainer: pl.Trainer | None, module: nn.Module) -> list[list[str]]:
-    """For each optimizer of ``trainer``, the names of its parameters in state order."""
+    """For each optimizer of ``trainer``, the names of its trainable parameters in state order.
+
+    Frozen ones are left out: they leave the optimizers at ``on_fit_start``
+    (:func:`keep_trainable_in_optimizers_`), after a tuner (``LearningRateFinder``,
+    ``BatchSizeFinder``: Lightning runs their ``on_fit_start`` first) saved its own
+    checkpoint, which it restores once the frozen ones are gone.
+    """
     if trainer is None:
         return []
     names = {id(param): name for name, param in module.named_parameters()}
@@ -56,6 +63,7 @@ def optimizer_param_names(trainer: pl.Trainer | None, module: nn.Module) -> list
             names.get(id(param), "<not a parameter of the module>")
             for group in optimizer.param_groups
             for param in group["params"]
+            if param.requires_grad
         ]
         for optimizer in trainer.optimizers
     ]
@@ -98,6 +106,16 @@ def write_adapter_only_(checkpoint: dict[str, Any], module: pl.LightningModule) 
     metadata = build_metadata(module, keys, optimizer_param_names(module._trainer, module))
     # Written during a validation pass, the file records the state training will go on from.
     metadata["rng"] = state_of(module).rng_before_validation or rng_state()
+    trainer = module._trainer
+    plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
+    if state_of(module).quantized and plugin is not None and hasattr(plugin, "flag"):
+        metadata["precision"] = plugin.flag  # how a model must be set up to load it
+    # The chat template the batches were made with travels with the adapters (export).
+    tokenizer = held_tokenizer(
+        getattr(trainer, "datamodule", None), module, needs="apply_chat_template"
+    )
+    if isinstance(getattr(tokenizer, "chat_template", None), str):
+        metadata["chat_template"] = tokenizer.chat_template
     checkpoint[METADATA_KEY] = metadata
 
 
@@ -202,12 +220,24 @@ class ResumeChecks:
             else "the checkpoint"
         )
         metadata = read_metadata(checkpoint, source)
+        precision = metadata.get("precision")
+        if isinstance(precision, str) and not state_of(module).quantized:
+            raise AdapterStateError(
+                f"{source} was trained over a quantized base (precision={precision!r}), and "
+                f"this {type(module).__name__}'s base is not quantized"
+                + (" (it has no Trainer)" if trainer is None else "")
+                + ". Load it through a Trainer that quantizes the same way, e.g. "
+                f"lightning_peft.Trainer(precision={precision!r}).validate(module, "
+                "ckpt_path=...) (or .test / .predict / .fit)."
+            )
         check_base_fingerprint(metadata, module, source)
         self._metadata, self._source = metadata, source
         progress = checkpoint.get("loops", {}).get("fit_loop", {})
-        self._at_epoch_end = progress.get("epoch_loop.batch_progress", {}).get(
-            "is_last_batch", True
-        )
+        batches = progress.get("epoch_loop.batch_progress", {})
+        # A checkpoint from before the first batch (a tuner's, restored once it has searched)
+        # starts an epoch: nothing of it was seen.
+        started = batches.get("total", {}).get("ready", 1) > 0
+        self._at_epoch_end = batches.get("is_last_batch", True) or not started
         if self._optimizers_ready:  # strategies that restore after setup (FSDP) load late
             self._finish(trainer, module)
 
@@ -231,11 +261,16 @@ class ResumeChecks:
         if not self._at_epoch_end:
             if not _is_stateful(trainer.train_dataloader):
                 rank_zero_warn(_MID_EPOCH_WARNING.format(source=self._source))
-        elif _validates(trainer) or _is_stateful(trainer.train_dataloader):
+        elif trainer.fit_loop.restarting and (
+            _validates(trainer) or _is_stateful(trainer.train_dataloader)
+        ):
             # After this hook Lightning restarts the validation loop the checkpoint was written
             # before (without its hooks: one iterator, one draw), or puts a stateful loader
             # back in place (a new iterator): draws the uninterrupted run did not make where
             # the next epoch's iterator drew its base seed. Start them from the saved state.
+            # Epoch-based runs (max_epochs, no max_steps) resumed from a finished epoch do
+            # not restart: the next epoch's iterator was built from the restored state
+            # before this hook, so the state is left as its draws left it.
             self._epoch_iterator_pending = True
             set_rng_state(self._resumed_rng)
         else:

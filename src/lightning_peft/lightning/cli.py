@@ -160,7 +160,14 @@ def load_for_export(config: str, ckpt: str, overrides: Sequence[str] = ()) -> tu
     """``(module, tokenizer)``: :func:`load_adapter_checkpoint` of the config with the fit
     command's overrides, and :func:`config_tokenizer` (None when there is none)."""
     cli = PeftCLI(args=["--config", config, *overrides], run=False)
-    return load_adapter_checkpoint(config, ckpt, cli), config_tokenizer(cli)
+    module, tokenizer = load_adapter_checkpoint(config, ckpt, cli), config_tokenizer(cli)
+    trained_with = read_metadata(_load(ckpt), ckpt).get("chat_template")
+    told = any("chat_template" in override for override in overrides)
+    if tokenizer is not None and isinstance(trained_with, str) and not told:
+        # The template the run trained with, not the tokenizer's default: the YAML may have
+        # set it by a flag that is not repeated here.
+        tokenizer.chat_template = trained_with
+    return module, tokenizer
 
 
 def config_tokenizer(cli: PeftCLI) -> Any:

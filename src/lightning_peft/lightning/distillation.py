@@ -15,6 +15,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_peft.adapters.inputs import find_transformers_model
+from lightning_peft.checkpoint.io import held_tokenizer
 from lightning_peft.checkpoint.metadata import fingerprint_frozen
 from lightning_peft.distillation import is_temperature, kd_loss
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
@@ -46,6 +47,9 @@ class Distillation(Callback):
             returns it (a module that combines its own reads :attr:`teacher_logits`).
         quantize: ``"nf4"`` (or ``"fp4"``, ``"int8"``) stores the teacher's linear layers in
             that format, to save memory.
+        teacher_tokenizer: the teacher's tokenizer; with the data module's or module's
+            ``tokenizer``, checked at setup to map tokens to the same ids (a vocabulary of
+            the same size may be another one).
 
     The teacher is put in eval mode and frozen, moved to the student's device (on every rank
     under DDP), never given to the optimizer and never saved: checkpoints hold its
@@ -65,6 +69,7 @@ class Distillation(Callback):
         temperature: float = 2.0,
         alpha: float | None = 0.5,
         quantize: QuantMode | None = None,
+        teacher_tokenizer: Any = None,
     ) -> None:
         problems = []
         if isinstance(teacher, str) and teacher != SELF:
@@ -81,10 +86,23 @@ class Distillation(Callback):
             problems.append(f"quantize must be None or one of {QUANT_MODES}, got {quantize!r}")
         if quantize is not None and teacher == SELF:
             problems.append("quantize applies to a separate teacher, not to teacher='base'")
+        if isinstance(teacher, nn.Module) and any(
+            t.is_meta for t in [*teacher.parameters(), *teacher.buffers()]
+        ):
+            problems.append(
+                f"the teacher {type(teacher).__name__} has weights on the meta device (made "
+                "without data, e.g. under init_empty_weights or device_map='meta'): load its "
+                "weights first, e.g. from_pretrained(path) on the CPU"
+            )
+        if teacher_tokenizer is not None and not callable(
+            getattr(teacher_tokenizer, "get_vocab", None)
+        ):
+            problems.append(f"teacher_tokenizer must be a tokenizer, got {teacher_tokenizer!r}")
         if problems:
             raise AdapterConfigError("invalid Distillation:\n  - " + "\n  - ".join(problems))
         self.teacher = teacher
         self.temperature, self.alpha, self.quantize = temperature, alpha, quantize
+        self.teacher_tokenizer = teacher_tokenizer
         self.teacher_logits: torch.Tensor | None = None
         self.last_kd: torch.Tensor | None = None
         self._armed = False
@@ -119,6 +137,7 @@ class Distillation(Callback):
                     "saved; keep it outside the module (or use teacher='base')"
                 )
             _check_same_outputs(student, teacher)
+            self._check_same_tokenizer(trainer, pl_module)
             teacher.requires_grad_(False).eval()
         # The inputs as the module passed them, before other pre-hooks (a soft prompt's)
         # rewrite them: the teacher gets the same ones.
@@ -128,6 +147,25 @@ class Distillation(Callback):
         ]
         self._wrap_training_step(pl_module)
         self._module = pl_module
+
+    def _check_same_tokenizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Same vocabulary size is not the same vocabulary: where both tokenizers are known
+        (``teacher_tokenizer``, and the data module's or module's ``tokenizer``), their
+        token-to-id maps must be equal."""
+        student = held_tokenizer(cast(Any, trainer).datamodule, pl_module, needs="get_vocab")
+        if self.teacher_tokenizer is None or student is None:
+            return
+        ours, theirs = student.get_vocab(), self.teacher_tokenizer.get_vocab()
+        if ours != theirs:
+            differ = sorted(t for t in ours.keys() | theirs.keys() if ours.get(t) != theirs.get(t))
+            token = differ[0]
+            raise AdapterConfigError(
+                f"the teacher's tokenizer maps tokens to other ids than the student's "
+                f"({len(differ)} tokens differ, e.g. {token!r}: {ours.get(token)} for the "
+                f"student, {theirs.get(token)} for the teacher): its logits would be compared "
+                "for other tokens. Distill from a teacher of the same "
+                "tokenizer"
+            )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -229,7 +267,16 @@ class Distillation(Callback):
         teacher_logits = output_logits(teacher_output)
         mask = token_mask(kwargs, logits)
         self.teacher_logits = teacher_logits
-        kd = kd_loss(logits, teacher_logits, self.temperature, mask)
+        try:
+            kd = kd_loss(logits, teacher_logits, self.temperature, mask)
+        except FloatingPointError as error:
+            name = (
+                "the student's base" if self.is_self_distillation else type(self.teacher).__name__
+            )
+            step = self._module.trainer.global_step if self._module is not None else "?"
+            raise AdapterStateError(
+                f"Distillation at step {step}: teacher {name}: {error}"
+            ) from error
         self.last_kd = kd if self.last_kd is None else self.last_kd + kd
 
     @override

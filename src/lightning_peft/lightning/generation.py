@@ -63,6 +63,18 @@ class GenerationSamples(Callback):
         self.samples: list[dict[str, Any]] = []
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check before training what the first validation would find: text prompts need a
+        tokenizer (an epoch in is too late to say so)."""
+        text = [p for p in self.prompts if not _is_token_ids(p)]
+        if text and self._tokenizer(trainer) is None:
+            raise AdapterConfigError(
+                f"GenerationSamples got text prompts ({str(text[0])[:40]!r}) but finds no "
+                "tokenizer: pass tokenizer=..., give the module or data module a tokenizer "
+                "attribute, or give token ids"
+            )
+
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
@@ -89,11 +101,7 @@ class GenerationSamples(Callback):
     def _complete(self, host: Any, tokenizer: Any, prompt: Prompt, step: int) -> dict[str, Any]:
         device = host.get_input_embeddings().weight.device
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], dict)):
-            if tokenizer is None:
-                raise AdapterConfigError(
-                    "GenerationSamples got text prompts but finds no tokenizer: pass "
-                    "tokenizer=..., give the module a tokenizer attribute, or use token ids"
-                )
+            assert tokenizer is not None, "refused in setup"
             if isinstance(prompt, str):
                 ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
             else:
@@ -137,3 +145,7 @@ class GenerationSamples(Callback):
         if not logged:
             for step, prompt, completion in rows:
                 print(f"[step {step}] {prompt} -> {completion}")
+
+
+def _is_token_ids(prompt: Any) -> bool:
+    return isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt)

@@ -25,6 +25,7 @@ from lightning_peft.lightning.checkpointing import (
 from lightning_peft.lightning.distributed import check_ranks_agree
 from lightning_peft.lightning.module_state import state_of
 from lightning_peft.lightning.summary import use_real_parameter_counts
+from lightning_peft.quantization.model import quantize_like_
 
 
 def put_adapted_model_in_train_mode(module: nn.Module) -> None:
@@ -191,8 +192,12 @@ class PeftMixin(_MixedInto):
         checked before anything is copied); any other state dict loads as usual.
 
         Adapters are attached first if they are not yet: after ``ddp_spawn`` Lightning loads
-        the workers' weights into this process's module, which never ran ``configure_model``.
+        the workers' weights into this process's module, which never ran ``configure_model``
+        (and whose base, under ``PeftPrecision``, is quantized first, as the state dict's is).
         """
+        state = state_of(self)
+        if not (state.attached or state.quantized) and quantize_like_(self, dict(state_dict)):
+            state.quantized = True
         with values_to_be_loaded():  # the state dict brings the values (LoftQ's too)
             self._attach_adapters_once()
         if check_if_adapter_only(self, dict(state_dict)):

@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-from lightning.pytorch.utilities import GradClipAlgorithmType
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info
 from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -38,8 +38,9 @@ from lightning_peft.quantization import (
     keep_norms_in_float32_,
     optimizer_class,
     quantize_model,
-    rebind_scheduler,
+    rebind_schedulers,
     rebuild_optimizer,
+    why_not_rebuilt,
 )
 
 PeftMode = Literal["nf4-lora", "nf4-lora-nodq", "fp4-lora", "int8-lora"]
@@ -85,12 +86,15 @@ class PeftPrecision(Precision):
         blocksize: weights per quantization constant (QLoRA: 64).
         quant_storage: storage dtype of the packed 4-bit codes (``torch.float32`` for FSDP1;
             FSDP2 shards ``uint8``).
-        optimizer: rebuild the optimizer ``configure_optimizers`` returns as
+        optimizer: rebuild the Adam or AdamW ``configure_optimizers`` returns as
             ``"paged_adamw_8bit"``, ``"paged_adamw_32bit"``, ``"adamw_8bit"`` or ``"adamw"``,
-            keeping its learning rate, betas, eps, weight decay and LR scheduler; ``None``
-            keeps it as configured. ``"auto"`` (the default) is the QLoRA recipe for the
-            4-bit modes: paged 8-bit AdamW on CUDA, 8-bit AdamW on the CPU (where
-            bitsandbytes has no paging); the int8 mode keeps the module's optimizer.
+            keeping every key of its parameter groups and every LR scheduler bound to it
+            (chained and sequential ones included); any other optimizer (SGD, Adam with
+            L2 weight decay, AMSGrad, one over FSDP2's sharded parameters) is kept, with one
+            info line saying why. ``None`` keeps it as configured. ``"auto"`` (the
+            default) is the QLoRA recipe for the 4-bit modes: paged 8-bit AdamW on CUDA,
+            8-bit AdamW on the CPU (where bitsandbytes has no paging); the int8 mode keeps
+            the module's optimizer.
         optimizer_kwargs: passed to the new optimizer (e.g. ``min_8bit_size``).
         device: ``"cpu"`` or ``"cuda"`` for autocast (default: CUDA when present).
         gradient_checkpointing: recompute layer activations in the backward pass (applied
@@ -192,6 +196,11 @@ class PeftPrecision(Precision):
             keep_norms_in_float32_(module)
         state_of(module).quantized = True
 
+    @property
+    def flag(self) -> str:
+        """The ``precision=`` flag that sets up this plugin: ``"nf4-lora-bf16-mixed"``."""
+        return self.mode if self.compute == "32-true" else f"{self.mode}-{self.compute}"
+
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
         # PeftCallback / PeftMixin have done both steps already, before checkpoint restore;
@@ -257,16 +266,26 @@ class PeftPrecision(Precision):
             return model, optimizers, lr_schedulers
         rebuilt = []
         for optimizer in optimizers:
-            if type(optimizer) is optimizer_class(self.optimizer):
+            reason = why_not_rebuilt(optimizer)
+            if type(optimizer) is optimizer_class(self.optimizer) or reason is not None:
                 # Lightning connects again at every validate/test after fit: keep its state.
+                if reason is not None and not getattr(optimizer, _KEPT_SAID, False):
+                    setattr(optimizer, _KEPT_SAID, True)
+                    rank_zero_info(
+                        f"PeftPrecision keeps the module's {type(optimizer).__name__} as it is "
+                        f"(not {self.optimizer}): {reason}."
+                    )
                 rebuilt.append(optimizer)
                 continue
             new = rebuild_optimizer(optimizer, self.optimizer, **self.optimizer_kwargs)
             for config in lr_schedulers:
-                if config.scheduler.optimizer is optimizer:
-                    rebind_scheduler(config.scheduler, new)
+                rebind_schedulers(config.scheduler, optimizer, new)
             rebuilt.append(new)
         return model, rebuilt, lr_schedulers
+
+
+# Set on an optimizer the plugin kept, so that its info line is said once, not at every connect.
+_KEPT_SAID = "_lightning_peft_kept_said"
 
 
 def split_precision_flag(value: str) -> tuple[PeftMode, Compute] | None:

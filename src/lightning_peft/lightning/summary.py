@@ -57,15 +57,24 @@ class PeftRichModelSummary(_RealCounts, RichModelSummary):
     """``RichModelSummary`` (Lightning's default when ``rich`` is installed), counted right."""
 
 
-_REPLACEMENTS = {ModelSummary: PeftModelSummary, RichModelSummary: PeftRichModelSummary}
+_REPLACEMENTS: dict[type, type] = {
+    ModelSummary: PeftModelSummary,
+    RichModelSummary: PeftRichModelSummary,
+}
+
+
+def _counting_right(cls: type) -> type:
+    """``cls`` (a user's ``ModelSummary`` subclass) with the counting-right summary."""
+    if cls not in _REPLACEMENTS:
+        _REPLACEMENTS[cls] = type(cls.__name__, (_RealCounts, cls), {"__module__": cls.__module__})
+    return _REPLACEMENTS[cls]
 
 
 def use_real_parameter_counts(trainer: pl.Trainer) -> None:
-    """Replace Lightning's own summary callback in ``trainer`` with the counting-right one."""
+    """Make the Trainer's summary callbacks count 4-bit weights right: Lightning's own and any
+    subclass of them (a user's), whose instances keep their settings and state."""
     callbacks: list[Any] = cast(Any, trainer).callbacks  # set by Lightning, not declared
-    for index, callback in enumerate(callbacks):
-        replacement = _REPLACEMENTS.get(type(callback))
-        if replacement is not None:
-            callbacks[index] = replacement(
-                max_depth=callback._max_depth, **callback._summarize_kwargs
-            )
+    for callback in callbacks:
+        if isinstance(callback, ModelSummary) and not isinstance(callback, _RealCounts):
+            # The same object, its class extended by the counting: nothing it holds is lost.
+            callback.__class__ = _counting_right(type(callback))

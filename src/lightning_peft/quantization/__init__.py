@@ -24,8 +24,9 @@ from lightning_peft.quantization.optimizers import (
     OPTIMIZER_NAMES,
     OptimizerName,
     optimizer_class,
-    rebind_scheduler,
+    rebind_schedulers,
     rebuild_optimizer,
+    why_not_rebuilt,
 )
 from lightning_peft.quantization.storage import (
     QUANT_MODES,
@@ -60,9 +61,10 @@ __all__ = [
     "quantize_linear",
     "quantize_model",
     "real_numel",
-    "rebind_scheduler",
+    "rebind_schedulers",
     "rebuild_optimizer",
     "share_lookup_tables_",
     "storage_of",
+    "why_not_rebuilt",
     "write_weight_",
 ]

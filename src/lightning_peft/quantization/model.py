@@ -254,3 +254,38 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     if getattr(model, "is_loaded_in_4bit", False):
         cast(Any, model).is_loaded_in_4bit = False
     return model
+
+
+def quantize_like_(model: nn.Module, state_dict: dict[str, Any]) -> bool:
+    """Quantize the linear layers of ``model`` that ``state_dict`` holds in 4 bit, so that
+    it loads: a full state dict of the same model quantized (and adapted) elsewhere, such as
+    the one Lightning's ``ddp_spawn`` hands back from its workers. Returns whether it did.
+
+    bitsandbytes writes ``<layer>.weight.quant_state.bitsandbytes__nf4`` (or ``__fp4``)
+    beside each packed weight; loading then restores blocksize, double quantization and
+    constants, so only the kind must match here. Layers inside adapter wrappers are named
+    through their ``base_layer``.
+
+    Raises:
+        ValueError: the state dict mixes NF4 and FP4 layers.
+    """
+    layers: dict[str, str] = {}
+    for key in state_dict:
+        for mode in ("nf4", "fp4"):
+            suffix = f".weight.quant_state.bitsandbytes__{mode}"
+            if key.endswith(suffix):
+                layers[key.removesuffix(suffix).replace(".base_layer", "")] = mode
+    if not layers:
+        return False
+    modes = set(layers.values())
+    if len(modes) > 1:
+        raise ValueError(f"the state dict holds both NF4 and FP4 layers ({sorted(modes)})")
+    floats = {
+        name
+        for name, module in model.named_modules()
+        if name and is_linear_layer(module) and not is_quantized(module)
+    }
+    if not floats & set(layers):  # quantized already (or other names): nothing to match
+        return False
+    quantize_model(model, cast(QuantMode, modes.pop()), skip_modules=sorted(floats - set(layers)))
+    return True
