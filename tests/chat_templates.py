@@ -98,6 +98,19 @@ PHI3 = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
+# ChatML with transformers' {% generation %} markers around what the assistant writes.
+CHATML_GENERATION = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}{{- message.content + '<|im_end|>\\n' }}{%- endgeneration %}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
 # A template written without a generation branch, its header ending in a space.
 NO_GENERATION_BRANCH = (
     "{% for message in messages %}"
@@ -111,6 +124,7 @@ TEMPLATES: dict[str, tuple[str | None, Expected]] = {
     # None: SmolLM2's own template (ChatML, with a default system prompt).
     "smollm2": (None, lambda c, last: f"{c}<|im_end|>\n"),
     "chatml": (CHATML, lambda c, last: f"{c}<|im_end|>\n"),
+    "chatml-generation-markers": (CHATML_GENERATION, lambda c, last: f"{c}<|im_end|>\n"),
     "llama3": (LLAMA3, lambda c, last: f"{c.strip()}<|eot_id|>"),
     "qwen2.5": (QWEN25, lambda c, last: f"{c}<|im_end|>\n"),
     "qwen3": (QWEN3, lambda c, last: f"{c}<|im_end|>\n"),

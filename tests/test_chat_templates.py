@@ -92,6 +92,23 @@ def test_labels_decode_to_the_assistant_contents_and_their_end_markers(
         assert_is_turn(run, turn)
 
 
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(system=st.none() | contents, pairs=turns)
+def test_labels_equal_the_assistant_mask_transformers_reads_from_generation_markers(
+    tokenizers, system, pairs
+):
+    tokenizer = tokenizers["chatml-generation-markers"]
+    messages = conversation(system, pairs)
+    ids, labels = ChatCollator(tokenizer, max_length=4096).encode(messages)
+    marked = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert marked["input_ids"] == ids
+    assert [int(label != IGNORE) for label in labels] == list(marked["assistant_masks"])
+
+
 QUESTION = [{"role": "user", "content": "Is it?"}]
 ANSWER = {"role": "assistant", "content": "The answer is yes."}
 
