@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 import lightning_peft
 from lightning_peft.data import load_smollm2, rotten_tomatoes, stratified_split
-from lightning_peft.lightning import GenerationSamples
+from lightning_peft.lightning import GenerationSamples, InterruptCheckpoint
 from lightning_peft.lightning.chat import ANSWERS, review_chat
 from lightning_peft.sft import ChatCollator
 
@@ -107,7 +107,7 @@ def main() -> None:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         val_check_interval=max(1, args.steps // 2),
-        callbacks=[samples],
+        callbacks=[samples, InterruptCheckpoint("runs/chat_sft")],  # Ctrl-C: a file to resume from
     )
     trainer.fit(module, data, val)
     after = answer_accuracy(module, held_out)

@@ -19,6 +19,7 @@ import lightning as L
 
 from lightning_peft import PeftCallback, count_parameters
 from lightning_peft.data import load_smollm2
+from lightning_peft.lightning import InterruptCheckpoint
 from lightning_peft.lightning.tasks import (
     ReviewSentiment,
     loss_on,
@@ -76,7 +77,8 @@ def run(
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=args.steps,
-        callbacks=[PeftCallback(adapters)],
+        # Ctrl-C or SIGTERM leaves runs/<method>/interrupted.ckpt to resume from.
+        callbacks=[PeftCallback(adapters), InterruptCheckpoint(f"runs/{method}")],
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,

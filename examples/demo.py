@@ -31,10 +31,10 @@ from lightning_peft import (
     count_parameters,
     disable_adapters,
 )
+from lightning_peft.lightning import InterruptCheckpoint
 from lightning_peft.lightning.tasks import ReviewData, ReviewSentiment, loss_on
 from lightning_peft.quantization import memory_report
 
-BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # The same run as a LightningCLI config: a checkpoint of one resumes under the other.
 CLI_CONFIG = "examples/configs/smollm2-rt-qlora.yaml"
 
@@ -90,8 +90,8 @@ def main() -> None:
                 filename="sentiment",
                 every_n_train_steps=args.steps,
                 export_peft=True,
-                base_model_name_or_path=BASE,
             ),
+            InterruptCheckpoint(str(checkpoints)),  # Ctrl-C / SIGTERM: a file to resume from
         ],
     )
     before = trainer.validate(module, data, verbose=False)[0]["val_acc"]

@@ -128,3 +128,27 @@ def fit(
     )
     recorder.trainer = trainer
     return recorder
+
+
+class SlowCausalLM(CausalLM):
+    """A CausalLM that takes ``delay`` seconds a step and writes the steps it has taken to
+    ``progress``: a run for a test to interrupt from outside."""
+
+    def __init__(self, progress: str, delay: float = 0.3) -> None:
+        super().__init__()
+        self.progress, self.delay = progress, delay
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        import time
+
+        time.sleep(self.delay)
+        loss = super().training_step(batch, batch_idx)
+        Path(self.progress).write_text(str(self.global_step + 1))
+        return loss
+
+
+class TokenData(L.LightningDataModule):
+    """Random token rows, 8 batches an epoch."""
+
+    def train_dataloader(self) -> DataLoader:
+        return token_data(32)

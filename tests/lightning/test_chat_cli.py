@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +156,68 @@ def test_files_that_are_not_utf8_or_not_files_are_refused_with_file_and_line(tmp
         ChatData(train_file=str(tmp_path))
     with pytest.raises(AdapterConfigError, match=r"neither a Jinja template nor an existing file"):
         ChatData(chat_template="templates/chat_{model}.jinja")
+
+
+RESUME_CONFIG = """\
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  max_steps: {max_steps}
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: lightning_peft.PeftCallback
+      init_args:
+        adapters:
+          class_path: lightning_peft.LoRA
+          init_args: {{rank: 4, dropout: 0.2, target_modules: [q_proj, v_proj]}}
+    - class_path: lightning_peft.AdapterCheckpoint
+      init_args:
+        {{dirpath: {checkpoints}, filename: "{{step}}", every_n_train_steps: 1, save_top_k: -1}}
+model:
+  class_path: lightning_peft.lightning.chat.CausalLMTuning
+  init_args: {{model: {model}, lr: 0.01}}
+data:
+  class_path: lightning_peft.lightning.chat.ChatData
+  init_args: {{train_file: {train}, batch_size: 2, max_length: 64}}
+"""
+
+
+def test_a_chat_run_resumed_mid_epoch_from_the_command_line_is_exact(tmp_path):
+    from lightning_peft.data import smollm2_tokenizer
+    from tests.tiny_models import tiny_llama
+
+    tiny_llama(vocab_size=len(smollm2_tokenizer())).save_pretrained(tmp_path / "model")
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Say {w}."},
+                {"role": "assistant", "content": w},
+            ]
+        }
+        for w in ("yes", "no", "maybe", "never", "always", "soon")
+    ]  # 3 batches an epoch: step 2 is mid-epoch
+
+    def fit(name: str, max_steps: int, *extra: str) -> Path:
+        config = tmp_path / f"{name}.yaml"
+        checkpoints = tmp_path / name
+        config.write_text(
+            RESUME_CONFIG.format(
+                max_steps=max_steps,
+                checkpoints=checkpoints,
+                model=tmp_path / "model",
+                train=write_chats(tmp_path / "train.jsonl", rows),
+            )
+        )
+        main(["fit", "--config", str(config), *extra])
+        return checkpoints
+
+    straight = fit("straight", 5)
+    first = fit("first", 2)
+    resumed = fit("resumed", 5, "--ckpt_path", str(first / "step=2.ckpt"))
+    for step in (3, 4, 5):
+        expected = torch.load(straight / f"step={step}.ckpt", weights_only=True)["state_dict"]
+        got = torch.load(resumed / f"step={step}.ckpt", weights_only=True)["state_dict"]
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[k], got[k]) for k in expected), step

@@ -107,6 +107,8 @@ def _unwrap(model: nn.Module, name: str, wrapper: Any) -> None:
 
 
 def _forget_quantization(model: nn.Module) -> None:
+    # An ordinary model again: its save_pretrained writes the whole model, not adapters.
+    vars(model).pop("save_pretrained", None)
     for attribute in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
         if getattr(model, attribute, False):
             setattr(model, attribute, False)

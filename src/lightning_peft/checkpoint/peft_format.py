@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,54 @@ def save_peft(
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
     return Path(directory)
+
+
+class SaveAdaptersAsPeft:
+    """A transformers model's ``save_pretrained`` once adapters are attached to it: writes
+    the adapters as Hugging Face PEFT's ``PeftModel.save_pretrained`` does
+    (``adapter_config.json`` + ``adapter_model.safetensors``; another adapter than
+    ``"default"`` in a subfolder of its name), which ``AutoPeftModelForCausalLM`` and
+    ``PeftModel.from_pretrained`` load on the base the config names.
+
+    The whole adapted model is no ordinary checkpoint: its layers are wrappers, a 4-bit base
+    shares lookup tables that safetensors refuses, and ``from_pretrained`` could load neither.
+    For a standalone model, merge: :func:`~lightning_peft.merge_and_export`. An object, not a
+    closure, so the model still pickles and a deep copy saves its own adapters.
+    """
+
+    def __init__(self, host: nn.Module, adapter_name: str = "default") -> None:
+        self.host, self.adapter_name = host, adapter_name
+
+    def __call__(
+        self,
+        save_directory: str | os.PathLike[str],
+        *args: Any,
+        is_main_process: bool = True,
+        selected_adapters: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not is_main_process:
+            return
+        for name in selected_adapters or [self.adapter_name]:
+            folder = Path(save_directory) / (name if name != "default" else "")
+            try:
+                save_peft(self.host, folder, adapter_name=name)
+            except ValueError as error:
+                raise type(error)(
+                    f"save_pretrained writes the adapters in the PEFT format here: {error}. "
+                    "For a standalone model use lightning_peft.merge_and_export; for any "
+                    "method, adapter_state_dict"
+                ) from error
+
+
+def save_pretrained_writes_adapters_(model: nn.Module, adapter_name: str = "default") -> None:
+    """Make the transformers model inside ``model`` save its adapters on ``save_pretrained``
+    (see :class:`SaveAdaptersAsPeft`); nothing when ``model`` holds no transformers model."""
+    try:
+        host = find_transformers_model(model, "save_pretrained")
+    except UnsupportedLayerError:
+        return
+    host.save_pretrained = SaveAdaptersAsPeft(host, adapter_name)
 
 
 def check_peft_exportable(model: nn.Module, adapter_name: str = "default") -> None:

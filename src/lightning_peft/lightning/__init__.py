@@ -5,6 +5,7 @@ from lightning_peft.lightning.averaging import AdapterWeightAveraging
 from lightning_peft.lightning.callbacks import AdapterCheckpoint, PeftCallback
 from lightning_peft.lightning.distillation import Distillation
 from lightning_peft.lightning.generation import GenerationSamples
+from lightning_peft.lightning.interrupts import InterruptCheckpoint
 from lightning_peft.lightning.mixin import PeftMixin
 from lightning_peft.lightning.precision import PeftPrecision
 from lightning_peft.lightning.strategies import AdapterModelParallelStrategy
@@ -17,6 +18,7 @@ __all__ = [
     "AdapterWeightAveraging",
     "Distillation",
     "GenerationSamples",
+    "InterruptCheckpoint",
     "PeftCallback",
     "PeftMixin",
     "PeftModelSummary",

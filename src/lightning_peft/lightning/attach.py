@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_peft.adapters.heads import task_head_names
 from lightning_peft.adapters.protocol import TrainsWholeModules, trained_marks
+from lightning_peft.checkpoint.peft_format import save_pretrained_writes_adapters_
 from lightning_peft.injection import AdapterConfig, apply_adapters
 from lightning_peft.lightning.module_state import state_of
 from lightning_peft.lightning.precision import PeftPrecision, peft_precision
@@ -37,6 +38,8 @@ def attach_adapters_once(
     else:  # quantized on the device it trains on, then adapters (LoftQ needs both at once)
         plugin.quantize_base(module, trainer.strategy.root_device, given, name, train_head)
     state_of(module).attached = True
+    # The HF call people make after training: it writes the adapters, as PEFT's does.
+    save_pretrained_writes_adapters_(module, name)
     _announce_head(module, name, given)
     return True
 

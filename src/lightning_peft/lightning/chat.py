@@ -173,6 +173,16 @@ def encode_rows(
     return encoded
 
 
+def stateful_dataloader_class() -> type[DataLoader]:
+    """torchdata's ``StatefulDataLoader`` (a ``DataLoader`` whose position Lightning saves)
+    when torchdata is installed, else ``DataLoader``."""
+    try:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+    except ImportError:
+        return DataLoader
+    return StatefulDataLoader
+
+
 class ChatData(pl.LightningDataModule):
     """Chat rows batched for instruction tuning.
 
@@ -240,7 +250,10 @@ class ChatData(pl.LightningDataModule):
         self.batch_size = batch_size
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        # torchdata's StatefulDataLoader where installed: Lightning saves and restores its
+        # position, so a run resumed from a mid-epoch checkpoint sees the batches it would
+        # have. (A plain DataLoader restarts the epoch's shuffle.)
+        return stateful_dataloader_class()(
             ListDataset(self.train_encoded),
             self.batch_size,
             shuffle=True,

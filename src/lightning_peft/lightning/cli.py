@@ -24,7 +24,7 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.pytorch.cli import LightningCLI
@@ -40,6 +40,8 @@ from lightning_peft.checkpoint.metadata import config_from_metadata
 from lightning_peft.checkpoint.peft_format import save_peft
 from lightning_peft.errors import AdapterStateError
 from lightning_peft.lightning.attach import attach_adapters_once
+from lightning_peft.lightning.callbacks import AdapterCheckpoint
+from lightning_peft.lightning.interrupts import InterruptCheckpoint
 from lightning_peft.lightning.trainer import Trainer
 from lightning_peft.quantization.estimate import METHODS, Method, estimate_memory
 
@@ -57,6 +59,19 @@ class PeftCLI(LightningCLI):
             save_config_callback=None,
             args=list(args) if args is not None else None,
             run=run,
+        )
+
+    def before_fit(self) -> None:
+        """Unless the config has one, add an :class:`InterruptCheckpoint` beside the
+        config's ``AdapterCheckpoint`` (else under the run's root folder): Ctrl-C and
+        preemption leave a checkpoint to resume from."""
+        callbacks = cast(Any, self.trainer).callbacks
+        if any(isinstance(c, InterruptCheckpoint) for c in callbacks):
+            return
+        saver = next((c for c in callbacks if isinstance(c, AdapterCheckpoint)), None)
+        folder = saver.dirpath if saver is not None and saver.dirpath else None
+        callbacks.append(
+            InterruptCheckpoint(str(folder or Path(self.trainer.default_root_dir) / "checkpoints"))
         )
 
     def _parse_ckpt_path(self) -> None:

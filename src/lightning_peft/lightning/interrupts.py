@@ -1,0 +1,59 @@
+"""``InterruptCheckpoint``: an interrupted or preempted run leaves a checkpoint to resume from.
+
+Ctrl-C (SIGINT) reaches Lightning as ``KeyboardInterrupt``; a scheduler's preemption or
+``kill`` (SIGTERM) as ``SIGTERMException``, raised by Lightning at the end of the training
+batch it arrived in. Both call the callbacks' ``on_exception`` before the process ends; this
+callback saves there (adapter-only and atomic, as every save under the package), and only
+for those two: a run that failed on an error has nothing worth resuming from.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
+
+
+class InterruptCheckpoint(OnExceptionCheckpoint):
+    """Save ``dirpath/filename.ckpt`` when training is interrupted by SIGINT (Ctrl-C) or
+    SIGTERM (preemption, ``kill``), once training has taken a step.
+
+    Resume with ``trainer.fit(module, ckpt_path=...)`` (``--ckpt_path`` on the command line).
+    A SIGTERM arrives at the end of a training step, so that file resumes as a step
+    checkpoint does; a Ctrl-C can land inside a step, whose batch the resumed run then
+    takes again.
+
+    Args:
+        dirpath: the folder of the checkpoint.
+        filename: its name, without ``.ckpt``.
+    """
+
+    def __init__(self, dirpath: str, filename: str = "interrupted") -> None:
+        super().__init__(dirpath, filename)
+        self.saved: str | None = None
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        exception = next(
+            (a for a in (*args, *kwargs.values()) if isinstance(a, BaseException)), None
+        )
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            return
+        if trainer.state.fn != "fit" or trainer.global_step == 0:
+            return  # nothing trained yet: nothing to resume
+        super().on_exception(trainer, *args, **kwargs)
+        self.saved = self.ckpt_path
+        signal = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C (SIGINT)"
+        rank_zero_info(
+            f"{signal} at step {trainer.global_step}: saved {self.ckpt_path}; resume with "
+            f"ckpt_path={self.ckpt_path!r} (--ckpt_path on the command line)"
+        )
+
+    @override
+    def teardown(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        """Keep the file: Lightning's callback removes it when a fit ends normally, which
+        would delete one that an earlier, interrupted run left (and this one resumed from)."""
