@@ -3,6 +3,7 @@ adapter-only checkpoint, and ``--ckpt_path`` resumes from it."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ trainer:
   max_steps: {max_steps}
   logger: false
   enable_progress_bar: false
+  log_every_n_steps: 1
   enable_model_summary: false
   callbacks:
     - class_path: lightning_peft.PeftCallback
@@ -75,6 +77,8 @@ def test_an_interrupted_run_leaves_a_checkpoint_that_resumes(tmp_path, sent, exi
     checkpoint = tmp_path / "checkpoints" / "interrupted.ckpt"
     assert checkpoint.is_file(), output[-3000:]
     assert f"saved {checkpoint}" in output and "resume with" in output
+    # Its output is no terminal: lightning-peft fit added a progress line a step.
+    assert re.search(r"^step 2/500  loss \d+\.\d{4}  lr ", output, re.MULTILINE), output[-3000:]
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["state_dict"] and all("lora_" in key for key in saved["state_dict"])  # adapters
     stopped_at = saved["global_step"]

@@ -201,6 +201,31 @@ class ChatCollator:
             spans.append((start, start + len(content) + len(end_of_turn)))
         return spans
 
+    def encode_prompt(self, messages: Sequence[dict[str, str]]) -> tuple[list[int], str | None]:
+        """``(input_ids, reference)`` to generate an answer for a conversation: everything
+        before its last assistant message, then the template's generation prompt; the
+        reference is that message's content (None when the conversation ends otherwise).
+        Cut to the last ``max_length`` tokens (the end is where the answer starts)."""
+        messages = check_messages(messages)
+        reference = None
+        if messages[-1]["role"] == "assistant":
+            reference, messages = messages[-1]["content"], messages[:-1]
+        text = self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True
+        )
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids[-self.max_length :], reference
+
+    def prompt_batch(self, prompts: Sequence[list[int]]) -> dict[str, torch.Tensor]:
+        """Prompts padded on the left (generation continues each at the same position)."""
+        width = max(len(ids) for ids in prompts)
+        return {
+            "input_ids": torch.tensor([[self.pad_id] * (width - len(i)) + i for i in prompts]),
+            "attention_mask": torch.tensor(
+                [[0] * (width - len(i)) + [1] * len(i) for i in prompts]
+            ),
+        }
+
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not rows:
             raise AdapterConfigError(

@@ -221,3 +221,63 @@ def test_a_chat_run_resumed_mid_epoch_from_the_command_line_is_exact(tmp_path):
         got = torch.load(resumed / f"step={step}.ckpt", weights_only=True)["state_dict"]
         assert expected.keys() == got.keys()
         assert all(torch.equal(expected[k], got[k]) for k in expected), step
+
+
+def test_predict_writes_answers_beside_the_prompts_and_validate_reports_generation_metrics(
+    tmp_path, capsys
+):
+    from lightning_peft.data import smollm2_tokenizer
+    from lightning_peft.lightning.cli import load_adapter_checkpoint
+    from tests.tiny_models import tiny_llama
+
+    tokenizer = smollm2_tokenizer()
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "model")
+    config = tmp_path / "chat.yaml"
+    config.write_text(
+        RESUME_CONFIG.format(
+            max_steps=2,
+            checkpoints=tmp_path / "checkpoints",
+            model=tmp_path / "model",
+            train=write_chats(tmp_path / "train.jsonl"),
+        )
+    )
+    main(["fit", "--config", str(config)])
+    ckpt = str(tmp_path / "checkpoints" / "step=2.ckpt")
+    prompts = [{"messages": row["messages"][:1]} for row in CHATS]  # end where answers start
+    predict_file = write_chats(tmp_path / "held_out.jsonl", prompts)
+    generation = ["--model.init_args.max_new_tokens", "3"]
+    main(["predict", "--config", str(config), "--ckpt_path", ckpt, *generation,
+          "--data.init_args.predict_file", predict_file])  # fmt: skip
+    written = tmp_path / "held_out.predictions.jsonl"
+    assert f"4 predictions written to {written}" in capsys.readouterr().out
+    lines = [json.loads(line) for line in written.read_text().splitlines()]
+    assert [line["messages"] for line in lines] == [p["messages"] for p in prompts]
+
+    # Each is what the trained model generates for that prompt alone, greedily.
+    module = load_adapter_checkpoint(str(config), ckpt)
+    module.model.eval()
+    for line, prompt in zip(lines, prompts, strict=True):
+        text = tokenizer.apply_chat_template(
+            prompt["messages"], tokenize=False, add_generation_prompt=True
+        )
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            out = module.model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=2)
+        assert line["prediction"] == tokenizer.decode(
+            out[0, ids.shape[1] :], skip_special_tokens=True
+        )
+
+    main(["validate", "--config", str(config), "--ckpt_path", ckpt, *generation,
+          "--data.init_args.val_file", write_chats(tmp_path / "val.jsonl"),
+          "--model.init_args.val_metrics", "[exact_match, 'regex:.']"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "val_exact_match" in out and "val_regex" in out
+
+
+def test_bad_generation_metrics_are_refused_at_construction():
+    from lightning_peft.lightning.chat import CausalLMTuning
+
+    with pytest.raises(AdapterConfigError, match=r"takes 'exact_match' and 'regex:<pattern>'"):
+        CausalLMTuning(model="nowhere", val_metrics=["bleu"])
+    with pytest.raises(AdapterConfigError, match=r"'regex:\(' does not compile"):
+        CausalLMTuning(model="nowhere", val_metrics=["regex:("])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,7 +19,8 @@ def test_completions_are_what_generate_gives_with_the_adapters_on(tmp_path, caps
     module = CausalLM()
     samples = GenerationSamples(PROMPTS, max_new_tokens=4)
     fit(module, tmp_path, 3, [PeftCallback(QV_LORA), samples], val_data=token_data(4))
-    assert [s["step"] for s in samples.samples] == [3, 3]
+    # The step loggers record validation 3 steps in under (Lightning counts 2 before it).
+    assert [s["step"] for s in samples.samples] == [2, 2]
     module.model.eval()
     with torch.no_grad():
         for prompt, sample in zip(PROMPTS, samples.samples, strict=True):
@@ -26,7 +30,7 @@ def test_completions_are_what_generate_gives_with_the_adapters_on(tmp_path, caps
             ]
             assert sample["output_ids"] == expected.tolist()
     out = capsys.readouterr().out
-    assert "[step 3] [5, 6, 7, 8] -> " in out  # no text logger here: the console
+    assert "[step 2] [5, 6, 7, 8] -> " in out  # no text logger here: the console
 
 
 def test_a_run_with_samples_resumes_exactly_and_sampling_draws_nothing_training_sees(tmp_path):
@@ -79,3 +83,33 @@ def test_text_prompts_without_a_tokenizer_are_refused_before_training(tmp_path):
     ):
         fit(module, tmp_path, 2, [PeftCallback(QV_LORA), GenerationSamples(["Hello"])])
     assert steps == []  # said at setup, not after an epoch
+
+
+def test_samples_go_beside_a_csv_log_under_the_step_of_its_validation_rows(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    samples = GenerationSamples(PROMPTS[:1], max_new_tokens=2)
+    logger = CSVLogger(tmp_path)
+    callbacks = [PeftCallback(QV_LORA), samples]
+    options = dict(logger=logger, log_every_n_steps=1, val_check_interval=2)
+    fit(
+        CausalLM(),
+        tmp_path,
+        2,
+        callbacks,
+        val_data=token_data(4),
+        num_sanity_val_steps=0,
+        **options,
+    )
+    rows = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    val_steps = [
+        r.split(",")[header.index("step")]
+        for r in rows[1:]
+        if r.split(",")[header.index("val_loss")]
+    ]
+    written = [
+        json.loads(line)
+        for line in (Path(logger.log_dir) / "samples.jsonl").read_text().splitlines()
+    ]
+    assert [str(line["step"]) for line in written] == val_steps == ["1"]

@@ -35,3 +35,21 @@ def test_a_merged_export_of_it_is_an_ordinary_model_again(tmp_path):
     lightning_peft.merge_and_export(module.model, tmp_path / "merged")
     assert (tmp_path / "merged" / "config.json").is_file()
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
+
+
+def test_progress_lines_name_step_loss_lr_speed_and_time_left(tmp_path):
+    import re
+
+    from lightning_peft import PeftCallback
+    from lightning_peft.lightning import ProgressLog
+    from tests.lightning_modules import QV_LORA
+
+    progress = ProgressLog(every_n_steps=2)
+    run = fit(CausalLM(), tmp_path, 6, [PeftCallback(QV_LORA), progress])
+    assert len(progress.lines) == 3
+    pattern = r"step (\d)/6  loss (\d+\.\d{4})  lr \d\.\d\de-\d\d  [\d,]+ tokens/s  ETA \dm\d\ds"
+    for line, step in zip(progress.lines, (2, 4, 6), strict=True):
+        match = re.fullmatch(pattern, line)
+        assert match and int(match[1]) == step, line
+        assert float(match[2]) == round(run.losses[step - 1], 4)
+    assert progress.lines[-1].endswith("ETA 0m00s")

@@ -8,6 +8,7 @@ from lightning_peft.lightning.generation import GenerationSamples
 from lightning_peft.lightning.interrupts import InterruptCheckpoint
 from lightning_peft.lightning.mixin import PeftMixin
 from lightning_peft.lightning.precision import PeftPrecision
+from lightning_peft.lightning.progress import ProgressLog
 from lightning_peft.lightning.strategies import AdapterModelParallelStrategy
 from lightning_peft.lightning.summary import PeftModelSummary
 from lightning_peft.lightning.trainer import Trainer
@@ -23,5 +24,6 @@ __all__ = [
     "PeftMixin",
     "PeftModelSummary",
     "PeftPrecision",
+    "ProgressLog",
     "Trainer",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from lightning_peft.data import ListDataset
 from lightning_peft.errors import AdapterConfigError
+from lightning_peft.lightning.predictions import answer_metrics, generate_answers
 from lightning_peft.sft import IGNORE, ChatCollator
 
 BUILT_IN = "smollm2"  # SmolLM2-135M-Instruct, installed with the package data
@@ -219,6 +220,7 @@ class ChatData(pl.LightningDataModule):
         train_size: int = 480,
         val_size: int = 16,
         seed: int = 0,
+        predict_file: str | None = None,
     ) -> None:
         super().__init__()
         self.tokenizer = load_tokenizer(tokenizer)
@@ -247,6 +249,11 @@ class ChatData(pl.LightningDataModule):
             self.collate, self.train_rows, train_file or "the built-in rows"
         )
         self.val_encoded = encode_rows(self.collate, self.val_rows, val_file or "the built-in rows")
+        # What generation metrics and predictions start from: each row up to its answer.
+        self.val_prompts = encode_prompts(self.collate, self.val_rows, val_file or "built-in")
+        self.predict_file = predict_file
+        self.predict_rows = read_chats(predict_file) if predict_file is not None else []
+        self.predict_prompts = encode_prompts(self.collate, self.predict_rows, predict_file or "")
         self.batch_size = batch_size
 
     def train_dataloader(self) -> DataLoader:
@@ -255,7 +262,7 @@ class ChatData(pl.LightningDataModule):
         # have. (A plain DataLoader restarts the epoch's shuffle.)
         return stateful_dataloader_class()(
             ListDataset(self.train_encoded),
-            self.batch_size,
+            batch_size=self.batch_size,
             shuffle=True,
             collate_fn=self.collate.batch,
         )
@@ -264,8 +271,42 @@ class ChatData(pl.LightningDataModule):
         if not self.val_encoded:
             return []
         return DataLoader(
-            ListDataset(self.val_encoded), self.batch_size, collate_fn=self.collate.batch
+            ListDataset(self.val_encoded), batch_size=self.batch_size, collate_fn=self.collate.batch
         )
+
+    def predict_dataloader(self) -> DataLoader:
+        if not self.predict_rows:
+            raise AdapterConfigError(
+                "ChatData has no rows to predict: give --data.init_args.predict_file (JSON "
+                'Lines of {"messages": [...]}, each ending where the answer should start)'
+            )
+        indexed = list(enumerate(ids for ids, _ in self.predict_prompts))
+        return DataLoader(
+            ListDataset(indexed),
+            batch_size=self.batch_size,
+            collate_fn=lambda rows: {
+                **self.collate.prompt_batch([ids for _, ids in rows]),
+                "index": [index for index, _ in rows],
+            },
+        )
+
+
+def encode_prompts(
+    collate: ChatCollator, rows: list[dict[str, Any]], source: str
+) -> list[tuple[list[int], str | None]]:
+    """Each row's prompt and reference (:meth:`ChatCollator.encode_prompt`), rows named."""
+    prompts = []
+    for number, row in enumerate(rows, start=1):
+        try:
+            prompts.append(collate.encode_prompt(row["messages"]))
+        except Exception as error:  # the template's own error (jinja2, a missing key)
+            raise AdapterConfigError(
+                f"{source}, row {number}: the chat template cannot render its prompt: {error}"
+            ) from error
+    return prompts
+
+
+_GENERATION_OPTIONS = ("max_new_tokens", "do_sample", "temperature", "top_p", "val_metrics")
 
 
 class CausalLMTuning(pl.LightningModule):
@@ -277,6 +318,11 @@ class CausalLMTuning(pl.LightningModule):
         lr: AdamW learning rate over the trainable tensors.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up of the learning rate, then constant.
+        max_new_tokens, do_sample, temperature, top_p: how ``predict`` and ``val_metrics``
+            generate answers (greedy by default).
+        val_metrics: metrics of generated answers against the validation rows' last
+            assistant message, logged after each validation as ``val_<name>``:
+            ``"exact_match"``, ``"regex:<pattern>"`` (the answer must match it).
     """
 
     def __init__(
@@ -285,9 +331,30 @@ class CausalLMTuning(pl.LightningModule):
         lr: float = 3e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        val_metrics: list[str] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # How to generate is chosen per command, not by the checkpoint: LightningCLI puts a
+        # checkpoint's hyperparameters over the command line's (predict --ckpt_path ...).
+        self.save_hyperparameters(ignore=list(_GENERATION_OPTIONS))
+        try:
+            self.metrics = answer_metrics(val_metrics or [])
+        except ValueError as error:
+            raise AdapterConfigError(str(error)) from error
+        if isinstance(max_new_tokens, bool) or not (
+            isinstance(max_new_tokens, int) and max_new_tokens > 0
+        ):
+            raise AdapterConfigError(
+                f"max_new_tokens must be a positive int, got {max_new_tokens!r}"
+            )
+        generation: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
+        if do_sample:
+            generation.update(temperature=temperature, top_p=top_p)
+        self.generation = generation
         if model == BUILT_IN:
             from lightning_peft.data import load_smollm2
 
@@ -310,6 +377,36 @@ class CausalLMTuning(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         rows = len(batch["input_ids"])
         self.log("val_loss", self.model(**batch).loss, prog_bar=True, batch_size=rows)
+
+    def on_validation_epoch_end(self) -> None:
+        """Generate an answer for every validation row and log ``val_metrics`` on them."""
+        datamodule: Any = getattr(self.trainer, "datamodule", None)
+        prompts = [p for p in getattr(datamodule, "val_prompts", []) if p[1] is not None]
+        if not self.metrics or not prompts or self.trainer.sanity_checking:
+            return
+        scores = {name: 0 for name in self.metrics}
+        size = datamodule.batch_size
+        with torch.random.fork_rng(devices=[]):  # sampling leaves training's draws alone
+            for start in range(0, len(prompts), size):
+                chunk = prompts[start : start + size]
+                batch = datamodule.collate.prompt_batch([ids for ids, _ in chunk])
+                answers = generate_answers(
+                    self.model, datamodule.tokenizer, batch, **self.generation
+                )
+                for answer, (_, reference) in zip(answers, chunk, strict=True):
+                    for name, metric in self.metrics.items():
+                        scores[name] += metric(answer, reference)
+        for name, hits in scores.items():
+            self.log(f"val_{name}", hits / len(prompts), prog_bar=True)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """The answers to a batch of prompts (``ChatData.predict_dataloader``)."""
+        datamodule: Any = cast(Any, self.trainer).datamodule  # set by Lightning, not declared
+        answers = generate_answers(self.model, datamodule.tokenizer, batch, **self.generation)
+        return [
+            {"index": index, "prediction": answer}
+            for index, answer in zip(batch["index"], answers, strict=True)
+        ]
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_peft.checkpoint import (
@@ -42,6 +43,8 @@ from lightning_peft.errors import AdapterStateError
 from lightning_peft.lightning.attach import attach_adapters_once
 from lightning_peft.lightning.callbacks import AdapterCheckpoint
 from lightning_peft.lightning.interrupts import InterruptCheckpoint
+from lightning_peft.lightning.predictions import ChatPredictionWriter
+from lightning_peft.lightning.progress import ProgressLog
 from lightning_peft.lightning.trainer import Trainer
 from lightning_peft.quantization.estimate import METHODS, Method, estimate_memory
 
@@ -62,10 +65,15 @@ class PeftCLI(LightningCLI):
         )
 
     def before_fit(self) -> None:
-        """Unless the config has one, add an :class:`InterruptCheckpoint` beside the
-        config's ``AdapterCheckpoint`` (else under the run's root folder): Ctrl-C and
-        preemption leave a checkpoint to resume from."""
+        """Unless the config has them: an :class:`InterruptCheckpoint` beside the config's
+        ``AdapterCheckpoint`` (else under the run's root folder), so Ctrl-C and preemption
+        leave a checkpoint to resume from; and, when the output is not a terminal, a
+        :class:`ProgressLog` line every ``log_every_n_steps``."""
         callbacks = cast(Any, self.trainer).callbacks
+        if not sys.stdout.isatty() and not any(isinstance(c, ProgressLog) for c in callbacks):
+            # Output to a file: a progress bar shows nothing there until the end.
+            every = cast(Any, self.trainer).log_every_n_steps  # set by Lightning, not declared
+            callbacks.append(ProgressLog(every_n_steps=every))
         if any(isinstance(c, InterruptCheckpoint) for c in callbacks):
             return
         saver = next((c for c in callbacks if isinstance(c, AdapterCheckpoint)), None)
@@ -73,6 +81,15 @@ class PeftCLI(LightningCLI):
         callbacks.append(
             InterruptCheckpoint(str(folder or Path(self.trainer.default_root_dir) / "checkpoints"))
         )
+
+    def before_predict(self) -> None:
+        """A chat data module's predictions go to a JSON Lines file beside its prompts,
+        unless the config has a prediction writer of its own."""
+        callbacks = cast(Any, self.trainer).callbacks
+        if getattr(self.datamodule, "predict_rows", None) and not any(
+            isinstance(c, BasePredictionWriter) for c in callbacks
+        ):
+            callbacks.append(ChatPredictionWriter())
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI 2.6 reads the model's hyperparameters back from --ckpt_path. A module

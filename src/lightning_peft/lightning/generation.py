@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import lightning.pytorch as pl
@@ -85,7 +87,7 @@ class GenerationSamples(Callback):
         # Sampling draws from the RNG: fork it, so training goes on as without this callback.
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             self.samples = [
-                self._complete(host, tokenizer, prompt, trainer.global_step)
+                self._complete(host, tokenizer, prompt, logged_step(trainer))
                 for prompt in self.prompts
             ]
         host.train(was_training)
@@ -140,12 +142,30 @@ class GenerationSamples(Callback):
                 logged = True
             elif callable(getattr(getattr(logger, "experiment", None), "add_text", None)):
                 text = "\n\n".join(f"**{p}**\n\n{c}" for _, p, c in rows)  # TensorBoard
-                logger.experiment.add_text("samples", text, global_step=trainer.global_step)
+                logger.experiment.add_text("samples", text, global_step=logged_step(trainer))
                 logged = True
+            elif isinstance(getattr(logger, "log_dir", None), str):  # CSV: a file beside it
+                path = Path(logger.log_dir) / "samples.jsonl"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with path.open("a", encoding="utf-8") as file:
+                    for step, prompt, completion in rows:
+                        line = {"step": step, "prompt": prompt, "completion": completion}
+                        file.write(json.dumps(line, ensure_ascii=False) + "\n")
         if not logged:
+            # On lines of their own: a progress bar leaves its line open.
+            start = "\n" if trainer.progress_bar_callback is not None else ""
             for step, prompt, completion in rows:
-                print(f"[step {step}] {prompt} -> {completion}")
+                print(f"{start}[step {step}] {prompt} -> {completion}")
+                start = ""
 
 
 def _is_token_ids(prompt: Any) -> bool:
     return isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt)
+
+
+def logged_step(trainer: pl.Trainer) -> int:
+    """The step Lightning's loggers record what is logged now under: during a validation
+    inside training it is the number of batches that stepped before the current one, one
+    less than ``global_step`` (Lightning 2.6's loop counter; ``global_step`` if absent)."""
+    loop = trainer.fit_loop.epoch_loop
+    return int(getattr(loop, "_batches_that_stepped", trainer.global_step))

@@ -4,21 +4,24 @@ Ctrl-C (SIGINT) reaches Lightning as ``KeyboardInterrupt``; a scheduler's preemp
 ``kill`` (SIGTERM) as ``SIGTERMException``, raised by Lightning at the end of the training
 batch it arrived in. Both call the callbacks' ``on_exception`` before the process ends; this
 callback saves there (adapter-only and atomic, as every save under the package), and only
-for those two: a run that failed on an error has nothing worth resuming from.
+for those two: a run that failed on an error has nothing worth resuming from. Unlike
+Lightning's ``OnExceptionCheckpoint`` it is no checkpointing callback (it works with
+``enable_checkpointing=False``) and never removes the file: a later run may resume from it.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 
-class InterruptCheckpoint(OnExceptionCheckpoint):
+class InterruptCheckpoint(Callback):
     """Save ``dirpath/filename.ckpt`` when training is interrupted by SIGINT (Ctrl-C) or
     SIGTERM (preemption, ``kill``), once training has taken a step.
 
@@ -33,8 +36,12 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
     """
 
     def __init__(self, dirpath: str, filename: str = "interrupted") -> None:
-        super().__init__(dirpath, filename)
+        self.dirpath, self.filename = os.path.expanduser(str(dirpath)), filename
         self.saved: str | None = None
+
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(self.dirpath, f"{self.filename}.ckpt")
 
     @override
     def on_exception(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
@@ -45,15 +52,10 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
             return
         if trainer.state.fn != "fit" or trainer.global_step == 0:
             return  # nothing trained yet: nothing to resume
-        super().on_exception(trainer, *args, **kwargs)
+        trainer.save_checkpoint(self.ckpt_path)
         self.saved = self.ckpt_path
         signal = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C (SIGINT)"
         rank_zero_info(
             f"{signal} at step {trainer.global_step}: saved {self.ckpt_path}; resume with "
             f"ckpt_path={self.ckpt_path!r} (--ckpt_path on the command line)"
         )
-
-    @override
-    def teardown(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
-        """Keep the file: Lightning's callback removes it when a fit ends normally, which
-        would delete one that an earlier, interrupted run left (and this one resumed from)."""
