@@ -172,6 +172,11 @@ def test_a_qlora_adapter_needs_its_nf4_base_and_load_peft_quantizes_in_the_same_
     with torch.no_grad():
         expected = trained(input_ids=tokens).logits
         on_nf4 = load_peft(tiny_llama(init_std=0.3), tmp_path, quantize="nf4")(input_ids=tokens)
-        on_float = load_peft(tiny_llama(init_std=0.3), tmp_path)(input_ids=tokens)
+        # The folder records its NF4 base: by default the float model is quantized so.
+        recorded = load_peft(tiny_llama(init_std=0.3), tmp_path)(input_ids=tokens)
+        with pytest.warns(UserWarning, match="trained over a nf4 base"):
+            float_model = load_peft(tiny_llama(init_std=0.3), tmp_path, quantize=None)
+        on_float = float_model(input_ids=tokens)
     assert torch.equal(on_nf4.logits, expected)  # quantization is deterministic
+    assert torch.equal(recorded.logits, expected)
     assert (on_float.logits - expected).abs().max() > 1e-2  # another base: other logits

@@ -130,9 +130,14 @@ def test_fit_from_the_chat_yaml_with_a_template_then_export(tmp_path, monkeypatc
     ]
     main(["fit", "--config", config, "--trainer.max_steps", "2", *data_args])
     out = capsys.readouterr().out
-    assert "[step 2]" in out  # GenerationSamples ran at the end of training's validation
+    # GenerationSamples ran at the end of training's validation, under the step the
+    # loggers record it at (Lightning counts the batches that stepped before it: 1)
+    assert "[step 1]" in out
     folder = tmp_path / "runs/chat/checkpoints/chat-peft"
     assert AutoTokenizer.from_pretrained(folder).chat_template == TEMPLATE
+    # The base it names is the local folder it was loaded from: it loads offline.
+    base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert (Path(base) / "config.json").is_file(), base
     ckpt = tmp_path / "runs/chat/checkpoints/chat.ckpt"
     main(["export", "--config", config, *data_args, "--ckpt", str(ckpt), "--peft-dir", "peft"])
     assert AutoTokenizer.from_pretrained(tmp_path / "peft").chat_template == TEMPLATE

@@ -18,7 +18,7 @@ def test_save_pretrained_after_qlora_writes_the_adapters_as_peft_does(tmp_path):
     fit(module, tmp_path / "run", 2, [], trainer_class=lightning_peft.Trainer, precision="nf4-lora")
     module.model.save_pretrained(tmp_path / "saved")
     files = sorted(p.name for p in (tmp_path / "saved").iterdir())
-    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "lightning_peft.json"]
     config = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
     # It loads back onto the same base, quantized the same way, and computes the same.
@@ -53,3 +53,50 @@ def test_progress_lines_name_step_loss_lr_speed_and_time_left(tmp_path):
         assert match and int(match[1]) == step, line
         assert float(match[2]) == round(run.losses[step - 1], 4)
     assert progress.lines[-1].endswith("ETA 0m00s")
+
+
+def test_an_adapter_says_what_base_it_needs_and_loading_stores_the_base_so(tmp_path):
+    import pytest
+
+    module = CausalLM()
+    fit(module, tmp_path / "run", 2, [], trainer_class=lightning_peft.Trainer, precision="nf4-lora")
+    module.model.save_pretrained(tmp_path / "saved")
+    record = json.loads((tmp_path / "saved" / "lightning_peft.json").read_text())
+    assert record == {"base_quantization": {"blocksize": 64, "double_quant": True, "mode": "nf4"}}
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    module.model.eval()
+    with torch.no_grad():
+        trained = module.model(input_ids=ids).logits
+        # A float base: quantized as recorded, by default; the answers are the trained run's.
+        auto = load_peft(tiny_llama(0), tmp_path / "saved")
+        torch.testing.assert_close(auto(input_ids=ids).logits, trained)
+        # Told otherwise: a warning that the answers will differ.
+        with pytest.warns(UserWarning, match=r"trained over a nf4 base, and quantize=None"):
+            plain = load_peft(tiny_llama(0), tmp_path / "saved", quantize=None)
+        assert not torch.allclose(plain(input_ids=ids).logits, trained)
+
+
+def test_serve_stores_the_base_as_the_adapters_record_unless_told(tmp_path, capsys):
+    import pytest
+
+    from lightning_peft.serving.cli import base_precision
+
+    module = CausalLM()
+    fit(module, tmp_path / "run", 1, [], trainer_class=lightning_peft.Trainer, precision="nf4-lora")
+    module.model.save_pretrained(tmp_path / "qlora")
+    plain = CausalLM()
+    fit(plain, tmp_path / "run2", 1, [lightning_peft.PeftCallback()])
+    plain.model.save_pretrained(tmp_path / "float")
+    assert base_precision(None, {"a": str(tmp_path / "qlora")}) == "nf4"
+    assert base_precision(None, {"b": str(tmp_path / "float")}) is None
+    assert base_precision("float", {"a": str(tmp_path / "qlora")}) is None
+    assert "adapter a trained over a nf4 base; served over a float one" in capsys.readouterr().err
+    import shutil
+
+    shutil.copytree(tmp_path / "float", tmp_path / "int8")
+    (tmp_path / "int8" / "lightning_peft.json").write_text(
+        '{"base_quantization": {"mode": "int8"}}'
+    )
+    with pytest.raises(SystemExit):  # one base cannot be both
+        base_precision(None, {"a": str(tmp_path / "qlora"), "c": str(tmp_path / "int8")})
+    assert "trained over different bases (int8, nf4)" in capsys.readouterr().err

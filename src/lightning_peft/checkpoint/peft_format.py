@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -30,11 +31,15 @@ from lightning_peft.checkpoint.io import owned_with_tokenizer, staged_folder
 from lightning_peft.checkpoint.state import check_adapter_values
 from lightning_peft.errors import AdapterConfigError, AdapterStateError, UnsupportedLayerError
 from lightning_peft.injection import adapter_configs_attached, apply_adapters, restored_on_error
-from lightning_peft.quantization import QuantMode, quantize_model
+from lightning_peft.quantization import QUANT_MODES, QuantMode, quantize_model
+from lightning_peft.quantization.model import base_quantization
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-_PEFT_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+# Beside PEFT's two (which PEFT reads and this package adds nothing to): how the base the
+# adapter trained over was stored, so loading and serving can store it the same way.
+BASE_FILE = "lightning_peft.json"
+_PEFT_FILES = (CONFIG_FILE, WEIGHTS_FILE, BASE_FILE)
 PREFIX = "base_model.model."
 _TASK_TYPES = {
     "ForCausalLM": "CAUSAL_LM",
@@ -97,6 +102,10 @@ def save_peft(
         contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         save_file(contiguous, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+        stored = base_quantization(host)
+        if stored is not None:
+            record = {"base_quantization": stored}
+            (staging / BASE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
     return Path(directory)
@@ -161,16 +170,20 @@ def load_peft(
     directory: str | os.PathLike[str],
     *,
     adapter_name: str = "default",
-    quantize: QuantMode | None = None,
+    quantize: QuantMode | Literal["auto"] | None = "auto",
 ) -> nn.Module:
     """Read a PEFT adapter directory (written by :func:`save_peft` or by PEFT itself) into
     ``model`` under ``adapter_name``: attaches the adapter from its config unless the model
     already has one of that name, then copies the tensors after checking every key and shape.
 
     An adapter computes what it was trained to compute only on the base it was trained on:
-    one trained over an NF4 base (QLoRA) needs that NF4 base. ``quantize="nf4"`` (or
-    ``"fp4"``, ``"int8"``) quantizes the float ``model`` as ``quantize_model`` does, with
-    the same defaults the ``nf4-lora`` modes use, before attaching: one call.
+    one trained over an NF4 base (QLoRA) needs that NF4 base. A folder written by
+    :func:`save_pretrained`/:func:`save_peft` from a quantized run says so
+    (``lightning_peft.json``), and ``quantize="auto"`` (the default) quantizes a float
+    ``model`` the same way before attaching. ``quantize="nf4"`` (or ``"fp4"``, ``"int8"``)
+    quantizes as ``quantize_model`` does, with the ``nf4-lora`` modes' defaults; ``None``
+    leaves the base as it is. Choosing otherwise than the folder says is warned about: the
+    adapter will answer differently.
 
     Returns:
         ``model``.
@@ -220,9 +233,10 @@ def load_peft(
             f"an {'encoder-decoder' if submodules == 2 else 'encoder- or decoder-only'} model; "
             f"{type(host).__name__} is not one"
         )
+    how = _base_storage(folder, model, quantize)
     with restored_on_error(model):  # refused below: the adapter attached here goes again
-        if quantize is not None:
-            quantize_model(model, quantize)
+        if how is not None:
+            quantize_model(model, how["mode"], **{k: v for k, v in how.items() if k != "mode"})
         if adapter_name not in _names(model):
             saved = list(fields.get("modules_to_save") or [])
             if mapping.prompt_learning:  # PEFT < 0.15 lists none
@@ -233,6 +247,40 @@ def load_peft(
         _copy_peft_tensors(model, folder, tensors, config, adapter_name)
     mapping.warn(host, config, adapter_name)
     return model
+
+
+def recorded_base_quantization(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The base storage an adapter folder records (:data:`BASE_FILE`), or None."""
+    path = Path(folder) / BASE_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text()).get("base_quantization")
+    except (ValueError, AttributeError) as error:
+        raise AdapterConfigError(f"{path}: not the JSON this package writes ({error})") from error
+    if not (isinstance(record, dict) and record.get("mode") in QUANT_MODES):
+        raise AdapterConfigError(f"{path}: base_quantization must name a mode of {QUANT_MODES}")
+    return {k: record[k] for k in ("mode", "double_quant", "blocksize") if k in record}
+
+
+def _base_storage(
+    folder: Path, model: nn.Module, quantize: QuantMode | Literal["auto"] | None
+) -> dict[str, Any] | None:
+    """How to quantize ``model`` before attaching (None: not at all), and a warning when the
+    choice differs from what the folder records."""
+    recorded = recorded_base_quantization(folder)
+    if base_quantization(model) is not None:  # quantized already: as the caller chose
+        return None
+    if quantize == "auto":
+        return recorded
+    if recorded is not None and (quantize is None or quantize != recorded["mode"]):
+        warnings.warn(
+            f"{folder} was trained over a {recorded['mode']} base, and quantize={quantize!r} "
+            "loads it over another: its answers will differ from the trained run's. "
+            "quantize='auto' stores the base as recorded.",
+            stacklevel=3,
+        )
+    return None if quantize is None else {"mode": quantize}
 
 
 def _copy_peft_tensors(

@@ -45,6 +45,7 @@ from lightning_peft.lightning.callbacks import AdapterCheckpoint
 from lightning_peft.lightning.interrupts import InterruptCheckpoint
 from lightning_peft.lightning.predictions import ChatPredictionWriter
 from lightning_peft.lightning.progress import ProgressLog
+from lightning_peft.lightning.quiet import quiet_known_noise
 from lightning_peft.lightning.trainer import Trainer
 from lightning_peft.quantization.estimate import METHODS, Method, estimate_memory
 
@@ -120,6 +121,7 @@ subcommands:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    quiet_known_noise()
     given = list(sys.argv[1:] if argv is None else argv)
     if given and given[0] == "export":
         export(given[1:])

@@ -289,3 +289,22 @@ def quantize_like_(model: nn.Module, state_dict: dict[str, Any]) -> bool:
         return False
     quantize_model(model, cast(QuantMode, modes.pop()), skip_modules=sorted(floats - set(layers)))
     return True
+
+
+def base_quantization(model: nn.Module) -> dict[str, Any] | None:
+    """How ``model``'s frozen linear layers are stored, as a record an adapter folder keeps
+    (an adapter trained over an NF4 base computes what it learned only over that base):
+    ``{"mode": "nf4", "double_quant": True, "blocksize": 64}``, ``{"mode": "int8"}``, or
+    None for a float base."""
+    for module in model.modules():
+        if not is_linear_layer(module) or not is_quantized(module):
+            continue
+        quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if quant_state is None:
+            return {"mode": "int8"}
+        return {
+            "mode": str(quant_state.quant_type),
+            "double_quant": bool(quant_state.nested),
+            "blocksize": int(quant_state.blocksize),
+        }
+    return None

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lightning_peft.checkpoint.peft_format import recorded_base_quantization
 from lightning_peft.serving.engine import PRECISIONS, check_adapter_file
 from lightning_peft.serving.requests import RequestError, check_name
 
@@ -46,7 +47,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="NAME=PATH",
         help="an adapter to load at start: a PEFT folder or an adapter checkpoint (repeatable)",
     )
-    parser.add_argument("--precision", choices=PRECISIONS, help="quantize the base (QLoRA: nf4)")
+    parser.add_argument(
+        "--precision",
+        choices=[*PRECISIONS, "float"],
+        help="how to store the base: nf4 (QLoRA), fp4, int8 or float; default: as the "
+        "adapters trained over it record (float when they record nothing)",
+    )
     parser.add_argument("--host", default="127.0.0.1", choices=HOSTS)
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch-size", type=int, default=8)
@@ -71,10 +77,11 @@ def serve(argv: Sequence[str]) -> None:
     base = resolve_base(args, adapters)
     from lightning_peft.serving.api import AdapterAPI, adapter_server
 
+    precision = base_precision(args.precision, adapters)
     api = AdapterAPI(
         base,
         adapters,
-        precision=args.precision,
+        precision=precision,
         max_new_tokens=args.max_new_tokens,
         max_batch_size=args.max_batch_size,
         batch_timeout=args.batch_timeout,
@@ -85,6 +92,47 @@ def serve(argv: Sequence[str]) -> None:
         server.run(host=args.host, port=args.port, generate_client_file=False)
     except RuntimeError as error:  # LitServe: the worker's setup failed (its traceback above)
         sys.exit(f"lightning-peft serve: the server did not start: {error}")
+
+
+def base_precision(given: str | None, adapters: dict[str, str]) -> str | None:
+    """How to store the base: ``--precision`` when given (with a warning for each adapter
+    that trained over another storage), else what the adapters record; None is float."""
+    recorded = {name: _recorded_mode(path) for name, path in adapters.items()}
+    if given is not None:
+        chosen = None if given == "float" else given
+        for name, mode in recorded.items():
+            if mode != chosen and mode is not None:
+                print(
+                    f"lightning-peft serve: warning: adapter {name} trained over a {mode} base; "
+                    f"served over a {given} one, its answers differ from the trained run's",
+                    file=sys.stderr,
+                )
+        return chosen
+    modes = {mode for mode in recorded.values() if mode is not None}
+    if len(modes) > 1:
+        parser().error(
+            f"the adapters trained over different bases ({', '.join(sorted(modes))}): serve "
+            "them from separate servers, or choose one with --precision"
+        )
+    if modes:
+        print(
+            f"lightning-peft serve: storing the base as {next(iter(modes))}, as the adapters record"
+        )
+    return modes.pop() if modes else None
+
+
+def _recorded_mode(path: str) -> str | None:
+    """The base storage an adapter records: a PEFT folder's ``lightning_peft.json``, or the
+    precision flag in a checkpoint's metadata (``nf4-lora`` -> ``nf4``)."""
+    if Path(path).is_dir():
+        recorded = recorded_base_quantization(path)
+        return None if recorded is None else str(recorded["mode"])
+    import torch
+
+    metadata = torch.load(path, map_location="cpu", weights_only=True).get("lightning_peft", {})
+    flag = metadata.get("precision") if isinstance(metadata, dict) else None
+    mode = str(flag).split("-", 1)[0] if isinstance(flag, str) else None
+    return mode if mode in PRECISIONS else None
 
 
 def checked_adapters(args: argparse.Namespace) -> dict[str, str]:

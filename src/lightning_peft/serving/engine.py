@@ -190,7 +190,9 @@ class AdapterEngine:
 
     def _load_peft(self, name: str, folder: Path) -> None:
         _peft_config(folder)
-        load_peft(self.model, folder, adapter_name=name)
+        # The base is the server's, shared by every adapter: never quantized per adapter
+        # (load_peft warns when the adapter trained over another storage).
+        load_peft(self.model, folder, adapter_name=name, quantize=None)
 
     def _load_checkpoint(self, name: str, path: Path) -> None:
         checkpoint, metadata, saved_name, configs = _checkpoint_parts(path)
