@@ -47,7 +47,7 @@ from lightning_peft.lightning.predictions import ChatPredictionWriter
 from lightning_peft.lightning.progress import ProgressLog
 from lightning_peft.lightning.quiet import quiet_known_noise
 from lightning_peft.lightning.trainer import Trainer
-from lightning_peft.quantization.estimate import METHODS, Method, estimate_memory
+from lightning_peft.quantization.estimate import METHODS, Architecture, Method, estimate_memory
 
 
 class PeftCLI(LightningCLI):
@@ -241,22 +241,44 @@ def _load(ckpt: str) -> dict[str, Any]:
 def memory(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="lightning-peft memory",
-        description="Memory to fine-tune a model of a given size (QLoRA paper's arithmetic; "
-        "activations not included).",
+        description="Memory to fine-tune a model of a given size (QLoRA paper's arithmetic); "
+        "with --config, the activations of a training step too.",
     )
     parser.add_argument("size", help="parameters, e.g. 70B, 7b, 135M or 134515008")
     parser.add_argument("--method", choices=[*METHODS, "all"], default="all")
     parser.add_argument("--gpu", type=float, help="GPU memory in GB: say whether it fits")
     parser.add_argument("--adapter-fraction", type=float, default=0.012)
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "sgd"])
+    parser.add_argument(
+        "--config",
+        help="the model: a folder holding its config.json, or 'smollm2'; adds activations",
+    )
+    parser.add_argument("--batch", type=int, default=8, help="rows a step (with --config)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens a row (with --config)")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--compute", choices=["bf16", "fp32"], default="bf16", help="fp32 on a CPU")
     args = parser.parse_args(argv)
     if args.gpu is not None and not (math.isfinite(args.gpu) and args.gpu > 0):
         parser.error(f"--gpu must be a positive number of GB, got {args.gpu}")
+    architecture = None
+    if args.config is not None:
+        try:
+            architecture = Architecture.from_config(_model_config(args.config))
+        except (OSError, ValueError) as error:
+            parser.error(f"--config {args.config}: {error}")
     methods: Sequence[Method] = METHODS if args.method == "all" else [args.method]
     try:  # every check before the first table
         estimates = [
             estimate_memory(
-                args.size, m, adapter_fraction=args.adapter_fraction, optimizer=args.optimizer
+                args.size,
+                m,
+                adapter_fraction=args.adapter_fraction,
+                optimizer=args.optimizer,
+                architecture=architecture,
+                batch=args.batch,
+                seq_len=args.seq_len,
+                gradient_checkpointing=args.gradient_checkpointing,
+                compute_bytes=2 if args.compute == "bf16" else 4,
             )
             for m in methods
         ]
@@ -264,6 +286,20 @@ def memory(argv: Sequence[str]) -> None:
         parser.error(str(error))
     for estimate in estimates:
         print(estimate.table(gpu_gb=args.gpu) + "\n")
+
+
+def _model_config(name_or_folder: str) -> dict[str, Any]:
+    """The ``config.json`` of a model folder, or of the built-in ``smollm2``."""
+    import json
+
+    if name_or_folder == "smollm2":
+        from lightning_peft.data import smollm2_path
+
+        name_or_folder = str(smollm2_path())
+    config = Path(name_or_folder) / "config.json"
+    if not config.is_file():
+        raise OSError("no config.json there (give a folder a model was saved to, or 'smollm2')")
+    return dict(json.loads(config.read_text()))
 
 
 if __name__ == "__main__":
