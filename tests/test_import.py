@@ -35,13 +35,32 @@ def test_the_public_surface_is_at_most_30_names_and_each_resolves():
     assert all(getattr(lightning_peft, name) is not None for name in lightning_peft.__all__)
 
 
-def test_a_name_that_moved_still_resolves_with_a_warning_naming_its_module():
+def test_names_live_in_their_modules_and_unknown_ones_are_refused():
     import pytest
 
     import lightning_peft
-    from lightning_peft.injection import adapter_parameter_names
 
-    with pytest.warns(DeprecationWarning, match="import it from lightning_peft.injection"):
-        assert lightning_peft.adapter_parameter_names is adapter_parameter_names
+    with pytest.raises(AttributeError, match="has no attribute 'adapter_parameter_names'"):
+        lightning_peft.adapter_parameter_names  # noqa: B018 (lightning_peft.injection's)
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         lightning_peft.nothing  # noqa: B018
+
+
+def test_every_package_error_has_one_base_and_keeps_its_builtin_one():
+    import inspect
+
+    import lightning_peft.errors as errors
+    from lightning_peft.serving.requests import RequestError
+
+    classes = [
+        c for _, c in inspect.getmembers(errors, inspect.isclass) if c.__module__ == errors.__name__
+    ]
+    assert len(classes) >= 6
+    for error in [*classes, RequestError]:
+        assert issubclass(error, errors.LightningPeftError), error
+    # The two the top level exports catch every configuration and state error.
+    assert issubclass(errors.TargetModulesError, errors.AdapterConfigError)
+    assert issubclass(errors.UnsupportedLayerError, errors.AdapterConfigError)
+    assert issubclass(errors.UnsupportedLayerError, TypeError)  # as before
+    assert issubclass(errors.AdapterStateKeyError, KeyError)
+    assert issubclass(errors.MissingAssetError, ModuleNotFoundError)

@@ -1,7 +1,5 @@
 """Parameter-efficient fine-tuning for PyTorch Lightning: LoRA and friends over any base layer."""
 
-import importlib
-import warnings
 from typing import TYPE_CHECKING, Any
 
 from lightning_peft.adapters import (
@@ -52,41 +50,18 @@ _LIGHTNING_NAMES = (
     "Trainer",
 )
 
-# Names that were top-level before 0.2 and now live in the module that defines them; the
-# old spelling works, with a warning, until the next release.
-_MOVED = {
-    "LoRALinear": "lightning_peft.adapters",
-    "fold_prefix_": "lightning_peft.adapters",
-    "AdapterStateKeyError": "lightning_peft.errors",
-    "TargetModulesError": "lightning_peft.errors",
-    "UnsupportedLayerError": "lightning_peft.errors",
-    "MergeReport": "lightning_peft.merging",
-    "ParameterCount": "lightning_peft.counting",
-    "adapter_parameter_names": "lightning_peft.injection",
-    "estimate_memory": "lightning_peft.quantization.estimate",
-    "tfew_losses": "lightning_peft.tfew",
-    "RankClassificationAccuracy": "lightning_peft.tfew_metric",
-    "PeftModelSummary": "lightning_peft.lightning",
-}
-
 
 def __getattr__(name: str) -> Any:
     if name in _LIGHTNING_NAMES:
         import lightning_peft.lightning
 
         return getattr(lightning_peft.lightning, name)
-    if name in _MOVED:
-        warnings.warn(
-            f"lightning_peft.{name} moved: import it from {_MOVED[name]}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module 'lightning_peft' has no attribute {name!r}")
 
 
 # The configs, apply / state / merge, PEFT files and export, the multi-adapter verbs, the
-# Lightning classes and the two errors to catch. Everything else lives in its module.
+# Lightning classes and the two errors to catch (their base, LightningPeftError, and the
+# rest live in lightning_peft.errors). Everything else lives in its module.
 __all__ = [
     "IA3",
     "AdapterCheckpoint",

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_peft.errors import LightningPeftError
+
 PREDICT_FIELDS = ("adapter", "prompt", "input_ids", "max_new_tokens", "choices")
 DEFAULT_MAX_NEW_TOKENS = 16
 MAX_CHOICES = 64
@@ -21,7 +23,7 @@ def short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
-class RequestError(Exception):
+class RequestError(LightningPeftError):
     """A request the server refuses: ``status`` is the HTTP code, the message its reason."""
 
     def __init__(self, status: int, reason: str) -> None:
