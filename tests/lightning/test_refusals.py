@@ -151,6 +151,22 @@ def test_strategies_that_write_sharded_folders_are_refused_with_the_fix():
     make_checkpoints_adapter_only(one_file)  # one file: reduced on every rank, then written
 
 
+def test_deepspeed_is_refused_naming_the_alternatives():
+    """DeepSpeed needs its package (and a GPU) to build: the refusal is checked on an
+    instance that skipped its __init__, which is all the check reads."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from lightning_peft.lightning.checkpoint_io import make_checkpoints_adapter_only
+
+    trainer = SimpleNamespace(strategy=DeepSpeedStrategy.__new__(DeepSpeedStrategy))
+    with pytest.raises(
+        AdapterConfigError, match=r"DeepSpeedStrategy: DeepSpeed's engine writes .* strategy='ddp'"
+    ):
+        make_checkpoints_adapter_only(trainer)
+
+
 def test_peft_callback_refuses_what_is_not_an_adapter_config():
     with pytest.raises(
         AdapterConfigError,

@@ -8,8 +8,8 @@ So that is where a checkpoint becomes adapter-only, once, whichever of ``PeftCal
 ``PeftMixin`` or ``PeftPrecision`` set it up. Every rank takes part (the base fingerprint
 gathers sharded tensors under FSDP2), and the frozen base is gone before
 ``AsyncCheckpointIO`` copies the dict for its thread.
-Strategies that write sharded folders are refused (their loader wants every tensor back);
-DeepSpeed's engine writes its own files, frozen parameters included, and is not covered.
+Strategies that write sharded folders are refused (their loader wants every tensor back), and
+so is DeepSpeed, whose engine writes its own files with the frozen parameters in them.
 
 Writing the file is Lightning's own extension point, a ``CheckpointIO``:
 :class:`AtomicCheckpointIO` sits innermost (under ``AsyncCheckpointIO``, the rename then
@@ -26,7 +26,7 @@ import lightning.pytorch as pl
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from typing_extensions import override
 
 from lightning_peft.checkpoint import atomic_path
@@ -140,6 +140,13 @@ def make_checkpoints_adapter_only(trainer: pl.Trainer) -> None:
 
 
 def _refuse_sharded_saves(strategy: pl.strategies.Strategy) -> None:
+    if isinstance(strategy, DeepSpeedStrategy):
+        raise AdapterConfigError(
+            f"{type(strategy).__name__}: DeepSpeed's engine writes its own checkpoint files, "
+            "the frozen base in each, and reloads them whole, so they cannot be adapter-only. "
+            "Use strategy='ddp', or FSDP2 (lightning_peft.AdapterModelParallelStrategy) to "
+            "shard a model that does not fit one device"
+        )
     sharded = None
     if isinstance(strategy, ModelParallelStrategy) and strategy._save_distributed_checkpoint:
         sharded = "save_distributed_checkpoint=True"
