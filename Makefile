@@ -3,6 +3,7 @@
 # the set CI tests, into it.
 #
 #   make lint            ruff's checks and format, and mypy on src, as CI runs them first
+#   make test-fast       daily work: the suite without real-model and multi-process tests
 #   make test-cpu-paths  the tests that touch 4-bit layers, with bitsandbytes' AVX512-BF16 CPU
 #                        path forced on and then off (whatever this CPU has)
 #   make test-oldest     the whole suite on the lowest versions pyproject.toml declares
@@ -19,7 +20,7 @@ TORCH := torch==2.13.0
 CPU_PATH_TESTS := tests/quantization tests/lightning tests/adapters/test_contract.py \
 	tests/checkpoint tests/test_switching.py tests/test_distillation.py
 
-.PHONY: demo test install lint test-cpu-paths test-oldest test-latest clean
+.PHONY: demo test test-fast install lint test-cpu-paths test-oldest test-latest clean
 
 # $(1): venv folder, $(2): pip options that choose the versions.
 define make_venv
@@ -42,6 +43,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" --ignore=tests/distributed
 
 # The rules in pyproject.toml's [tool.ruff]; `ruff check --fix` and `ruff format` repair most.
 # Then mypy on src, as [tool.mypy] sets it.
