@@ -85,3 +85,36 @@ def adapted_tokenizer():
     from lightning_peft.data import smollm2_tokenizer
 
     return smollm2_tokenizer()
+
+
+def test_a_method_registered_outside_the_package_trains_from_a_yaml_config(tmp_path):
+    """The CLI checks an adapter's class path against the method protocols, not a list of
+    the shipped classes: tests/external_method.py's OutputShift is accepted like LoRA."""
+    config = tmp_path / "shift.yaml"
+    config.write_text(
+        f"""\
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  max_steps: 3
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: lightning_peft.PeftCallback
+      init_args:
+        adapters:
+          class_path: tests.external_method.OutputShift
+    - class_path: lightning_peft.AdapterCheckpoint
+      init_args: {{dirpath: {tmp_path / "checkpoints"}, filename: shift}}
+model:
+  class_path: tests.lightning_modules.CausalLM
+data:
+  class_path: tests.lightning_modules.TokenData
+"""
+    )
+    main(["fit", "--config", str(config)])
+    saved = torch.load(tmp_path / "checkpoints" / "shift.ckpt", weights_only=True)
+    assert saved["lightning_peft"]["adapters"][0]["method"] == "OutputShift"
+    shifts = [v for k, v in saved["state_dict"].items() if ".shift." in k]
+    assert shifts and any(v.abs().sum() > 0 for v in shifts)  # trained away from zero

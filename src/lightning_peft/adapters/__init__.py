@@ -14,12 +14,19 @@ from lightning_peft.adapters.peft_mapping import (
 )
 from lightning_peft.adapters.prefix import PrefixKV, PrefixTuning, fold_prefix_
 from lightning_peft.adapters.prompt import PromptTuning, SoftPrompt
-from lightning_peft.adapters.protocol import AdapterModule, MergeableAdapter, is_adapter
+from lightning_peft.adapters.protocol import (
+    AdapterModule,
+    MergeableAdapter,
+    ModelAdapterConfig,
+    WrapsLayers,
+    is_adapter,
+)
 from lightning_peft.adapters.registry import register_method
 
-# The methods this package ships: the type the CLI (jsonargparse) offers for ``adapters``.
-# Anything with the shape of ``lightning_peft.injection.AdapterConfig`` works in code too.
-MethodConfig = Union[LoRA, IA3, PromptTuning, PrefixTuning, BottleneckAdapter, BitFit, Unfreeze]  # noqa: UP007 (jsonargparse builds the CLI from it)
+# An adapter method, the shipped ones and any other (a class with ``can_wrap``, or with
+# ``check`` and ``attach``): the type the CLI and YAML (jsonargparse) check a config's class
+# path against, so a method registered outside the package is accepted there too.
+MethodConfig = Union[WrapsLayers, ModelAdapterConfig]  # noqa: UP007 (jsonargparse builds the CLI from it)
 register_method(LoRA, peft=LoRAMapping())
 register_method(IA3, peft=IA3Mapping())
 register_method(PromptTuning, peft=PromptTuningMapping())

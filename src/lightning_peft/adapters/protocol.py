@@ -33,6 +33,15 @@ class LayerAdapterConfig(Protocol):
 
 
 @runtime_checkable
+class WrapsLayers(Protocol):
+    """What the command line checks a layer method's class path against: jsonargparse
+    matches a protocol's methods by signature and cannot match data attributes, so
+    :class:`LayerAdapterConfig` minus its fields."""
+
+    def can_wrap(self, module: nn.Module) -> bool: ...
+
+
+@runtime_checkable
 class ModelAdapterConfig(Protocol):
     """A method that acts on the model as a whole (``PromptTuning``, ``BitFit``, ...)."""
 
