@@ -71,6 +71,14 @@ ROWS: dict[str, tuple[str, dict[str, str]]] = {
     "16-bit": ('`precision="bf16-true"` / `"nf4-lora-bf16-mixed"`', {}),
     "hyperparameters": ("`save_hyperparameters()` of a `LoRA(...)`, resumed `weights_only`", {}),
     "summary": ("a `ModelSummary` subclass of the user's (4-bit weights counted whole)", {}),
+    "load-from-checkpoint": (
+        "loading a trained module from its checkpoint",
+        {
+            way: "✓ `load_adapter_checkpoint(LM, path)` (`LM.load_from_checkpoint` drops the "
+            "adapters of a module that does not attach them itself; `PeftMixin` modules: ✓)"
+            for way in WAYS
+        },
+    ),
     "ddp-spawn": (
         '`strategy="ddp_spawn"`',
         {
@@ -483,3 +491,23 @@ def test_a_quantized_runs_checkpoint_says_how_to_load_it_without_a_trainer(tmp_p
 
 if __name__ == "__main__":
     print(ecosystem_table())
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_a_callback_trained_module_loads_its_adapters_from_a_checkpoint(way, tmp_path):
+    from lightning_peft.lightning import load_adapter_checkpoint
+
+    save = AdapterCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    trained = RecordsItsAdapters()
+    run(way, trained, tmp_path / "a", 2, [save])
+    (checkpoint,) = (tmp_path / "ckpt").glob("*.ckpt")
+    # What Lightning alone gives: a module without the adapters (strict=False drops them).
+    plain = RecordsItsAdapters.load_from_checkpoint(checkpoint, strict=False)
+    assert not adapter_parameter_names(plain)
+    loaded = load_adapter_checkpoint(RecordsItsAdapters, checkpoint)
+    ids = token_data(8).dataset[0][None]
+    trained.eval()
+    loaded.eval()
+    with torch.no_grad():
+        expected = trained.model(input_ids=ids).logits
+        torch.testing.assert_close(loaded.model(input_ids=ids).logits, expected, rtol=0, atol=0)

@@ -6,6 +6,7 @@ from lightning_peft.lightning.callbacks import AdapterCheckpoint, PeftCallback
 from lightning_peft.lightning.distillation import Distillation
 from lightning_peft.lightning.generation import GenerationSamples
 from lightning_peft.lightning.interrupts import InterruptCheckpoint
+from lightning_peft.lightning.loading import load_adapter_checkpoint
 from lightning_peft.lightning.mixin import PeftMixin
 from lightning_peft.lightning.precision import PeftPrecision
 from lightning_peft.lightning.progress import ProgressLog
@@ -26,4 +27,5 @@ __all__ = [
     "PeftPrecision",
     "ProgressLog",
     "Trainer",
+    "load_adapter_checkpoint",
 ]
