@@ -174,3 +174,44 @@ def test_an_adapter_checkpoint_loads_under_a_new_name_on_its_base_only(tmp_path,
     with pytest.raises(RequestError, match="was trained on another base") as refused:
         other.load("counting", tmp_path / "ckpt" / "adapter.ckpt")
     assert refused.value.status == 400 and other.adapters() == []
+
+
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_messages_are_rendered_with_the_template_the_adapter_trained_with(tmp_path):
+    import copy
+
+    from lightning_peft.data import smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer()
+    trained_with = copy.deepcopy(tokenizer)
+    trained_with.chat_template = TEMPLATE
+    module = CausalLM()
+    module.tokenizer = trained_with  # the run's tokenizer: its template goes in the checkpoint
+    save = AdapterCheckpoint(
+        dirpath=tmp_path, filename="chat", every_n_train_steps=1, export_peft=True
+    )
+    fit(module, tmp_path / "run", 1, [PeftCallback(LoRA(rank=4, target_modules=["q_proj"])), save])
+    engine = AdapterEngine(tiny_llama(0).eval(), tokenizer)
+    engine.load("chat", tmp_path / "chat.ckpt")
+    engine.load("folder", tmp_path / "chat-peft")  # its tokenizer files hold the template
+    messages = [{"role": "user", "content": "Hello?"}]
+
+    def ids(adapter):
+        body = {"adapter": adapter, "messages": messages, "max_new_tokens": 2}
+        return list(engine.job(parse_predict(body, max_new_tokens_cap=8)).input_ids)
+
+    def rendered(template):
+        text = tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    assert ids("chat") == ids("folder") == rendered(TEMPLATE)  # the adapter's own template
+    assert ids(None) == rendered(None) != rendered(TEMPLATE)  # the base: the tokenizer's
+    with pytest.raises(RequestError, match=r'"messages" must be a non-empty list'):
+        parse_predict({"adapter": None, "messages": [{"role": "user"}]}, max_new_tokens_cap=8)

@@ -24,6 +24,7 @@ from lightning_peft.adapters.inputs import HFModel
 from lightning_peft.adapters.lora import LoRA
 from lightning_peft.adapters.protocol import routes_rows
 from lightning_peft.checkpoint.metadata import (
+    METADATA_KEY,
     config_from_metadata,
     fingerprint_frozen,
     read_metadata,
@@ -86,6 +87,7 @@ class AdapterEngine:
         self.max_new_tokens = max_new_tokens
         self.mix = mix
         self.sources: dict[str, str] = {}
+        self.templates: dict[str, str] = {}  # adapter -> the chat template it trained with
         # Generation passes run, rows they held, and passes whose rows named 2+ adapters.
         self.served = {"passes": 0, "rows": 0, "mixed_passes": 0}
         config = model.config
@@ -175,6 +177,9 @@ class AdapterEngine:
                 400, f"{source} could not be loaded: {type(error).__name__}: {_one_line(error)}"
             ) from error
         self.sources[name] = str(source)
+        template = _trained_template(source)
+        if template is not None:
+            self.templates[name] = template
         return next(a for a in self.adapters() if a["name"] == name)
 
     def unload(self, name: str) -> None:
@@ -183,6 +188,7 @@ class AdapterEngine:
             raise RequestError(404, self.unknown(name))
         delete_adapter(self.model, name)
         del self.sources[name]
+        self.templates.pop(name, None)
 
     def unknown(self, name: str) -> str:
         """Why a request for adapter ``name`` that is not loaded is refused."""
@@ -267,6 +273,8 @@ class AdapterEngine:
             raise RequestError(404, self.unknown(request.adapter))
         if request.prompt is not None:
             ids = self._tokens(request.prompt, "prompt", special=True)
+        elif request.messages is not None:
+            ids = self._tokens(self._render(request), "messages", special=False)
         else:
             ids = self._checked_ids(request.input_ids or (), '"input_ids"')
         choices = None
@@ -286,6 +294,26 @@ class AdapterEngine:
                 f"of {self.context} tokens",
             )
         return Job(request.adapter, ids, request.max_new_tokens, choices)
+
+    def _render(self, request: PredictRequest) -> str:
+        """The conversation as text, with the template the adapter trained with (recorded
+        in its checkpoint or saved with its PEFT folder), else the base tokenizer's."""
+        if self.tokenizer is None:
+            raise RequestError(400, 'this base has no tokenizer: send "input_ids" instead')
+        template = self.templates.get(request.adapter) if request.adapter else None
+        try:
+            return str(
+                self.tokenizer.apply_chat_template(
+                    list(request.messages or ()),
+                    chat_template=template,
+                    tokenize=False,
+                    add_generation_prompt=True,
+                )
+            )
+        except Exception as error:  # no template anywhere, or one that cannot render them
+            raise RequestError(
+                400, f'"messages" cannot be rendered: {type(error).__name__}: {_one_line(error)}'
+            ) from error
 
     def _tokens(self, text: str, field: str, special: bool) -> tuple[int, ...]:
         if self.tokenizer is None:
@@ -473,6 +501,22 @@ def check_adapter_file(path: str | Path) -> None:
             )
     except (AdapterConfigError, AdapterStateError) as error:
         raise RequestError(400, _one_line(error)) from error
+
+
+def _trained_template(source: Path) -> str | None:
+    """The chat template an adapter trained with: a checkpoint's metadata records it, a
+    PEFT folder holds it with the tokenizer saved beside the weights."""
+    if source.is_file():
+        metadata = torch.load(source, map_location="cpu", weights_only=True).get(METADATA_KEY)
+        template = metadata.get("chat_template") if isinstance(metadata, dict) else None
+        return template if isinstance(template, str) else None
+    if (source / "chat_template.jinja").is_file():
+        return (source / "chat_template.jinja").read_text(encoding="utf-8")
+    config = source / "tokenizer_config.json"
+    if config.is_file():
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
 
 
 def _peft_config(folder: Path) -> Any:

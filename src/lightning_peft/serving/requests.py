@@ -10,7 +10,7 @@ from typing import Any
 
 from lightning_peft.errors import LightningPeftError
 
-PREDICT_FIELDS = ("adapter", "prompt", "input_ids", "max_new_tokens", "choices")
+PREDICT_FIELDS = ("adapter", "prompt", "messages", "input_ids", "max_new_tokens", "choices")
 DEFAULT_MAX_NEW_TOKENS = 16
 MAX_CHOICES = 64
 MAX_NAME = 64  # adapter names are echoed in refusals and listings
@@ -53,6 +53,8 @@ class PredictRequest:
     input_ids: tuple[int, ...] | None
     max_new_tokens: int
     choices: tuple[str | tuple[int, ...], ...] | None = None
+    #: A conversation, rendered with the chat template the adapter trained with.
+    messages: tuple[dict[str, str], ...] | None = None
 
 
 def parse_predict(body: Any, *, max_new_tokens_cap: int) -> PredictRequest:
@@ -67,9 +69,31 @@ def parse_predict(body: Any, *, max_new_tokens_cap: int) -> PredictRequest:
     adapter = body["adapter"]
     if adapter is not None and not isinstance(adapter, str):
         raise RequestError(400, f'"adapter" must be a name or null, got {short(adapter)}')
-    prompt, input_ids = body.get("prompt"), body.get("input_ids")
-    if (prompt is None) == (input_ids is None):
-        raise RequestError(400, 'give exactly one of "prompt" (text) or "input_ids" (token ids)')
+    prompt, input_ids, messages = body.get("prompt"), body.get("input_ids"), body.get("messages")
+    if [prompt, input_ids, messages].count(None) != 2:
+        raise RequestError(
+            400,
+            'give exactly one of "prompt" (text), "messages" (a conversation) or "input_ids" '
+            "(token ids)",
+        )
+    if messages is not None:
+        if not (
+            isinstance(messages, list)
+            and messages
+            and all(
+                isinstance(m, dict)
+                and set(m) == {"role", "content"}
+                and isinstance(m["role"], str)
+                and isinstance(m["content"], str)
+                for m in messages
+            )
+        ):
+            raise RequestError(
+                400,
+                '"messages" must be a non-empty list of {"role": str, "content": str}, got '
+                f"{short(messages)}",
+            )
+        messages = tuple(messages)
     if prompt is not None and not isinstance(prompt, str):
         raise RequestError(400, f'"prompt" must be a string, got {type(prompt).__name__}')
     if input_ids is not None:
@@ -96,7 +120,7 @@ def parse_predict(body: Any, *, max_new_tokens_cap: int) -> PredictRequest:
             f'"max_new_tokens" is at most {max_new_tokens_cap} on this server '
             f"(--max-new-tokens), got {short(count)}",
         )
-    return PredictRequest(adapter, prompt, input_ids, count, choices)
+    return PredictRequest(adapter, prompt, input_ids, count, choices, messages)
 
 
 def _choices(value: Any) -> tuple[str | tuple[int, ...], ...] | None:
