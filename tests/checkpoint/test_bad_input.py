@@ -107,3 +107,31 @@ def test_a_pickle_only_peft_folder_is_refused_saying_why(tmp_path):
     (folder / "adapter_model.bin").write_bytes(b"pickle")
     with pytest.raises(FileNotFoundError, match=r"adapter_model.bin, a pickle.*safetensors only"):
         load_peft(tiny_llama(), folder)
+
+
+def test_a_backtracking_target_pattern_in_a_peft_folder_costs_no_time(tmp_path):
+    """A folder's config is untrusted: its regular expression is never run; the weights
+    say which modules the adapter holds (a process of its own, so a hang is a timeout)."""
+    import subprocess
+    import sys
+
+    from lightning_peft import LoRA, apply_adapters, save_peft
+    from tests.tiny_models import tiny_llama
+
+    model = apply_adapters(tiny_llama(), LoRA(rank=4, target_modules=["q_proj", "v_proj"]))
+    save_peft(model, tmp_path / "adapter")
+    config = tmp_path / "adapter" / "adapter_config.json"
+    fields = json.loads(config.read_text())
+    fields["target_modules"] = "^([a-z_.0-9]+)+X$"  # catastrophic backtracking on any name
+    config.write_text(json.dumps(fields))
+    script = (
+        "from lightning_peft import load_peft\n"
+        "from lightning_peft.injection import adapter_parameter_names\n"
+        "from tests.tiny_models import tiny_llama\n"
+        f"model = load_peft(tiny_llama(), {str(tmp_path / 'adapter')!r})\n"
+        "print(len(adapter_parameter_names(model)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.split()[-1] == "8"  # q_proj and v_proj of both layers, A and B

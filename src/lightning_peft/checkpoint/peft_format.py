@@ -208,8 +208,13 @@ def load_peft(
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} has no {name}: not a PEFT adapter directory")
+    from safetensors.torch import load_file
+
     try:
         fields = json.loads((folder / CONFIG_FILE).read_text())
+        config_from_peft(fields)  # every option refused before the weights are read
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+        fields = targets_from_tensors(fields, tensors)
         config = config_from_peft(fields)
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise AdapterConfigError(f"{folder / CONFIG_FILE}: {error!s}") from error
@@ -221,9 +226,6 @@ def load_peft(
             f"{_scaling_fields(config)}: its tensors would compute something else there. Load "
             "it under another name (adapter_name=...) or delete_adapter first"
         )
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(folder / WEIGHTS_FILE))
     host, _ = _host(model)  # fail early on a model prompt/prefix tuning cannot use
     mapping = _mapping(config)
     submodules = fields.get("num_transformer_submodules") or 1  # prompt learning writes it
@@ -247,6 +249,34 @@ def load_peft(
         _copy_peft_tensors(model, folder, tensors, config, adapter_name)
     mapping.warn(host, config, adapter_name)
     return model
+
+
+def targets_from_tensors(fields: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with a regular-expression ``target_modules`` replaced by the names of the
+    modules the file holds tensors for (and its ``exclude_modules`` dropped).
+
+    A folder's config is untrusted input: a pattern such as ``^([a-z_.0-9]+)+X$``
+    backtracks for ever on a module name, and the weights say which modules were adapted
+    anyway. Lists of names (PEFT's suffix matching) run no expression and stay.
+    """
+    if not isinstance(fields, dict) or not isinstance(fields.get("target_modules"), str):
+        return fields
+    if fields["target_modules"] == "all-linear":
+        return fields
+    prefix = "base_model.model."
+    names = sorted(
+        {
+            key[len(prefix) :].split(".lora_")[0].split(".ia3_")[0]
+            for key in tensors
+            if key.startswith(prefix) and (".lora_" in key or ".ia3_" in key)
+        }
+    )
+    if not names:
+        raise ValueError(
+            f"target_modules is a pattern ({str(fields['target_modules'])[:60]!r}) and the "
+            "weights name no adapted module"
+        )
+    return {**fields, "target_modules": names, "exclude_modules": None}
 
 
 def recorded_base_quantization(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
