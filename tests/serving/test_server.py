@@ -48,7 +48,11 @@ def test_concurrent_clients_get_their_own_adapters_answers_in_mixed_batches(serv
     [
         ({"adapter": "nope", "input_ids": [5]}, 404, "no adapter named 'nope'; loaded: "),
         ({"input_ids": [5]}, 400, 'missing field "adapter"'),
-        ({"adapter": "a"}, 400, 'give exactly one of "prompt" (text) or "input_ids"'),
+        (
+            {"adapter": "a"},
+            400,
+            'give exactly one of "prompt" (text), "messages" (a conversation) or "input_ids"',
+        ),
         ({"adapter": "a", "input_ids": [5], "max_new_tokens": 0}, 400, "a positive int, got 0"),
         ({"adapter": "a", "input_ids": [5], "max_new_tokens": "8"}, 400, "positive int, got '8'"),
         ({"adapter": "a", "input_ids": [5], "max_new_tokens": 33}, 400, "is at most 32 on this"),
