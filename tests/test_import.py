@@ -64,3 +64,22 @@ def test_every_package_error_has_one_base_and_keeps_its_builtin_one():
     assert issubclass(errors.UnsupportedLayerError, TypeError)  # as before
     assert issubclass(errors.AdapterStateKeyError, KeyError)
     assert issubclass(errors.MissingAssetError, ModuleNotFoundError)
+
+
+def test_the_commands_help_imports_neither_lightning_nor_transformers():
+    script = (
+        "import sys\n"
+        "from lightning_peft.command import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 0\n"
+        "heavy = ('lightning', 'transformers', 'litserve')\n"
+        "print(' '.join(m for m in heavy if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    lines = result.stdout.splitlines()
+    assert "fit, validate, test, predict" in result.stdout
+    assert lines[-1] == ""  # none of them loaded: --help answers in the package's import time

@@ -39,6 +39,7 @@ from lightning_peft.checkpoint.export import is_export_file, merge_and_export
 from lightning_peft.checkpoint.io import check_folder_target, held_tokenizer
 from lightning_peft.checkpoint.metadata import config_from_metadata
 from lightning_peft.checkpoint.peft_format import save_peft
+from lightning_peft.command import OVERVIEW
 from lightning_peft.errors import AdapterStateError
 from lightning_peft.lightning.attach import attach_adapters_once
 from lightning_peft.lightning.callbacks import AdapterCheckpoint
@@ -107,19 +108,6 @@ class PeftCLI(LightningCLI):
         super()._parse_ckpt_path()
 
 
-_OVERVIEW = """lightning-peft: parameter-efficient fine-tuning with PyTorch Lightning.
-
-subcommands:
-  fit, validate, test, predict   LightningCLI with lightning_peft.Trainer (--config run.yaml)
-  export                         a checkpoint's adapters as a PEFT folder and/or merged model
-  memory                         memory to fine-tune a model of a given size (70B, 135M, ...)
-  serve                          one base, many adapters over HTTP (LitServe; pip install
-                                 'lightning-peft[serve]')
-
-'lightning-peft SUBCOMMAND --help' describes each. LightningCLI's own help follows.
-"""
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     quiet_known_noise()
     given = list(sys.argv[1:] if argv is None else argv)
@@ -133,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         serve(given[1:])
     else:
         if not given or given[0] in ("-h", "--help"):
-            print(_OVERVIEW)
+            print(OVERVIEW)
         # From the console script LightningCLI reads sys.argv itself: passing it as args too
         # makes it warn that it got both.
         PeftCLI(args=None if argv is None else given)
