@@ -142,9 +142,11 @@ class SlowCausalLM(CausalLM):
         import time
 
         time.sleep(self.delay)
-        loss = super().training_step(batch, batch_idx)
-        Path(self.progress).write_text(str(self.global_step + 1))
-        return loss
+        return super().training_step(batch, batch_idx)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After the optimizer step: the steps written are steps taken.
+        Path(self.progress).write_text(str(self.global_step))
 
 
 class TokenData(L.LightningDataModule):

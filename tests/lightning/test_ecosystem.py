@@ -338,8 +338,13 @@ def test_adapter_weight_averaging_averages_and_saves_the_adapters_only(way, tmp_
     saved = torch.load(checkpoint, weights_only=True)
     (state,) = [v for k, v in saved["callbacks"].items() if "AdapterWeightAveraging" in k]
     module = straight.trainer.lightning_module
-    assert sorted(state["average"]) == sorted(adapter_parameter_names(module))
-    assert state["updates"] == 2
+    names = sorted(adapter_parameter_names(module))
+    # The file's state_dict is the average (what validation scores, what "best" means);
+    # the adapters training goes on from are in the callback's state, adapters only.
+    assert sorted(state["training_adapters"]) == names and state["updates"] == 2
+    assert any(
+        not torch.equal(saved["state_dict"][k], state["training_adapters"][k]) for k in names
+    )
     # Training ends with the average in the model, the same in both runs.
     (averager,) = [c for c in straight.trainer.callbacks if isinstance(c, AdapterWeightAveraging)]
     model_now = module.state_dict()
@@ -349,6 +354,34 @@ def test_adapter_weight_averaging_averages_and_saves_the_adapters_only(way, tmp_
         c for c in resumed.trainer.callbacks if isinstance(c, AdapterWeightAveraging)
     ]
     assert all(torch.equal(resumed_averager.average[k], v) for k, v in averager.average.items())
+
+
+def test_a_checkpoint_written_during_validation_keeps_average_and_training_adapters_apart(
+    tmp_path,
+):
+    """Saved while the average is swapped in for validation (Ctrl-C there, say): the file
+    must not swap the two."""
+    averaging = AdapterWeightAveraging(decay=0.5)
+    path = tmp_path / "during-validation.ckpt"
+
+    class SaveDuringValidation(Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            names = adapter_parameter_names(module)
+            self.training = {k: module.state_dict()[k].clone() for k in names}
+            self.average = {k: v.clone() for k, v in averaging.average.items()}
+
+        def on_validation_batch_end(self, trainer, *args) -> None:
+            if not trainer.sanity_checking and not path.exists():
+                assert averaging.average  # swapped in: the model holds it now
+                trainer.save_checkpoint(path)
+
+    saver = SaveDuringValidation()
+    run("callback", CausalLM(), tmp_path, 2, [averaging, saver], val_data=token_data(8))
+    saved = torch.load(path, weights_only=True)
+    (state,) = [v for k, v in saved["callbacks"].items() if "AdapterWeightAveraging" in k]
+    for name, tensor in saver.training.items():
+        assert torch.equal(state["training_adapters"][name], tensor), name
+        assert torch.equal(saved["state_dict"][name], saver.average[name]), name
 
 
 @pytest.mark.parametrize("way", WAYS)

@@ -62,7 +62,14 @@ def test_an_adapter_says_what_base_it_needs_and_loading_stores_the_base_so(tmp_p
     fit(module, tmp_path / "run", 2, [], trainer_class=lightning_peft.Trainer, precision="nf4-lora")
     module.model.save_pretrained(tmp_path / "saved")
     record = json.loads((tmp_path / "saved" / "lightning_peft.json").read_text())
-    assert record == {"base_quantization": {"blocksize": 64, "double_quant": True, "mode": "nf4"}}
+    assert record == {
+        "base_quantization": {
+            "blocksize": 64,
+            "double_quant": True,
+            "mode": "nf4",
+            "skip_modules": ["lm_head"],  # the linear layers that stayed float
+        }
+    }
     ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
     module.model.eval()
     with torch.no_grad():
@@ -100,3 +107,46 @@ def test_serve_stores_the_base_as_the_adapters_record_unless_told(tmp_path, caps
     with pytest.raises(SystemExit):  # one base cannot be both
         base_precision(None, {"a": str(tmp_path / "qlora"), "c": str(tmp_path / "int8")})
     assert "trained over different bases (int8, nf4)" in capsys.readouterr().err
+
+
+def test_layers_kept_float_in_training_stay_float_when_loaded(tmp_path):
+    import pytest
+
+    from lightning_peft import PeftCallback, PeftPrecision
+
+    module = CausalLM()
+    plugin = PeftPrecision("nf4-lora", skip_modules=["down_proj"])
+    fit(module, tmp_path / "run", 2, [PeftCallback()], plugins=[plugin])
+    module.model.save_pretrained(tmp_path / "saved")
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    module.model.eval()
+    loaded = load_peft(tiny_llama(0), tmp_path / "saved")
+    down = loaded.model.layers[0].mlp.down_proj.base_layer
+    assert type(down).__name__ == "Linear"  # float, as in training
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, module.model(input_ids=ids).logits)
+    # Over a base quantized otherwise (int8): said, not silent.
+    with pytest.warns(UserWarning, match=r"trained over a nf4 base, and this model's int8 base"):
+        load_peft(quantize_model(tiny_llama(0), "int8"), tmp_path / "saved")
+
+
+def test_save_pretrained_refuses_what_it_would_otherwise_ignore(tmp_path):
+    import pytest
+
+    module = CausalLM()
+    fit(module, tmp_path / "run", 1, [lightning_peft.PeftCallback()])
+    with pytest.raises(TypeError, match=r"does not take push_to_hub=True.*merge_and_export"):
+        module.model.save_pretrained(tmp_path / "out", push_to_hub=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_progress_shows_the_loss_before_lightning_divides_it_for_accumulation(tmp_path):
+    from lightning_peft import PeftCallback
+    from lightning_peft.lightning import ProgressLog
+    from tests.lightning_modules import QV_LORA
+
+    progress = ProgressLog(every_n_steps=1)
+    run = fit(CausalLM(), tmp_path, 2, [PeftCallback(QV_LORA), progress], accumulate_grad_batches=2)
+    # Lightning hands on loss / 2; the line shows the batch's loss, as the module computed it.
+    printed = float(progress.lines[-1].split("loss ")[1].split()[0])
+    assert printed == round(2 * run.losses[-1], 4) and printed > 4  # ~ln(256) = 5.5

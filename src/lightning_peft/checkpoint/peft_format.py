@@ -130,11 +130,20 @@ class SaveAdaptersAsPeft:
     def __call__(
         self,
         save_directory: str | os.PathLike[str],
-        *args: Any,
+        *,
         is_main_process: bool = True,
         selected_adapters: Sequence[str] | None = None,
-        **kwargs: Any,
+        safe_serialization: bool = True,
+        **others: Any,
     ) -> None:
+        refused = [f"{key}={value!r}" for key, value in others.items()]
+        refused += [] if safe_serialization else ["safe_serialization=False"]
+        if refused:  # silently ignoring push_to_hub or a state_dict would lose the user's intent
+            raise TypeError(
+                f"save_pretrained of a model with adapters writes them as PEFT files (safetensors) "
+                f"and does not take {', '.join(refused)}. For a standalone model use "
+                "lightning_peft.merge_and_export; for every tensor, type(model).save_pretrained"
+            )
         if not is_main_process:
             return
         for name in selected_adapters or [self.adapter_name]:
@@ -290,27 +299,42 @@ def recorded_base_quantization(folder: str | os.PathLike[str]) -> dict[str, Any]
         raise AdapterConfigError(f"{path}: not the JSON this package writes ({error})") from error
     if not (isinstance(record, dict) and record.get("mode") in QUANT_MODES):
         raise AdapterConfigError(f"{path}: base_quantization must name a mode of {QUANT_MODES}")
-    return {k: record[k] for k in ("mode", "double_quant", "blocksize") if k in record}
+    skip = record.get("skip_modules", [])
+    if not (isinstance(skip, list) and all(isinstance(name, str) for name in skip)):
+        raise AdapterConfigError(f"{path}: skip_modules must be a list of module names")
+    kept = ("mode", "double_quant", "blocksize", "skip_modules")
+    return {k: record[k] for k in kept if k in record}
 
 
 def _base_storage(
     folder: Path, model: nn.Module, quantize: QuantMode | Literal["auto"] | None
 ) -> dict[str, Any] | None:
     """How to quantize ``model`` before attaching (None: not at all), and a warning when the
-    choice differs from what the folder records."""
+    base the adapter will run over differs from what the folder records."""
     recorded = recorded_base_quantization(folder)
-    if base_quantization(model) is not None:  # quantized already: as the caller chose
+    present = base_quantization(model)
+    if present is not None:  # quantized already: as the caller chose
+        if recorded is not None and present["mode"] != recorded["mode"]:
+            _warn_other_base(folder, recorded["mode"], f"this model's {present['mode']} base")
         return None
     if quantize == "auto":
         return recorded
-    if recorded is not None and (quantize is None or quantize != recorded["mode"]):
-        warnings.warn(
-            f"{folder} was trained over a {recorded['mode']} base, and quantize={quantize!r} "
-            "loads it over another: its answers will differ from the trained run's. "
-            "quantize='auto' stores the base as recorded.",
-            stacklevel=3,
-        )
-    return None if quantize is None else {"mode": quantize}
+    if recorded is not None and quantize != recorded["mode"]:
+        _warn_other_base(folder, recorded["mode"], f"quantize={quantize!r}")
+    if quantize is None:
+        return None
+    if recorded is not None and quantize == recorded["mode"]:
+        return recorded  # its blocksize, double quantization and float layers too
+    return {"mode": quantize}
+
+
+def _warn_other_base(folder: Path, mode: str, other: str) -> None:
+    warnings.warn(
+        f"{folder} was trained over a {mode} base, and {other} loads it over another: its "
+        "answers will differ from the trained run's. quantize='auto' over a float model "
+        "stores the base as recorded.",
+        stacklevel=4,
+    )
 
 
 def _copy_peft_tensors(

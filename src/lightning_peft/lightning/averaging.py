@@ -28,9 +28,10 @@ class AdapterWeightAveraging(Callback):
     average the whole model.
 
     As in Lightning's callbacks, validation runs on the averaged adapters (the current ones
-    come back after it) and the model holds the average when training ends. Checkpoints hold
-    the current adapters as their ``state_dict`` (a resumed run continues exactly) and the
-    average in this callback's state: adapter tensors only, never a frozen or 4-bit one.
+    come back after it), the model holds the average when training ends, and checkpoints
+    hold the average as their ``state_dict`` (so the best checkpoint holds what scored best)
+    and the adapters training goes on from in this callback's state, from which a resumed
+    run continues exactly: adapter tensors only, never a frozen or 4-bit one.
 
     Args:
         decay: the EMA's decay, ``average = decay * average + (1 - decay) * current``, in
@@ -74,6 +75,9 @@ class AdapterWeightAveraging(Callback):
         self.updates = 0
         self._latest_step = 0
         self._swapped = False
+        # Read from a checkpoint on resume, applied at fit start (see on_fit_start).
+        self._training: dict[str, torch.Tensor] = {}
+        self._saved: dict[str, torch.Tensor] = {}
 
     def should_update(self, step_idx: int) -> bool:
         """Whether optimizer step ``step_idx`` (from 0) updates the average."""
@@ -94,15 +98,26 @@ class AdapterWeightAveraging(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Resuming: the model was loaded with the file's average; the average goes back in
+        here and the adapters training goes on from go back into the model."""
+        training, self._training = self._training, {}
+        saved, self._saved = self._saved, {}
+        if not training:
+            return
         current = _adapters(pl_module)
-        if self.average and sorted(self.average) != sorted(current):
+        if sorted(training) != sorted(current):
             raise AdapterStateError(
-                "AdapterWeightAveraging's state in the checkpoint averages other adapters than "
-                f"this model has ({len(self.average)} tensors vs {len(current)}, e.g. "
-                f"{next(iter(self.average))!r}): resume with the same adapters"
+                "AdapterWeightAveraging's state in the checkpoint holds other adapters than "
+                f"this model has ({len(training)} tensors vs {len(current)}, e.g. "
+                f"{next(iter(training))!r}): resume with the same adapters"
             )
-        for name, tensor in self.average.items():
-            self.average[name] = tensor.to(current[name].device, current[name].dtype)
+        with torch.no_grad():
+            self.average = {name: current[name].detach().clone() for name in current}
+            for name, tensor in saved.items():
+                if name in self.average:
+                    self.average[name].copy_(tensor)
+            for name, tensor in training.items():
+                current[name].copy_(tensor)
 
     @override
     def on_train_batch_end(
@@ -138,17 +153,37 @@ class AdapterWeightAveraging(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "average": dict(self.average),
-            "updates": self.updates,
-            "latest_update_step": self._latest_step,
-        }
+        return {"updates": self.updates, "latest_update_step": self._latest_step}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.average = dict(state_dict["average"])
         self.updates = state_dict["updates"]
         self._latest_step = state_dict["latest_update_step"]
+        self._training = dict(state_dict.get("training_adapters") or {})
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """The file's ``state_dict`` holds the average (what validation scored, what
+        ``ckpt_path="best"``, export and serving should get); the adapters training goes on
+        from travel in this callback's state. During validation they are swapped already."""
+        if not self.average:
+            return
+        current = _adapters(pl_module)
+        training = self.average if self._swapped else current
+        averaged = current if self._swapped else self.average
+        state = checkpoint.setdefault("state_dict", {})
+        for name, tensor in averaged.items():
+            state[name] = tensor.detach().clone()
+        mine = checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, {})
+        mine["training_adapters"] = {k: v.detach().clone() for k, v in training.items()}
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._saved = dict(checkpoint.get("state_dict", {}))
 
     @torch.no_grad()
     def _swap(self, module: torch.nn.Module) -> None:

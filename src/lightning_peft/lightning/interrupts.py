@@ -26,9 +26,11 @@ class InterruptCheckpoint(Callback):
     SIGTERM (preemption, ``kill``), once training has taken a step.
 
     Resume with ``trainer.fit(module, ckpt_path=...)`` (``--ckpt_path`` on the command line).
-    A SIGTERM arrives at the end of a training step, so that file resumes as a step
-    checkpoint does; a Ctrl-C can land inside a step, whose batch the resumed run then
-    takes again.
+    A SIGTERM stops at the end of a training step, so that file resumes as a step
+    checkpoint does. A Ctrl-C can land inside a step: that step is not taken, and its batch
+    is one a ``StatefulDataLoader`` has already handed out, so the resumed run goes on
+    after it (a plain DataLoader restarts the epoch's order, as on any mid-epoch resume).
+    For a resume that loses nothing, stop runs with SIGTERM.
 
     Args:
         dirpath: the folder of the checkpoint.

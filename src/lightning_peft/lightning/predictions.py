@@ -16,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_peft.checkpoint import atomic_path
@@ -96,11 +97,17 @@ class ChatPredictionWriter(BasePredictionWriter):
             return
         answers = {item["index"]: item["prediction"] for batch in predictions for item in batch}
         path = Path(self.output) if self.output else predictions_path(str(source))
+        lines = [
+            json.dumps({**row, "prediction": answers[index]}, ensure_ascii=False)
+            for index, row in enumerate(rows)
+            if index in answers  # limit_predict_batches may stop before the end
+        ]
         with atomic_path(path) as temporary:
-            lines = [
-                json.dumps({**row, "prediction": answers[index]}, ensure_ascii=False)
-                for index, row in enumerate(rows)
-            ]
-            Path(temporary).write_text("\n".join(lines) + "\n", encoding="utf-8")
+            Path(temporary).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         self.written = path
-        print(f"{len(rows)} predictions written to {path}")
+        print(f"{len(lines)} predictions written to {path}")
+        if len(lines) < len(rows):
+            rank_zero_warn(
+                f"{len(rows) - len(lines)} of the {len(rows)} rows were not predicted "
+                "(limit_predict_batches?): they are not in the file"
+            )

@@ -62,7 +62,8 @@ class ProgressLog(Callback):
         parts = [f"step {step}/{total if math.isfinite(total) else '?'}"]
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
-            parts.append(f"loss {loss.item():.4f}")
+            # Lightning hands on the loss divided for gradient accumulation: undo that.
+            parts.append(f"loss {loss.item() * trainer.accumulate_grad_batches:.4f}")
         if trainer.optimizers:
             parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.2e}")
         if elapsed > 0 and self._tokens:

@@ -294,17 +294,33 @@ def quantize_like_(model: nn.Module, state_dict: dict[str, Any]) -> bool:
 def base_quantization(model: nn.Module) -> dict[str, Any] | None:
     """How ``model``'s frozen linear layers are stored, as a record an adapter folder keeps
     (an adapter trained over an NF4 base computes what it learned only over that base):
-    ``{"mode": "nf4", "double_quant": True, "blocksize": 64}``, ``{"mode": "int8"}``, or
-    None for a float base."""
-    for module in model.modules():
-        if not is_linear_layer(module) or not is_quantized(module):
+    ``{"mode": "nf4", "double_quant": True, "blocksize": 64, "skip_modules": [...]}``
+    (``skip_modules``: the linear layers left in float, output head included), or None for
+    a float base. Adapters' own layers are not the base's and are left out."""
+    adapters = [name for name, module in model.named_modules() if is_adapter(module)]
+    record: dict[str, Any] | None = None
+    floats = []
+    for name, module in model.named_modules():
+        if not name or not is_linear_layer(module):
             continue
-        quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if quant_state is None:
-            return {"mode": "int8"}
-        return {
-            "mode": str(quant_state.quant_type),
-            "double_quant": bool(quant_state.nested),
-            "blocksize": int(quant_state.blocksize),
-        }
-    return None
+        inside = next((a for a in adapters if name.startswith(a + ".")), None)
+        if inside is not None and name != f"{inside}.base_layer":
+            continue  # an adapter's own layer (LoRA's A and B)
+        layer_name = inside if inside is not None else name
+        if not is_quantized(module):
+            floats.append(layer_name)
+            continue
+        if record is None:
+            quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+            record = (
+                {"mode": "int8"}
+                if quant_state is None
+                else {
+                    "mode": str(quant_state.quant_type),
+                    "double_quant": bool(quant_state.nested),
+                    "blocksize": int(quant_state.blocksize),
+                }
+            )
+    if record is not None:
+        record["skip_modules"] = floats
+    return record
