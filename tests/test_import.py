@@ -83,3 +83,36 @@ def test_the_commands_help_imports_neither_lightning_nor_transformers():
     lines = result.stdout.splitlines()
     assert "fit, validate, test, predict" in result.stdout
     assert lines[-1] == ""  # none of them loaded: --help answers in the package's import time
+
+
+def test_every_module_imports_first_whatever_the_package_imports_before_it():
+    """The layers hold by what each module imports, not by the order of
+    lightning_peft/__init__.py: each module is imported first, in a package whose __init__
+    imports nothing (one process; the package's modules are forgotten between imports)."""
+    from pathlib import Path
+
+    root = Path(__file__).parents[1] / "src" / "lightning_peft"
+    names = sorted(
+        ".".join(path.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+        for path in root.rglob("*.py")
+    )
+    script = f"""
+import importlib, sys, types
+failed = []
+for name in {names!r}:
+    for loaded in [m for m in sys.modules if m.split(".")[0] == "lightning_peft"]:
+        del sys.modules[loaded]
+    package = types.ModuleType("lightning_peft")
+    package.__path__ = [{str(root)!r}]
+    sys.modules["lightning_peft"] = package
+    try:
+        importlib.import_module(name)
+    except Exception as error:
+        failed.append(f"{{name}}: {{type(error).__name__}}: {{error}}")
+print("\\n".join(failed) or "all imported")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "all imported", result.stdout
+    assert len(names) > 60

@@ -201,7 +201,7 @@ def test_a_method_whose_wrap_returns_no_adapter_is_refused_and_the_model_left_as
         apply_adapters(model, Forgetful(rank=2, target_modules=["q_proj"]))
     assert str(refused.value) == (
         "Forgetful.wrap returned a Sequential, which is not an adapter module: it needs "
-        "adapter_params() and a disabled flag (lightning_peft.adapters.protocol.AdapterModule)"
+        "adapter_params() and a disabled flag (lightning_peft.protocol.AdapterModule)"
     )
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     assert all(p.requires_grad for p in model.parameters())

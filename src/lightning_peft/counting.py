@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 from torch import nn
 
-from lightning_peft.quantization import real_numel
+from lightning_peft.quantization.layers import real_numel
 
 
 class ParameterCount(NamedTuple):

@@ -12,7 +12,8 @@ from torch import nn
 from lightning_peft.adapters.heads import head_to_train
 from lightning_peft.adapters.init import initial_values_for
 from lightning_peft.adapters.inputs import find_transformers_model
-from lightning_peft.adapters.protocol import (
+from lightning_peft.errors import AdapterConfigError, TargetModulesError, UnsupportedLayerError
+from lightning_peft.protocol import (
     LayerAdapterConfig,
     ModelAdapterConfig,
     ModelDefaults,
@@ -23,7 +24,6 @@ from lightning_peft.adapters.protocol import (
     module_configs,
     trained_marks,
 )
-from lightning_peft.errors import AdapterConfigError, TargetModulesError, UnsupportedLayerError
 from lightning_peft.quantization import keep_4bit_storage_exact_
 from lightning_peft.targeting import find_targets
 
@@ -132,7 +132,7 @@ def apply_adapters(
                     raise AdapterConfigError(
                         f"{type(item).__name__}.wrap returned a {type(wrapped).__name__}, which "
                         "is not an adapter module: it needs adapter_params() and a disabled "
-                        "flag (lightning_peft.adapters.protocol.AdapterModule)"
+                        "flag (lightning_peft.protocol.AdapterModule)"
                     )
                 # New modules start in train mode; an adapter follows its layer's (a model
                 # from from_pretrained is in eval mode: no LoRA dropout at inference).

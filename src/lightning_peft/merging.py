@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import nn
 
-from lightning_peft.adapters.protocol import MergeableAdapter
 from lightning_peft.errors import AdapterStateError
 from lightning_peft.injection import adapter_modules
+from lightning_peft.protocol import MergeableAdapter
 
 
 @dataclass(frozen=True)

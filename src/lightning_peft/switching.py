@@ -15,13 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.adapters.protocol import (
-    NamedAdapterModule,
-    RoutedAdapterModule,
-    held_adapter_names,
-    is_merged,
-    trained_marks,
-)
 from lightning_peft.adapters.routing import Routing
 from lightning_peft.errors import AdapterStateError
 from lightning_peft.injection import (
@@ -29,6 +22,13 @@ from lightning_peft.injection import (
     freeze_base_,
     replace_module_,
     train_active_adapters_only_,
+)
+from lightning_peft.protocol import (
+    NamedAdapterModule,
+    RoutedAdapterModule,
+    held_adapter_names,
+    is_merged,
+    trained_marks,
 )
 
 

@@ -15,9 +15,13 @@ from typing import Union
 
 from torch import nn
 
-from lightning_peft.adapters.protocol import WrappingAdapter, is_adapter
 from lightning_peft.errors import AdapterConfigError, TargetModulesError, UnsupportedLayerError
-from lightning_peft.quantization import is_linear_layer, linear_layer_types, output_head_names
+from lightning_peft.protocol import WrappingAdapter, is_adapter
+from lightning_peft.quantization.layers import (
+    is_linear_layer,
+    linear_layer_types,
+    output_head_names,
+)
 
 ALL_LINEAR = "all-linear"
 Patterns = Union[str, Sequence[str]]  # noqa: UP007 (jsonargparse builds the CLI from it)

@@ -14,14 +14,14 @@ from lightning_peft.adapters.peft_mapping import (
 )
 from lightning_peft.adapters.prefix import PrefixKV, PrefixTuning, fold_prefix_
 from lightning_peft.adapters.prompt import PromptTuning, SoftPrompt
-from lightning_peft.adapters.protocol import (
+from lightning_peft.adapters.registry import register_method
+from lightning_peft.protocol import (
     AdapterModule,
     MergeableAdapter,
     ModelAdapterConfig,
     WrapsLayers,
     is_adapter,
 )
-from lightning_peft.adapters.registry import register_method
 
 # An adapter method, the shipped ones and any other (a class with ``can_wrap``, or with
 # ``check`` and ``attach``): the type the CLI and YAML (jsonargparse) check a config's class

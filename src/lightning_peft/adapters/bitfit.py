@@ -6,7 +6,7 @@ task head (a classifier) next to adapters elsewhere; Hugging Face PEFT calls thi
 ``modules_to_save``.
 
 Neither adds a module: they mark the modules that own the tensors (see
-:func:`lightning_peft.adapters.protocol.mark_trained_`), so state-dict keys do not change.
+:func:`lightning_peft.protocol.mark_trained_`), so state-dict keys do not change.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lightning_peft.adapters.protocol import WrappingAdapter, mark_trained_
 from lightning_peft.errors import TargetModulesError
+from lightning_peft.protocol import WrappingAdapter, mark_trained_
 from lightning_peft.targeting import (
     Patterns,
     candidate_modules,

@@ -26,7 +26,8 @@ from torch import nn
 
 from lightning_peft.adapters.init import empty_linear, init_generator, reset_linear_
 from lightning_peft.adapters.wrapper import BaseLayerWrapper
-from lightning_peft.quantization import in_out_features, is_linear_layer
+from lightning_peft.quantization.layers import is_linear_layer
+from lightning_peft.quantization.storage import in_out_features
 from lightning_peft.targeting import Patterns, finish_config_, normalize_patterns
 
 Placement = Literal["houlsby", "pfeiffer"]

@@ -18,7 +18,7 @@ import re
 from torch import nn
 
 from lightning_peft.adapters.bitfit import Unfreeze
-from lightning_peft.adapters.protocol import trained_marks
+from lightning_peft.protocol import trained_marks
 from lightning_peft.quantization.layers import task_head_names as task_heads_among
 from lightning_peft.targeting import candidate_modules
 

@@ -25,13 +25,8 @@ from torch import nn
 from lightning_peft.adapters.routing import Routing
 from lightning_peft.adapters.wrapper import BaseLayerWrapper, NamedAdapters
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
-from lightning_peft.quantization import (
-    CONV_TYPES,
-    dense_weight,
-    in_out_features,
-    is_linear_layer,
-    write_weight_,
-)
+from lightning_peft.quantization.layers import CONV_TYPES, is_linear_layer, write_weight_
+from lightning_peft.quantization.storage import dense_weight, in_out_features
 from lightning_peft.targeting import Patterns, finish_config_, matches, normalize_patterns
 
 # Default (targets, feed-forward targets) by transformers model type: Hugging Face PEFT's

@@ -39,13 +39,8 @@ from lightning_peft.adapters.init import (
 from lightning_peft.adapters.routing import Routing
 from lightning_peft.adapters.wrapper import BaseLayerWrapper, LinearDict, NamedAdapters
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
-from lightning_peft.quantization import (
-    dense_weight,
-    in_out_features,
-    is_linear_layer,
-    is_quantized,
-    write_weight_,
-)
+from lightning_peft.quantization.layers import is_linear_layer, write_weight_
+from lightning_peft.quantization.storage import dense_weight, in_out_features, is_quantized
 from lightning_peft.targeting import Patterns, finish_config_, normalize_patterns
 
 LoRAInit = Literal["kaiming", "gaussian", "loftq"]

@@ -37,7 +37,7 @@ from torch import nn
 
 from lightning_peft.adapters.lora import LoRA, LoRALinear, init_factors_
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
-from lightning_peft.quantization import CONV_TYPES
+from lightning_peft.quantization.layers import CONV_TYPES
 
 
 def is_embedding_conv_or_attention(module: nn.Module) -> bool:

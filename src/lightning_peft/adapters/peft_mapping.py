@@ -25,7 +25,7 @@ from lightning_peft.adapters.lora import LoRA, LoRALinear
 from lightning_peft.adapters.lora_layers import LoRAMultiheadAttention
 from lightning_peft.adapters.prefix import PrefixKV, PrefixTuning, cache_shape
 from lightning_peft.adapters.prompt import PromptTuning, SoftPrompt
-from lightning_peft.quantization import is_linear_layer
+from lightning_peft.quantization.layers import is_linear_layer
 from lightning_peft.targeting import Patterns
 
 PROMPT = "prompt_embeddings"  # prompt learning's one tensor, keyed without a module path

@@ -16,15 +16,15 @@ import torch
 from torch import nn
 
 from lightning_peft.adapters.inputs import find_transformers_model
-from lightning_peft.adapters.protocol import (
-    MergeableAdapter,
-    NamedAdapterModule,
-    held_adapter_names,
-)
 from lightning_peft.checkpoint.io import check_folder_target, owned_with_tokenizer, staged_folder
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.injection import adapter_modules, replace_module_
 from lightning_peft.merging import MergeReport, untie_base_weight_
+from lightning_peft.protocol import (
+    MergeableAdapter,
+    NamedAdapterModule,
+    held_adapter_names,
+)
 from lightning_peft.quantization import dequantize_model
 
 

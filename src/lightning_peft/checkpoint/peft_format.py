@@ -25,12 +25,12 @@ from torch import nn
 from lightning_peft.adapters.bitfit import Unfreeze
 from lightning_peft.adapters.inputs import HFModel, find_transformers_model, is_encoder_decoder
 from lightning_peft.adapters.peft_mapping import PROMPT, PeftMapping
-from lightning_peft.adapters.protocol import TrainsWholeModules, trained_marks
 from lightning_peft.adapters.registry import peft_mapping, peft_mapping_named, peft_types
 from lightning_peft.checkpoint.io import owned_with_tokenizer, staged_folder
 from lightning_peft.checkpoint.state import check_adapter_values
 from lightning_peft.errors import AdapterConfigError, AdapterStateError, UnsupportedLayerError
 from lightning_peft.injection import adapter_configs_attached, apply_adapters, restored_on_error
+from lightning_peft.protocol import TrainsWholeModules, trained_marks
 from lightning_peft.quantization import QUANT_MODES, QuantMode, quantize_model
 from lightning_peft.quantization.model import base_quantization
 

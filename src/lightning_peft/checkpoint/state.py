@@ -7,9 +7,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from lightning_peft.adapters.protocol import is_merged
 from lightning_peft.errors import AdapterStateError, AdapterStateKeyError
 from lightning_peft.injection import adapter_modules, adapter_parameter_names
+from lightning_peft.protocol import is_merged
 
 _SHOWN = 8  # keys listed per problem in an error; the rest are counted
 

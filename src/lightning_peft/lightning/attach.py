@@ -12,11 +12,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_peft.adapters.heads import task_head_names
-from lightning_peft.adapters.protocol import TrainsWholeModules, trained_marks
 from lightning_peft.checkpoint.peft_format import save_pretrained_writes_adapters_
 from lightning_peft.injection import AdapterConfig, apply_adapters
 from lightning_peft.lightning.module_state import state_of
 from lightning_peft.lightning.precision import PeftPrecision, peft_precision
+from lightning_peft.protocol import TrainsWholeModules, trained_marks
 
 
 def attach_adapters_once(

@@ -29,7 +29,6 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_peft.adapters.protocol import is_merged
 from lightning_peft.checkpoint import (
     METADATA_KEY,
     build_metadata,
@@ -45,6 +44,7 @@ from lightning_peft.checkpoint.io import held_tokenizer
 from lightning_peft.errors import AdapterStateError
 from lightning_peft.injection import adapter_modules, adapter_parameter_names
 from lightning_peft.lightning.module_state import state_of
+from lightning_peft.protocol import is_merged
 
 
 def optimizer_param_names(trainer: pl.Trainer | None, module: nn.Module) -> list[list[str]]:

@@ -9,7 +9,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from lightning_peft.adapters.protocol import is_adapter
+from lightning_peft.protocol import is_adapter
 from lightning_peft.quantization.layers import (
     QuantMode,
     is_linear_layer,

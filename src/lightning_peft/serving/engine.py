@@ -22,7 +22,6 @@ from torch import nn
 
 from lightning_peft.adapters.inputs import HFModel
 from lightning_peft.adapters.lora import LoRA
-from lightning_peft.adapters.protocol import routes_rows
 from lightning_peft.checkpoint.metadata import (
     METADATA_KEY,
     config_from_metadata,
@@ -43,6 +42,7 @@ from lightning_peft.injection import (
     apply_adapters,
     restored_on_error,
 )
+from lightning_peft.protocol import routes_rows
 from lightning_peft.quantization import QUANT_MODES, QuantMode, quantize_model
 from lightning_peft.serving.requests import (
     Job,
