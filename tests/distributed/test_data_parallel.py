@@ -177,6 +177,16 @@ def test_lightnings_own_fsdp2_strategy_writes_adapter_only_files_too(runs, tmp_p
     assert_same_adapters(straight, resumed)
 
 
+def test_fsdp2_under_the_flag_trains_with_the_modules_own_optimizer(runs):
+    """bitsandbytes' optimizers do not run on FSDP2's sharded (DTensor) parameters: the
+    flag keeps the module's AdamW there (one info line) and trains as one process does with
+    AdamW (its `optimizer=None`)."""
+    sharded = runs("--strategy", "fsdp2", "--design", "precision", "--base", "nf4")
+    assert sharded["step"] == 3 and all(loss == loss for loss in sharded["losses"])
+    with_adamw = runs("--strategy", "single", "--design", "precision-adamw", "--base", "nf4")
+    assert_same_adapters(with_adamw, sharded)
+
+
 @pytest.mark.parametrize("base", ["fp32", "nf4"])
 def test_a_different_base_on_one_rank_stops_every_rank_with_one_message(base, tmp_path):
     result = run_worker(

@@ -101,7 +101,9 @@ def main() -> None:
         required=True,
     )
     parser.add_argument(
-        "--design", choices=["callback", "mixin", "precision", "plugin"], default="callback"
+        "--design",
+        choices=["callback", "mixin", "precision", "precision-adamw", "plugin"],
+        default="callback",
     )
     parser.add_argument("--base", choices=["fp32", "nf4"], default="fp32")
     parser.add_argument("--steps", type=int, default=3)
@@ -121,7 +123,7 @@ def main() -> None:
     devices = 1 if args.strategy == "single" else 2
     base_seed = int(os.environ.get("LOCAL_RANK", "0")) if args.different_base else 0
     sharded = args.strategy.startswith("fsdp2")
-    nf4 = args.base == "nf4" and args.design not in ("precision", "plugin")
+    nf4 = args.base == "nf4" and args.design not in ("precision", "precision-adamw", "plugin")
     if args.design == "mixin":
         module = (ShardedMixinLM if sharded else MixinLM)(
             base_seed=base_seed, nf4=nf4, adapters=LORA
@@ -150,11 +152,14 @@ def main() -> None:
         strategy = ModelParallelStrategy(
             data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False
         )
-    trainer_class = lightning_peft.Trainer if args.design == "precision" else L.Trainer
+    flag = args.design in ("precision", "precision-adamw")
+    trainer_class = lightning_peft.Trainer if flag else L.Trainer
     if not args.seed_first:
         L.seed_everything(123, verbose=False)
     extra: dict = {
         "precision": {"precision": "nf4-lora"},
+        # The flag's quantization with the module's own AdamW: what FSDP2 runs.
+        "precision-adamw": {"plugins": [PeftPrecision("nf4-lora", optimizer=None)]},
         # The plugin alone: it attaches its adapters late, in strategy.setup.
         "plugin": {"plugins": [PeftPrecision("nf4-lora", adapters=LORA)]},
     }.get(args.design, {})
