@@ -488,20 +488,6 @@ def test_a_users_own_model_summary_counts_4bit_weights_whole(way, tmp_path):
         assert plain < counted.total_parameters  # Lightning alone counts packed weights half
 
 
-def test_ddp_spawn_with_the_flag_and_the_callback_is_refused_with_the_fix(tmp_path):
-    with pytest.raises(Exception, match=r"ddp_spawn.*strategy='ddp'"):
-        run("nf4-lora", CausalLM(), tmp_path, 1, strategy="ddp_spawn", devices=2)
-
-
-def test_ddp_spawn_with_the_flag_hands_a_mixin_module_back_quantized_and_adapted(tmp_path):
-    module = MixinLM()
-    run("nf4-lora", module, tmp_path, 2, strategy="ddp_spawn", devices=2)
-    assert type(module.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
-    assert adapter_parameter_names(module)
-    output = module.model(input_ids=token_data(8).dataset[0][None]).logits
-    assert torch.isfinite(output).all()
-
-
 def test_a_quantized_runs_checkpoint_says_how_to_load_it_without_a_trainer(tmp_path):
     save = AdapterCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     run("nf4-lora", MixinLM(), tmp_path / "a", 2, [save])
