@@ -54,11 +54,11 @@ lint: install
 	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/mypy
 
-# The real-model tests (-m slow) ran in `make test` on this CPU's own path; the tiny-model
-# ones cover what depends on the path.
+# The real-model tests (-m slow) ran in `make test` on this CPU's own path, and float-only
+# ones (-m float_base) take no path; the tiny-model 4-bit tests cover what depends on it.
 test-cpu-paths: install
-	LIGHTNING_PEFT_AVX512BF16=on $(BIN)/python -m pytest -q -m "not slow" $(CPU_PATH_TESTS)
-	LIGHTNING_PEFT_AVX512BF16=off $(BIN)/python -m pytest -q -m "not slow" $(CPU_PATH_TESTS)
+	LIGHTNING_PEFT_AVX512BF16=on $(BIN)/python -m pytest -q -m "not slow and not float_base" $(CPU_PATH_TESTS)
+	LIGHTNING_PEFT_AVX512BF16=off $(BIN)/python -m pytest -q -m "not slow and not float_base" $(CPU_PATH_TESTS)
 
 test-oldest:
 	$(call make_venv,.venv-oldest,-c requirements-oldest.txt)
