@@ -1,8 +1,9 @@
 """Chat templates of the model families people fine-tune, written from their published formats,
 as test data for ``ChatCollator``: each with what one assistant turn must train on.
 
-``TEMPLATES[name] = (jinja, expected)``: ``expected(content, last)`` is the text the labels of
-an assistant turn with ``content`` must decode to (``last``: the conversation's last turn).
+``TEMPLATES[name] = (jinja, expected)``: ``expected(content, last, eos)`` is the text the
+labels of an assistant turn with ``content`` must decode to (``last``: the conversation's
+last turn; ``eos``: the tokenizer's eos token, which Mistral and Phi-3 write).
 Rendered with SmolLM2's tokenizer (its ``eos_token`` is ``<|im_end|>``), given each family's
 markers as special tokens (:data:`SPECIAL_TOKENS`), as its own tokenizer holds them; Mistral's
 ``[INST]`` stays plain text, as in its first releases.
@@ -11,8 +12,6 @@ markers as special tokens (:data:`SPECIAL_TOKENS`), as its own tokenizer holds t
 from __future__ import annotations
 
 from collections.abc import Callable
-
-EOS = "<|im_end|>"  # SmolLM2's eos_token (its bos_token is <|im_start|>)
 
 CHATML = (
     "{%- for message in messages %}"
@@ -118,21 +117,22 @@ NO_GENERATION_BRANCH = (
     "{% endfor %}"
 )
 
-Expected = Callable[[str, bool], str]
+# (content, last turn?, the tokenizer's eos_token) -> what the labels decode to
+Expected = Callable[[str, bool, str], str]
 
 TEMPLATES: dict[str, tuple[str | None, Expected]] = {
     # None: SmolLM2's own template (ChatML, with a default system prompt).
-    "smollm2": (None, lambda c, last: f"{c}<|im_end|>\n"),
-    "chatml": (CHATML, lambda c, last: f"{c}<|im_end|>\n"),
-    "chatml-generation-markers": (CHATML_GENERATION, lambda c, last: f"{c}<|im_end|>\n"),
-    "llama3": (LLAMA3, lambda c, last: f"{c.strip()}<|eot_id|>"),
-    "qwen2.5": (QWEN25, lambda c, last: f"{c}<|im_end|>\n"),
-    "qwen3": (QWEN3, lambda c, last: f"{c}<|im_end|>\n"),
-    "qwen3-no-thinking": (QWEN3_NO_THINKING, lambda c, last: f"{c}<|im_end|>\n"),
-    "mistral": (MISTRAL, lambda c, last: f"{c}{EOS}"),
-    "gemma": (GEMMA, lambda c, last: f"{c.strip()}<end_of_turn>\n"),
-    "phi3": (PHI3, lambda c, last: f"{c}<|end|>\n" + (EOS if last else "")),
-    "no-generation-branch": (NO_GENERATION_BRANCH, lambda c, last: f"{c}\n"),
+    "smollm2": (None, lambda c, last, eos: f"{c}<|im_end|>\n"),
+    "chatml": (CHATML, lambda c, last, eos: f"{c}<|im_end|>\n"),
+    "chatml-generation-markers": (CHATML_GENERATION, lambda c, last, eos: f"{c}<|im_end|>\n"),
+    "llama3": (LLAMA3, lambda c, last, eos: f"{c.strip()}<|eot_id|>"),
+    "qwen2.5": (QWEN25, lambda c, last, eos: f"{c}<|im_end|>\n"),
+    "qwen3": (QWEN3, lambda c, last, eos: f"{c}<|im_end|>\n"),
+    "qwen3-no-thinking": (QWEN3_NO_THINKING, lambda c, last, eos: f"{c}<|im_end|>\n"),
+    "mistral": (MISTRAL, lambda c, last, eos: f"{c}{eos}"),
+    "gemma": (GEMMA, lambda c, last, eos: f"{c.strip()}<end_of_turn>\n"),
+    "phi3": (PHI3, lambda c, last, eos: f"{c}<|end|>\n" + (eos if last else "")),
+    "no-generation-branch": (NO_GENERATION_BRANCH, lambda c, last, eos: f"{c}\n"),
 }
 
 # The markers each family's own tokenizer holds as single special tokens.

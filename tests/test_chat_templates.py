@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from lightning_peft import AdapterConfigError
 from lightning_peft.data import smollm2_tokenizer
 from lightning_peft.sft import IGNORE, ChatCollator
-from tests.chat_templates import EOS, TEMPLATES, tokenizer_for
+from tests.chat_templates import TEMPLATES, tokenizer_for
 from tests.tiny_models import tiny_llama
 from tests.tolerances import reordering_tolerance
 
@@ -83,7 +83,8 @@ def test_labels_decode_to_the_assistant_contents_and_their_end_markers(
     ids, labels = ChatCollator(tokenizer, max_length=4096, train_on=train_on).encode(messages)
     assert all(label in (IGNORE, token) for token, label in zip(ids, labels, strict=True))
     answers = [content for _, content in pairs]
-    wanted = [expected(content, i == len(answers) - 1) for i, content in enumerate(answers)]
+    eos = tokenizer.eos_token
+    wanted = [expected(content, i == len(answers) - 1, eos) for i, content in enumerate(answers)]
     if train_on == "last":
         wanted = wanted[-1:]
     runs = labelled_runs(tokenizer, ids, labels)
@@ -121,13 +122,13 @@ ANSWER = {"role": "assistant", "content": "The answer is yes."}
         # No generation branch, a header ending in a space: the header is not trained on,
         # the answer's first word (" The") is.
         ("no-generation-branch", " The answer is yes.\n"),
-        ("mistral", " The answer is yes." + EOS),
+        ("mistral", " The answer is yes.{eos}"),
     ],
 )
 def test_templates_that_used_to_train_on_the_wrong_tokens(tokenizers, name, expected):
     tokenizer = tokenizers[name]
     ids, labels = ChatCollator(tokenizer).encode([*QUESTION, ANSWER])
-    assert labelled_runs(tokenizer, ids, labels) == [expected]
+    assert labelled_runs(tokenizer, ids, labels) == [expected.format(eos=tokenizer.eos_token)]
 
 
 def test_a_template_that_rewrites_the_content_is_refused_naming_the_turn(base_tokenizer):
