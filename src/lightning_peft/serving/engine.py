@@ -23,7 +23,6 @@ from torch import nn
 from lightning_peft.adapters.inputs import HFModel
 from lightning_peft.adapters.lora import LoRA
 from lightning_peft.checkpoint.metadata import (
-    METADATA_KEY,
     config_from_metadata,
     fingerprint_frozen,
     read_metadata,
@@ -177,9 +176,6 @@ class AdapterEngine:
                 400, f"{source} could not be loaded: {type(error).__name__}: {_one_line(error)}"
             ) from error
         self.sources[name] = str(source)
-        template = _trained_template(source)
-        if template is not None:
-            self.templates[name] = template
         return next(a for a in self.adapters() if a["name"] == name)
 
     def unload(self, name: str) -> None:
@@ -199,9 +195,16 @@ class AdapterEngine:
         # The base is the server's, shared by every adapter: never quantized per adapter
         # (load_peft warns when the adapter trained over another storage).
         load_peft(self.model, folder, adapter_name=name, quantize=None)
+        self._keep_template(name, _folder_template(folder))
+
+    def _keep_template(self, name: str, template: object) -> None:
+        """Remember the chat template adapter ``name`` trained with, if it has one."""
+        if isinstance(template, str):
+            self.templates[name] = template
 
     def _load_checkpoint(self, name: str, path: Path) -> None:
         checkpoint, metadata, saved_name, configs = _checkpoint_parts(path)
+        template = metadata.get("chat_template")  # the run's, recorded by its checkpoints
         state = {k: v for k, v in checkpoint["state_dict"].items() if isinstance(v, torch.Tensor)}
         check_adapter_values(state, str(path))
         prefix = self._check_base(metadata, configs, saved_name, state, path)
@@ -225,6 +228,7 @@ class AdapterEngine:
                     )
                 with torch.no_grad():
                     target.copy_(value)
+        self._keep_template(name, template)
 
     def _check_base(
         self,
@@ -503,16 +507,11 @@ def check_adapter_file(path: str | Path) -> None:
         raise RequestError(400, _one_line(error)) from error
 
 
-def _trained_template(source: Path) -> str | None:
-    """The chat template an adapter trained with: a checkpoint's metadata records it, a
-    PEFT folder holds it with the tokenizer saved beside the weights."""
-    if source.is_file():
-        metadata = torch.load(source, map_location="cpu", weights_only=True).get(METADATA_KEY)
-        template = metadata.get("chat_template") if isinstance(metadata, dict) else None
-        return template if isinstance(template, str) else None
-    if (source / "chat_template.jinja").is_file():
-        return (source / "chat_template.jinja").read_text(encoding="utf-8")
-    config = source / "tokenizer_config.json"
+def _folder_template(folder: Path) -> str | None:
+    """The chat template a PEFT folder holds with the tokenizer saved beside its weights."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
     if config.is_file():
         template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
         return template if isinstance(template, str) else None
