@@ -9,14 +9,22 @@ import pytest
 import torch
 
 
-def model_snapshot(model: torch.nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
-    """The module structure (its repr) and a copy of every tensor of its state dict."""
-    return repr(model), {k: v.detach().clone() for k, v in model.state_dict().items()}
+def model_snapshot(model: torch.nn.Module) -> tuple[str, dict[str, torch.Tensor], dict]:
+    """The module structure (its repr), a copy of every tensor of its state dict, and its
+    transformers config (merging a tied head changes ``tie_word_embeddings``)."""
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return repr(model), tensors, _config(model)
+
+
+def _config(model: torch.nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    return config.to_dict() if hasattr(config, "to_dict") else {}
 
 
 def assert_model_unchanged(model: torch.nn.Module, snapshot: tuple) -> None:
-    structure, tensors = snapshot
+    structure, tensors, config = snapshot
     assert repr(model) == structure
+    assert _config(model) == config
     now = model.state_dict()
     assert now.keys() == tensors.keys()
     for key, value in tensors.items():

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any, TypeVar, Union
 
 from torch import nn
@@ -26,6 +24,7 @@ from lightning_peft.protocol import (
 )
 from lightning_peft.quantization import keep_4bit_storage_exact_
 from lightning_peft.targeting import find_targets
+from lightning_peft.undo import restored_on_error
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -117,7 +116,8 @@ def apply_adapters(
         )
     keep_4bit_storage_exact_(model)  # an eval pass must not repack a frozen 4-bit base
     host_prefix = transformers_model_prefix(model)
-    with restored_on_error(model):  # a layer that refuses late undoes the ones before it
+    # A layer that refuses late undoes the ones before it, their tensors included.
+    with restored_on_error(model) as writes:
         for item, targets in plans:
             if not targets:
                 with initial_values_for(type(item).__name__):
@@ -126,7 +126,7 @@ def apply_adapters(
                 parent_name, _, child_name = target.rpartition(".")
                 parent = model.get_submodule(parent_name)
                 layer = getattr(parent, child_name)
-                with initial_values_for(target.removeprefix(host_prefix)):
+                with initial_values_for(target.removeprefix(host_prefix)), writes.watching(layer):
                     wrapped = item.wrap(layer, name, target)
                 if not is_adapter(wrapped):
                     raise AdapterConfigError(
@@ -173,31 +173,6 @@ def _run_unfused(module: nn.Module, args: Any) -> None:
     """A forward pre-hook that changes nothing: see ``_keep_fused_layers_off_``."""
 
 
-@contextmanager
-def restored_on_error(model: nn.Module) -> Iterator[None]:
-    """If the block raises, put every module of ``model`` back as it was before it.
-
-    Each module's attributes are saved one level deep (its children, parameters, hooks, and
-    lists and dicts such as a wrapper's ``configs`` or ``active_adapters``), with every
-    parameter's ``requires_grad``: enough to undo attaching adapters, which only rewires
-    modules and adds new tensors, without copying any tensor.
-    """
-    saved = [
-        (module, {k: _shallow_copy(v) for k, v in module.__dict__.items()})
-        for module in model.modules()
-    ]
-    grads = [(param, param.requires_grad) for param in model.parameters()]
-    try:
-        yield
-    except BaseException:
-        for module, attributes in saved:
-            module.__dict__.clear()
-            module.__dict__.update(attributes)
-        for param, requires_grad in grads:
-            param.requires_grad_(requires_grad)
-        raise
-
-
 def replace_module_(model: nn.Module, old: object, new: nn.Module) -> None:
     """Put ``new`` wherever ``model`` holds ``old``: a layer held by several modules (a
     shared embedding) is wrapped, and unwrapped, on every path, or an adapter would act on
@@ -214,10 +189,6 @@ def replace_module_(model: nn.Module, old: object, new: nn.Module) -> None:
 
 def _on_meta(module: nn.Module) -> bool:
     return any(param.is_meta for param in module.parameters())
-
-
-def _shallow_copy(value: Any) -> Any:
-    return copy.copy(value) if isinstance(value, (dict, list, set)) else value
 
 
 def transformers_model_prefix(model: nn.Module) -> str:

@@ -10,6 +10,7 @@ from torch import nn
 from lightning_peft.errors import AdapterStateError
 from lightning_peft.injection import adapter_modules
 from lightning_peft.protocol import MergeableAdapter
+from lightning_peft.undo import restored_on_error
 
 
 @dataclass(frozen=True)
@@ -62,15 +63,19 @@ def _set_merged(model: nn.Module, *, merged: bool) -> MergeReport:
     errors: dict[str, float] = {}
     unchanged = 0
     not_mergeable: list[str] = []
-    for name, module in adapters:
-        if not isinstance(module, MergeableAdapter):
-            not_mergeable.append(name)
-        elif module.merged == merged:
-            unchanged += 1
-        else:
-            if merged:
-                untie_base_weight_(model, module)
-            errors[name] = module.merge() if merged else module.unmerge()
+    # A layer that refuses (or runs out of memory) late leaves every layer as it was, a tied
+    # head tied again: never a half-merged model.
+    with restored_on_error(model) as writes:
+        for name, module in adapters:
+            if not isinstance(module, MergeableAdapter):
+                not_mergeable.append(name)
+            elif module.merged == merged:
+                unchanged += 1
+            else:
+                with writes.watching(module):
+                    if merged:
+                        untie_base_weight_(model, module)
+                    errors[name] = module.merge() if merged else module.unmerge()
     return MergeReport(len(errors), unchanged, errors, tuple(not_mergeable))
 
 

@@ -29,10 +29,11 @@ from lightning_peft.adapters.registry import peft_mapping, peft_mapping_named, p
 from lightning_peft.checkpoint.io import owned_with_tokenizer, staged_folder
 from lightning_peft.checkpoint.state import check_adapter_values
 from lightning_peft.errors import AdapterConfigError, AdapterStateError, UnsupportedLayerError
-from lightning_peft.injection import adapter_configs_attached, apply_adapters, restored_on_error
+from lightning_peft.injection import adapter_configs_attached, apply_adapters
 from lightning_peft.protocol import TrainsWholeModules, trained_marks
 from lightning_peft.quantization import QUANT_MODES, QuantMode, quantize_model
 from lightning_peft.quantization.model import base_quantization
+from lightning_peft.undo import restored_on_error
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -75,9 +75,9 @@ def quantize_model(
     from lightning_peft.injection import (
         apply_adapters,
         as_config_list,
-        restored_on_error,
         transformers_model_prefix,
     )
+    from lightning_peft.undo import restored_on_error
 
     if isinstance(skip_modules, str):  # one name, not its characters
         skip_modules = (skip_modules,)

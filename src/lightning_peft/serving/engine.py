@@ -39,7 +39,6 @@ from lightning_peft.injection import (
     adapter_configs_attached,
     adapter_parameter_names,
     apply_adapters,
-    restored_on_error,
 )
 from lightning_peft.protocol import routes_rows
 from lightning_peft.quantization import QUANT_MODES, QuantMode, quantize_model
@@ -57,6 +56,7 @@ from lightning_peft.switching import (
     mixed_batch,
     set_active_adapters,
 )
+from lightning_peft.undo import restored_on_error
 
 PRECISIONS = QUANT_MODES
 # A folder without any of these holds weights only: requests then send token ids.
