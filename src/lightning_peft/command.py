@@ -7,17 +7,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-OVERVIEW = """lightning-peft: parameter-efficient fine-tuning with PyTorch Lightning.
-
-subcommands:
-  fit, validate, test, predict   LightningCLI with lightning_peft.Trainer (--config run.yaml)
-  export                         a checkpoint's adapters as a PEFT folder and/or merged model
-  memory                         memory to fine-tune a model of a given size (70B, 135M, ...)
-  serve                          one base, many adapters over HTTP (LitServe; pip install
-                                 'lightning-peft[serve]')
-
-'lightning-peft SUBCOMMAND --help' describes each (fit --help: every option of the run).
-"""
+from lightning_peft.usage import OVERVIEW
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -25,6 +15,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not given or given[0] in ("-h", "--help"):
         print(OVERVIEW)
         sys.exit(0 if given else 2)
+    if given[0] == "serve":  # serving needs no Lightning: it is not below lightning.cli
+        from lightning_peft.quiet import quiet_known_noise
+        from lightning_peft.serving.cli import serve
+
+        quiet_known_noise()
+        serve(given[1:])
+        return
     from lightning_peft.lightning.cli import main as run
 
     run(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,7 @@ from typing import Any, TypeVar, Union
 
 from torch import nn
 
+from lightning_peft._compat import own_children
 from lightning_peft.adapters.heads import head_to_train
 from lightning_peft.adapters.init import initial_values_for
 from lightning_peft.adapters.inputs import find_transformers_model
@@ -180,7 +181,7 @@ def replace_module_(model: nn.Module, old: object, new: nn.Module) -> None:
     holders = [
         (owner, attribute)
         for owner in model.modules()
-        for attribute, child in owner._modules.items()
+        for attribute, child in own_children(owner).items()
         if child is old
     ]
     for owner, attribute in holders:

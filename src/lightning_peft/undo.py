@@ -93,7 +93,9 @@ def _same(tensor: torch.Tensor, original: torch.Tensor) -> bool:
 def _transformers_configs(model: nn.Module) -> list[Any]:
     found: dict[int, Any] = {}
     for module in model.modules():
-        config = getattr(module, "config", None)
+        # The instance's own attribute: an adapter wrapper's ``config`` is a property that
+        # refuses when several adapters are active.
+        config = vars(module).get("config")
         if config is not None and hasattr(config, "to_dict"):
             found.setdefault(id(config), config)
     return list(found.values())

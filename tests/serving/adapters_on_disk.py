@@ -101,7 +101,7 @@ def reference_scores(
 @contextmanager
 def serving(arguments: list[str]) -> Iterator[str]:
     """``lightning-peft serve ARGUMENTS`` on a free loopback port: its URL, once healthy."""
-    command = [sys.executable, "-m", "lightning_peft.lightning.cli", "serve"]
+    command = [sys.executable, "-m", "lightning_peft.command", "serve"]
     port = free_port()
     process = subprocess.Popen(
         [*command, "--port", str(port), *arguments],

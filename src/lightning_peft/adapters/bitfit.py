@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lightning_peft._compat import own_parameter
 from lightning_peft.errors import TargetModulesError
 from lightning_peft.protocol import WrappingAdapter, mark_trained_
 from lightning_peft.targeting import (
@@ -76,7 +77,7 @@ def _bias_owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
     owners = []
     for name, module in candidate_modules(model).items():
         owner = module.base_layer if isinstance(module, WrappingAdapter) else module
-        if isinstance(owner._parameters.get("bias"), nn.Parameter):
+        if isinstance(own_parameter(owner, "bias"), nn.Parameter):
             owners.append((name, owner))
     return owners
 

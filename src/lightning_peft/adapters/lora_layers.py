@@ -48,7 +48,7 @@ def check_layer_supported(layer: nn.Module, config: LoRA) -> None:
     """Refuse, naming the layer, what LoRA on these layers does not do."""
     kind = type(layer).__name__
     if isinstance(layer, nn.MultiheadAttention):
-        if not layer._qkv_same_embed_dim:
+        if layer.in_proj_weight is None:  # separate q, k, v weights
             raise AdapterConfigError(
                 "LoRA on nn.MultiheadAttention needs one in_proj_weight (kdim and vdim equal "
                 f"to embed_dim), got kdim={layer.kdim}, vdim={layer.vdim}"

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_peft._compat import own_children
 from lightning_peft.adapters.init import empty_linear, init_generator, reset_linear_
 from lightning_peft.adapters.inputs import (
     CACHE_ARGUMENTS,
@@ -93,7 +94,7 @@ class PrefixTuning:
 
     def check(self, model: nn.Module) -> None:
         host = find_transformers_model(model, "PrefixTuning")
-        if CHILD_NAME in host._modules:
+        if CHILD_NAME in own_children(host):
             raise AdapterConfigError(
                 f"{type(host).__name__} already has a prefix; a model takes one PrefixTuning"
             )

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_peft._compat import own_children
 from lightning_peft.adapters.init import init_generator
 from lightning_peft.adapters.inputs import (
     HFModel,
@@ -80,7 +81,7 @@ class PromptTuning:
                 f"{type(host).__name__} reads {main_input} (audio or image features), not "
                 "tokens; use LoRA or IA3 on this model"
             )
-        if CHILD_NAME in host._modules:
+        if CHILD_NAME in own_children(host):
             raise AdapterConfigError(
                 f"{type(host).__name__} already has a soft prompt; a model takes one PromptTuning"
             )

@@ -13,6 +13,7 @@ from typing import Any, cast
 
 from torch import nn
 
+from lightning_peft._compat import own_children, own_names
 from lightning_peft.errors import AdapterStateError
 
 
@@ -33,7 +34,7 @@ class BaseLayerWrapper(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            base_layer = self._modules.get("base_layer")
+            base_layer = own_children(self).get("base_layer")
             if base_layer is None:
                 raise
             return getattr(base_layer, name)
@@ -87,7 +88,7 @@ def _base_keys_into_wrapper(
     module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
 ) -> None:
     """Load pre-hook: keys that are not the wrapper's own go to the base layer."""
-    own = set(module._modules) | set(module._parameters) | set(module._buffers)
+    own = own_names(module)
     for key in [k for k in state_dict if k.startswith(prefix)]:
         if key[len(prefix) :].split(".", 1)[0] not in own:
             state_dict[prefix + "base_layer." + key[len(prefix) :]] = state_dict.pop(key)

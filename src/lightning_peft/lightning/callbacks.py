@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_peft._compat import is_spawn_launcher
 from lightning_peft.adapters import MethodConfig
 from lightning_peft.checkpoint.io import held_tokenizer
 from lightning_peft.checkpoint.peft_format import check_peft_exportable, save_peft
@@ -206,7 +207,7 @@ class PeftCallback(_AdapterCheckpointHooks):
             if self.compile_options is not None:
                 compile_layers(pl_module, **self.compile_options)
             check_ranks_agree(trainer, pl_module)
-            if type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher":
+            if is_spawn_launcher(trainer.strategy.launcher):
                 if peft_precision(trainer) is not None:
                     raise AdapterConfigError(_SPAWN_QUANTIZED)
                 rank_zero_warn(_SPAWN_WARNING)

@@ -23,12 +23,17 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from fsspec.utils import get_protocol
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from typing_extensions import override
 
+from lightning_peft._compat import (
+    fsdp_state_dict_type,
+    rewrap_checkpoint_io,
+    saves_distributed_checkpoint,
+    wraps_checkpoint_io,
+)
 from lightning_peft.checkpoint import atomic_path
 from lightning_peft.errors import AdapterConfigError, AdapterStateError
 from lightning_peft.lightning.checkpointing import write_adapter_only_
@@ -70,7 +75,7 @@ class AtomicCheckpointIO(CheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
-        if not _is_local_file_protocol(str(path)):
+        if get_protocol(str(path)) != "file":
             self.inner.save_checkpoint(checkpoint, path, storage_options)
             return
         with atomic_path(path) as temporary:
@@ -130,11 +135,10 @@ def make_checkpoints_adapter_only(trainer: pl.Trainer) -> None:
     if not (isinstance(installed, _AdapterOnlySaves) and installed.strategy is strategy):
         # On the instance: any strategy class, the user's own included.
         strategy.save_checkpoint = _AdapterOnlySaves(strategy)  # type: ignore[method-assign]
-    io = strategy.checkpoint_io
-    if isinstance(io, _WrappingCheckpointIO):  # AsyncCheckpointIO
+    io: Any = strategy.checkpoint_io
+    if wraps_checkpoint_io(io):  # AsyncCheckpointIO
         if io.checkpoint_io is not None and not isinstance(io.checkpoint_io, AtomicCheckpointIO):
-            # The public setter only takes a base once; this wraps the base it took.
-            io._checkpoint_io = AtomicCheckpointIO(io.checkpoint_io)
+            rewrap_checkpoint_io(io, AtomicCheckpointIO(io.checkpoint_io))
     elif not isinstance(io, AtomicCheckpointIO):
         strategy.checkpoint_io = AtomicCheckpointIO(io)
 
@@ -148,13 +152,13 @@ def _refuse_sharded_saves(strategy: pl.strategies.Strategy) -> None:
             "shard a model that does not fit one device"
         )
     sharded = None
-    if isinstance(strategy, ModelParallelStrategy) and strategy._save_distributed_checkpoint:
+    if isinstance(strategy, ModelParallelStrategy) and saves_distributed_checkpoint(strategy):
         sharded = "save_distributed_checkpoint=True"
         fix = (
             "use lightning_peft.AdapterModelParallelStrategy (same arguments; it gathers only "
             "the adapters) or pass save_distributed_checkpoint=False"
         )
-    elif isinstance(strategy, FSDPStrategy) and strategy._state_dict_type == "sharded":
+    elif isinstance(strategy, FSDPStrategy) and fsdp_state_dict_type(strategy) == "sharded":
         sharded = "state_dict_type='sharded'"
         fix = "pass state_dict_type='full': the adapter file is small"
     if sharded is not None:

@@ -29,6 +29,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_peft._compat import attached_trainer
 from lightning_peft.checkpoint import (
     METADATA_KEY,
     build_metadata,
@@ -103,10 +104,10 @@ def write_adapter_only_(checkpoint: dict[str, Any], module: pl.LightningModule) 
     checkpoint["state_dict"] = {
         k: state[k] if k in state else module.get_parameter(k).detach() for k in keys
     }
-    metadata = build_metadata(module, keys, optimizer_param_names(module._trainer, module))
+    metadata = build_metadata(module, keys, optimizer_param_names(attached_trainer(module), module))
     # Written during a validation pass, the file records the state training will go on from.
     metadata["rng"] = state_of(module).rng_before_validation or rng_state()
-    trainer = module._trainer
+    trainer = attached_trainer(module)
     plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
     if state_of(module).quantized and plugin is not None and hasattr(plugin, "flag"):
         metadata["precision"] = plugin.flag  # how a model must be set up to load it
@@ -134,7 +135,7 @@ def _check_before_load(
         return
     if check_if_adapter_only(module, state_dict):
         return
-    trainer = getattr(module, "_trainer", None)
+    trainer = attached_trainer(module)
     if trainer is not None and trainer.ckpt_path:
         # Resuming from a full Lightning checkpoint: the callback's own check comes only
         # after Lightning has copied the file's frozen tensors into the module. Refuse now.

@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_peft._compat import CLI_CLASS_PATH_KEY
 from lightning_peft.checkpoint import (
     check_adapter_state_dict,
     check_base_fingerprint,
@@ -39,16 +40,16 @@ from lightning_peft.checkpoint.export import is_export_file, merge_and_export
 from lightning_peft.checkpoint.io import check_folder_target, held_tokenizer
 from lightning_peft.checkpoint.metadata import config_from_metadata
 from lightning_peft.checkpoint.peft_format import save_peft
-from lightning_peft.command import OVERVIEW
 from lightning_peft.errors import AdapterStateError
 from lightning_peft.lightning.attach import attach_adapters_once
 from lightning_peft.lightning.callbacks import AdapterCheckpoint
 from lightning_peft.lightning.interrupts import InterruptCheckpoint
 from lightning_peft.lightning.predictions import ChatPredictionWriter
 from lightning_peft.lightning.progress import ProgressLog
-from lightning_peft.lightning.quiet import quiet_known_noise
 from lightning_peft.lightning.trainer import Trainer
 from lightning_peft.quantization.estimate import METHODS, Architecture, Method, estimate_memory
+from lightning_peft.quiet import quiet_known_noise
+from lightning_peft.usage import OVERVIEW
 
 
 class PeftCLI(LightningCLI):
@@ -103,7 +104,7 @@ class PeftCLI(LightningCLI):
             hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get(
                 "hyper_parameters", {}
             )
-            if hparams and "_class_path" not in hparams:
+            if hparams and CLI_CLASS_PATH_KEY not in hparams:
                 return
         super()._parse_ckpt_path()
 
@@ -115,10 +116,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         export(given[1:])
     elif given and given[0] == "memory":
         memory(given[1:])
-    elif given and given[0] == "serve":
-        from lightning_peft.serving.cli import serve
-
-        serve(given[1:])
     else:
         if not given or given[0] in ("-h", "--help"):
             print(OVERVIEW)

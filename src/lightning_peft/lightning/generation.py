@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_peft._compat import batches_that_stepped
 from lightning_peft.adapters.inputs import find_transformers_model
 from lightning_peft.checkpoint.io import held_tokenizer
 from lightning_peft.errors import AdapterConfigError
@@ -166,6 +167,5 @@ def _is_token_ids(prompt: Any) -> bool:
 def logged_step(trainer: pl.Trainer) -> int:
     """The step Lightning's loggers record what is logged now under: during a validation
     inside training it is the number of batches that stepped before the current one, one
-    less than ``global_step`` (Lightning 2.6's loop counter; ``global_step`` if absent)."""
-    loop = trainer.fit_loop.epoch_loop
-    return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
+    less than ``global_step`` (Lightning's private loop counter, see _compat)."""
+    return batches_that_stepped(trainer)

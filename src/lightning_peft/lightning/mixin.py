@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from lightning_peft._compat import attached_trainer, no_incompatible_keys
 from lightning_peft.adapters.init import values_to_be_loaded
 from lightning_peft.adapters.inputs import find_transformers_model
 from lightning_peft.checkpoint import load_adapter_state_dict
@@ -113,7 +114,7 @@ class PeftMixin(_MixedInto):
 
     def _attach_adapters_once(self) -> bool:
         return attach_adapters_once(
-            self._trainer,
+            attached_trainer(self),
             self,
             lambda plugin: as_config_list(self.configure_adapters()),
             train_head=self.adapter_train_head,
@@ -124,15 +125,15 @@ class PeftMixin(_MixedInto):
         if self._attach_adapters_once():
             if self.adapter_gradient_checkpointing:
                 enable_gradient_checkpointing(self)
-            if self._trainer is not None:
-                check_ranks_agree(self._trainer, self)
+            if attached_trainer(self) is not None:
+                check_ranks_agree(attached_trainer(self), self)
         super().configure_model()
 
     @override
     def setup(self, stage: str) -> None:
-        if self._trainer is not None:
-            use_real_parameter_counts(self._trainer)
-            make_checkpoints_adapter_only(self._trainer)
+        if attached_trainer(self) is not None:
+            use_real_parameter_counts(attached_trainer(self))
+            make_checkpoints_adapter_only(attached_trainer(self))
         super().setup(stage)
 
     @override
@@ -140,13 +141,13 @@ class PeftMixin(_MixedInto):
         # The strategy's save reduces the checkpoint (see checkpoint_io). In the process that
         # launched ddp_spawn setup never ran, so the strategy is set up here: Lightning calls
         # this hook in every save, before it looks up the strategy's save_checkpoint.
-        if self._trainer is not None:
-            make_checkpoints_adapter_only(self._trainer)
+        if attached_trainer(self) is not None:
+            make_checkpoints_adapter_only(attached_trainer(self))
         super().on_save_checkpoint(checkpoint)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._resume_checks().on_load(self._trainer, self, checkpoint)
+        self._resume_checks().on_load(attached_trainer(self), self, checkpoint)
         super().on_load_checkpoint(checkpoint)
 
     @override
@@ -202,5 +203,5 @@ class PeftMixin(_MixedInto):
             self._attach_adapters_once()
         if check_if_adapter_only(self, dict(state_dict)):
             load_adapter_state_dict(self, state_dict)
-            return torch.nn.modules.module._IncompatibleKeys([], [])
+            return no_incompatible_keys()
         return super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -21,6 +21,7 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_peft._compat import attached_trainer
 from lightning_peft.adapters import LoRA, MethodConfig
 from lightning_peft.errors import AdapterConfigError
 from lightning_peft.injection import (
@@ -205,7 +206,7 @@ class PeftPrecision(Precision):
     def convert_module(self, module: nn.Module) -> nn.Module:
         # PeftCallback / PeftMixin have done both steps already, before checkpoint restore;
         # alone, the plugin does them here (fine for training, too late for resuming).
-        trainer = getattr(module, "_trainer", None)
+        trainer = attached_trainer(module)
         device = trainer.strategy.root_device if trainer is not None else None
         missing = not adapter_parameter_names(module)
         adapters = self.adapters or default_adapters()

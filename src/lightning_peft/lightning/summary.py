@@ -13,39 +13,41 @@ from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
 from lightning.pytorch.utilities.model_summary import model_summary as summary_module
 from typing_extensions import override
 
+from lightning_peft._compat import summary_max_depth
 from lightning_peft.quantization import real_numel
 
 
 class _RealCountSummary(summary_module.ModelSummary):
+    def __init__(self, model: pl.LightningModule, max_depth: int = 1) -> None:
+        self.counted = model  # set first: the parent's __init__ reads the counts
+        super().__init__(model, max_depth=max_depth)
+
     @property
     @override
     def param_nums(self) -> list[int]:
-        return [
-            sum(real_numel(p) for p in layer._module.parameters())
-            for layer in self._layer_summary.values()
-        ]
+        return [sum(real_numel(p) for p in module.parameters()) for _, module in self.named_modules]
 
     @property
     @override
     def total_parameters(self) -> int:
-        return sum(real_numel(p) for p in self._model.parameters())
+        return sum(real_numel(p) for p in self.counted.parameters())
 
     @property
     @override
     def trainable_parameters(self) -> int:
-        return sum(real_numel(p) for p in self._model.parameters() if p.requires_grad)
+        return sum(real_numel(p) for p in self.counted.parameters() if p.requires_grad)
 
     @property
     @override
     def model_size(self) -> float:
         """Megabytes the parameters really take (a 4-bit weight: half a byte each)."""
-        return sum(p.numel() * p.element_size() for p in self._model.parameters()) * 1e-6
+        return sum(p.numel() * p.element_size() for p in self.counted.parameters()) * 1e-6
 
 
 class _RealCounts(ModelSummary):
     @override
     def _summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        return _RealCountSummary(pl_module, max_depth=self._max_depth)
+        return _RealCountSummary(pl_module, max_depth=summary_max_depth(self))
 
 
 class PeftModelSummary(_RealCounts, ModelSummary):

@@ -9,6 +9,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from lightning_peft._compat import keep_in_fp32_modules
 from lightning_peft.protocol import is_adapter
 from lightning_peft.quantization.layers import (
     QuantMode,
@@ -91,9 +92,7 @@ def quantize_model(
     attention = [n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)]
     # transformers keeps these float under its own 4-bit loading: T5's ``wo``, whose caller
     # casts its input to the weight's dtype (a uint8 cast would cut the backward off).
-    keep_float = {
-        k for m in modules.values() for k in getattr(m, "_keep_in_fp32_modules", None) or ()
-    }
+    keep_float = {k for m in modules.values() for k in keep_in_fp32_modules(m)}
     skipped = output_head_names(modules) | {
         name
         for name in modules

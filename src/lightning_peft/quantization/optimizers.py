@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Literal
 
 import torch
+
+from lightning_peft._compat import track_step_for_schedulers
 
 OptimizerName = Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"]
 OPTIMIZER_NAMES: tuple[str, ...] = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw")
@@ -123,20 +124,6 @@ def rebind_schedulers(
 
 
 def _rebind_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
-    """Point an LR scheduler at ``optimizer``, as if it had been built with it.
-
-    ``LRScheduler.__init__`` wraps ``optimizer.step`` to notice a scheduler stepped before
-    its optimizer; the new optimizer gets the same wrapper (deliberately the same code).
-    """
+    """Point an LR scheduler at ``optimizer``, as if it had been built with it."""
     scheduler.optimizer = optimizer
-    step = optimizer.step
-    if hasattr(step, "_wrapped_by_lr_sched"):
-        return
-
-    @functools.wraps(step)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        optimizer._opt_called = True  # type: ignore[attr-defined]
-        return step(*args, **kwargs)
-
-    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-    optimizer.step = wrapper  # type: ignore[method-assign]
+    track_step_for_schedulers(optimizer)

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_peft._compat import unpack_cpu_4bit
+
 
 def loaded_class(module_name: str, *path: str) -> type | None:
     """A class from ``module_name`` if that module is already imported, else None."""
@@ -193,11 +195,7 @@ class Int8Storage(Storage):
 
 def unpack_for_training_(weight: Any) -> None:
     """Undo bitsandbytes' CPU inference packing of a 4-bit weight, in place."""
-    import bitsandbytes.functional as bnb_functional
-
-    weight.data, quant_state = bnb_functional._convert_weight_packed_for_cpu_inverse(
-        weight.data, weight.quant_state
-    )
+    weight.data, quant_state = unpack_cpu_4bit(weight.data, weight.quant_state)
     if quant_state.absmax.dim() == 2:
         # bitsandbytes 0.50 re-lays out absmax only when it re-quantizes it (double
         # quantization); otherwise it stays (blocks per row, rows) in bf16 and dequantizing

@@ -19,6 +19,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from lightning_peft._compat import litserve_request_handler
 from lightning_peft.serving.engine import AdapterEngine
 from lightning_peft.serving.requests import RequestError, parse_load, parse_predict
 
@@ -155,9 +156,7 @@ def adapter_server(api: AdapterAPI, **litserver_kwargs: Any) -> ls.LitServer:
     litserver_kwargs.setdefault("devices", 1)
     server = ls.LitServer(api, **litserver_kwargs)
     # LitServe's own handler puts a body on the worker queue and awaits its answer.
-    from litserve.server import RegularRequestHandler
-
-    handler = RegularRequestHandler(api, server)
+    handler = litserve_request_handler(api, server)
 
     async def to_worker(op: str, **fields: Any) -> Any:
         return await handler.handle_request({_ADMIN: api.admin_key, "op": op, **fields}, dict)
