@@ -5,7 +5,7 @@ For each cell: attach the method; if it starts equal to the base (all but prompt
 tuning), the output must equal the base's; one backward must reach every adapter tensor; a few
 Adam steps must lower the loss on a fixed batch; and where Hugging Face PEFT has the same
 config, its trainable count must equal ours. ``tests/test_matrix.py`` asserts each cell;
-``python tests/matrix.py`` prints the table (README.md holds it, and a test checks it is this
+``python tests/matrix.py`` prints the table (docs/methods.md holds it, and a test checks it is this
 one).
 """
 

@@ -1,4 +1,4 @@
-"""The fidelity tables in the README are what the saved raw numbers say (no training here:
+"""The benchmark tables in the guides (docs/) are what the saved raw numbers say (no training here:
 the runs take minutes to an hour; `benchmarks/fidelity.py --replot` rewrites the tables)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent.parent
+DOCS = ROOT / "docs"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -25,11 +26,11 @@ def fidelity():
 
 
 @pytest.mark.parametrize("task", ["bbc", "rt"])
-def test_fidelity_tables_match_their_raw_numbers_and_the_readme(fidelity, task):
+def test_fidelity_tables_match_their_raw_numbers_and_the_guide(fidelity, task):
     saved = json.loads((RESULTS / f"fidelity-{task}.json").read_text())
     table = fidelity.write(task, **saved)
     assert table == (RESULTS / f"fidelity-{task}.md").read_text()
-    assert table.strip() in (ROOT / "README.md").read_text()
+    assert table.strip() in (DOCS / "benchmarks.md").read_text()
     assert len(saved["seeds"]) >= 3
     assert all(len(runs) == len(saved["seeds"]) for runs in saved["rows"].values())
 
@@ -56,7 +57,7 @@ def test_fidelity_refuses_an_unknown_method_before_training(fidelity, monkeypatc
     assert "'LoRA r=8 (q, v)'" in error
 
 
-def test_distillation_table_matches_its_raw_numbers_and_the_readme():
+def test_distillation_table_matches_its_raw_numbers_and_the_guide():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import distillation
@@ -65,20 +66,20 @@ def test_distillation_table_matches_its_raw_numbers_and_the_readme():
     saved = json.loads((RESULTS / "distillation.json").read_text())
     table = distillation.write(**saved)
     assert table == (RESULTS / "distillation.md").read_text()
-    assert table.strip() in (ROOT / "README.md").read_text()
+    assert table.strip() in (DOCS / "distillation.md").read_text()
     assert len(saved["seeds"]) >= 3
     assert all(len(runs) == len(saved["seeds"]) for runs in saved["rows"].values())
 
 
-def test_the_loftq_error_table_in_the_readme_is_the_saved_one():
+def test_the_loftq_error_table_in_the_qlora_guide_is_the_saved_one():
     table = (RESULTS / "loftq_error.md").read_text().strip()
-    assert table in (ROOT / "README.md").read_text()
+    assert table in (DOCS / "qlora.md").read_text()
     assert "| 8 | 0.964 | 0.929 |" in table  # the figures the LoftQ section's text quotes
 
 
 @pytest.mark.parametrize("suffix", ["", "-nf4"])
-def test_serving_table_in_the_readme_is_the_saved_one(suffix):
-    readme = (ROOT / "README.md").read_text()
+def test_serving_table_in_the_serving_guide_is_the_saved_one(suffix):
+    readme = (DOCS / "serving.md").read_text()
     table = (RESULTS / f"serving-cpu{suffix}.md").read_text()
     assert f"<!-- serving{suffix}:start -->\n{table}<!-- serving{suffix}:end -->" in readme
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in table.splitlines()[4:]}

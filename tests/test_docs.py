@@ -44,3 +44,41 @@ def test_the_extending_guide_builds_a_working_method(monkeypatch):
         torch.testing.assert_close(model(input_ids=tokens).logits, expected)
     (entry,) = adapter_configs(model)
     assert config_from_metadata(entry) == namespace["OutputShift"]()
+
+
+def test_the_site_builds_with_warnings_as_errors(tmp_path):
+    """`make docs`: every guide, link, anchor and API reference entry resolves."""
+    import subprocess
+    import sys
+
+    root = GUIDE.parents[1]
+    mkdocs = Path(sys.executable).parent / "mkdocs"
+    result = subprocess.run(
+        [str(mkdocs), "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={"NO_MKDOCS_2_WARNING": "1", "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = (tmp_path / "site" / "reference" / "index.html").read_text()
+    assert "apply_adapters" in reference and "PeftCallback" in reference
+
+
+def test_private_apis_guide_names_every_compat_entry():
+    from lightning_peft import _compat
+
+    text = (GUIDE.parent / "private-apis.md").read_text()
+    public = [
+        name
+        for name, value in vars(_compat).items()
+        if not name.startswith("_")
+        and getattr(value, "__module__", _compat.__name__) == _compat.__name__
+        and (callable(value) or name.isupper())
+        and name not in {"MissingPrivateAPI"}
+    ]
+    missing = [name for name in public if f"`{name}`" not in text]
+    assert not missing, f"docs/private-apis.md does not list {missing}"
+    for _, cls, method in _compat.OVERRIDDEN:
+        assert method in text, f"{cls}.{method}"

@@ -1,4 +1,4 @@
-"""Every family x method cell of tests/matrix.py holds, and README.md shows that table."""
+"""Every family x method cell of tests/matrix.py holds, and docs/methods.md shows that table."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 
 from tests import matrix
 
-README = Path(__file__).parent.parent / "README.md"
+ROOT = Path(__file__).parent.parent
+GUIDE = ROOT / "docs" / "methods.md"
 DEMO = "Lightning demo transformer (nn.MultiheadAttention)"
 # What each refusal is, and why it is right: no bias to train, no token input to prompt,
 # no cache to prefix, not a transformers model (IA3 defaults, prompts and prefixes need one).
@@ -74,16 +75,16 @@ def lock_differs() -> list[str]:
 
     pins = dict(
         line.strip().split("==")
-        for line in (README.parent / "requirements-lock.txt").read_text().splitlines()
+        for line in (ROOT / "requirements-lock.txt").read_text().splitlines()
         if "==" in line and not line.startswith("#")
     )
     return [p for p in ("transformers", "peft", "torch") if version(p).split("+")[0] != pins[p]]
 
 
-def test_the_readme_shows_this_matrix():
+def test_the_methods_guide_shows_this_matrix():
     if lock_differs():  # other releases may name or count layers otherwise
-        pytest.skip(f"the README's matrix is the lock's; installed {lock_differs()} differ")
-    text = README.read_text()
+        pytest.skip(f"the guide's matrix is the lock's; installed {lock_differs()} differ")
+    text = GUIDE.read_text()
     shown = re.search(r"<!-- matrix:start -->\n(.*?)<!-- matrix:end -->", text, re.S)
-    assert shown is not None, "README.md lacks the matrix markers"
+    assert shown is not None, "docs/methods.md lacks the matrix markers"
     assert shown.group(1) == matrix.table(cells()), "regenerate it: python tests/matrix.py"

@@ -1,12 +1,14 @@
-"""The README's Python blocks run as written, on a tiny Llama.
+"""The Python blocks of the README and the guides under docs/ run as written, on a tiny Llama.
 
-Each ```python block of README.md runs in order, in one scratch folder (blocks leave files
-for later ones, as a reader's session would), each with a fresh namespace holding what the
-README says the reader brings: ``module`` (a LightningModule), ``data`` (its DataLoader of
-token rows, a ``StatefulDataLoader`` as the README recommends), ``model`` (a transformers
-model with a LoRA adapter), ``ids`` (a batch of token ids), and a model folder wherever
-the text says ``"path/to/model"``. A block that cannot run here says why in an HTML
-comment right above it: ``<!-- not run: ... -->``.
+Each ```python block of a page runs in order, in one scratch folder per page (blocks leave
+files for later ones on the same page, as a reader's session would; no page reads what
+another page's blocks wrote), each with a fresh namespace holding what the pages say the
+reader brings: ``module`` (a LightningModule), ``data`` (its DataLoader of token rows, a
+``StatefulDataLoader`` as the quick start recommends), ``model`` (a transformers model with
+a LoRA adapter), ``ids`` (a batch of token ids), and a model folder wherever the text says
+``"path/to/model"``. A block that cannot run here says why in an HTML comment right above
+it: ``<!-- not run: ... -->``. docs/extending.md builds one method across its blocks and
+is run by tests/test_docs.py instead.
 """
 
 from __future__ import annotations
@@ -22,31 +24,47 @@ from lightning_peft import LoRA, apply_adapters
 from tests.lightning_modules import CausalLM, token_data
 from tests.tiny_models import VOCAB, tiny_llama
 
-README = Path(__file__).parent.parent / "README.md"
+ROOT = Path(__file__).parent.parent
+PAGES = [ROOT / "README.md"] + [
+    page for page in sorted((ROOT / "docs").glob("*.md")) if page.name != "extending.md"
+]
 FENCE = re.compile(r"(?:<!-- not run: (?P<why>[^>]*) -->\n)?```python\n(?P<code>.*?)```", re.S)
 
 
-def python_blocks() -> list[tuple[str, str | None, str]]:
-    """``(heading, reason not run or None, code)`` for every Python block, in order."""
-    text = README.read_text()
+def python_blocks(page: Path) -> list[tuple[str, str | None, str]]:
+    """``(heading, reason not run or None, code)`` for every Python block of a page, in order."""
+    text = page.read_text(encoding="utf-8")
     blocks = []
     for match in FENCE.finditer(text):
         headings = re.findall(r"^#{2,} (.+)$", text[: match.start()], re.M)
+        assert headings, f"{page.name}: a Python block before the page's first ## heading"
         blocks.append((headings[-1], match.group("why"), match.group("code")))
     return blocks
 
 
-BLOCKS = python_blocks()
+BLOCKS = [
+    (page.relative_to(ROOT).as_posix(), index, *block)
+    for page in PAGES
+    for index, block in enumerate(python_blocks(page))
+]
 
 
 @pytest.fixture(scope="module")
-def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("readme")
-    tiny_llama().save_pretrained(root / "tiny-llama")
-    return root
+def scratch(tmp_path_factory: pytest.TempPathFactory):
+    """One scratch folder per page, each with the tiny Llama saved in it."""
+    folders: dict[str, Path] = {}
+
+    def folder(page: str) -> Path:
+        if page not in folders:
+            root = tmp_path_factory.mktemp(page.replace("/", "-").removesuffix(".md"))
+            tiny_llama().save_pretrained(root / "tiny-llama")
+            folders[page] = root
+        return folders[page]
+
+    return folder
 
 
-def reader_namespace(model_folder: Path) -> dict:
+def reader_namespace() -> dict:
     model = tiny_llama()
     apply_adapters(model, LoRA(rank=4, target_modules=["q_proj", "v_proj"]))
     return {
@@ -60,24 +78,27 @@ def reader_namespace(model_folder: Path) -> dict:
     }
 
 
-def test_the_readme_has_python_blocks_and_says_why_one_is_not_run():
+def test_the_pages_have_python_blocks_and_say_why_one_is_not_run():
     assert len(BLOCKS) >= 8
-    assert all(why is None or why.strip() for _, why, _ in BLOCKS)
+    assert all(why is None or why.strip() for *_, why, _ in BLOCKS)
 
 
 @pytest.mark.parametrize(
-    ("index", "heading"), [(i, heading) for i, (heading, _, _) in enumerate(BLOCKS)]
+    ("page", "index", "heading"),
+    [(page, index, heading) for page, index, heading, _, _ in BLOCKS],
+    ids=[f"{page}-{index}-{heading}" for page, index, heading, _, _ in BLOCKS],
 )
-def test_readme_block_runs(index, heading, scratch, monkeypatch):
-    _, why, code = BLOCKS[index]
+def test_block_runs(page, index, heading, scratch, monkeypatch):
+    (why, code) = next(b[3:] for b in BLOCKS if b[0] == page and b[1] == index)
     if why is not None:
-        pytest.skip(f"README says: not run: {why}")
-    monkeypatch.chdir(scratch)
+        pytest.skip(f"{page} says: not run: {why}")
+    folder = scratch(page)
+    monkeypatch.chdir(folder)
     L.seed_everything(0, verbose=False)
-    code = code.replace('"path/to/model"', repr(str(scratch / "tiny-llama")))
+    code = code.replace('"path/to/model"', repr(str(folder / "tiny-llama")))
     # Lightning's progress bars and summaries are noise here; what the block does is kept.
     monkeypatch.setattr(L.Trainer, "__init__", _quiet(L.Trainer.__init__))
-    exec(compile(code, f"README.md block {index} ({heading})", "exec"), reader_namespace(scratch))
+    exec(compile(code, f"{page} block {index} ({heading})", "exec"), reader_namespace())
 
 
 def _quiet(init):

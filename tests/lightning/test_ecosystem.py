@@ -3,9 +3,9 @@ callback (``PeftCallback``) and the flag (``lightning_peft.Trainer(precision="nf
 
 Every row that works asserts it trains, writes adapter-only files, leaves the frozen (or
 4-bit) base untouched, and resumes bit for bit; a row that cannot work is refused when
-training is set up, with the reason and the alternative. The README's compatibility table is
+training is set up, with the reason and the alternative. docs/lightning.md's compatibility table is
 :func:`ecosystem_table` of :data:`ROWS` (``python -m tests.lightning.test_ecosystem``
-prints it; ``test_readme_table_is_this_matrix`` keeps them equal).
+prints it; ``test_guide_table_is_this_matrix`` keeps them equal).
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ from tests.lightning_modules import QV_LORA, CausalLM, MixinLM, fit, token_data
 # (make test-cpu-paths) skip it.
 WAYS = (pytest.param("callback", marks=pytest.mark.float_base), "nf4-lora")
 WAY_NAMES = ("callback", "nf4-lora")
-README = Path(__file__).parents[2] / "README.md"
+GUIDE = Path(__file__).parents[2] / "docs" / "lightning.md"
 
-# Row id -> (what the README calls it, {way: "✓" or what the refusal says}).
+# Row id -> (what the guide calls it, {way: "✓" or what the refusal says}).
 ROWS: dict[str, tuple[str, dict[str, str]]] = {
     "accumulate-clip-monitor": (
         "`accumulate_grad_batches`, `gradient_clip_val`, `LearningRateMonitor`, CSV logger",
@@ -99,8 +99,8 @@ def ecosystem_table() -> str:
     return "\n".join(lines)
 
 
-def test_readme_table_is_this_matrix():
-    assert ecosystem_table() in README.read_text(encoding="utf-8")
+def test_guide_table_is_this_matrix():
+    assert ecosystem_table() in GUIDE.read_text(encoding="utf-8")
 
 
 # --- running a row ------------------------------------------------------------------------
