@@ -82,9 +82,19 @@ def lock_differs() -> list[str]:
 
 
 def test_the_methods_guide_shows_this_matrix():
-    if lock_differs():  # other releases may name or count layers otherwise
-        pytest.skip(f"the guide's matrix is the lock's; installed {lock_differs()} differ")
     text = GUIDE.read_text()
     shown = re.search(r"<!-- matrix:start -->\n(.*?)<!-- matrix:end -->", text, re.S)
     assert shown is not None, "docs/methods.md lacks the matrix markers"
-    assert shown.group(1) == matrix.table(cells()), "regenerate it: python tests/matrix.py"
+    table = matrix.table(cells())
+    if lock_differs():
+        # Other releases may count layers (or PEFT's heads) otherwise: what runs, what is
+        # refused and what does not apply must still be what the guide says.
+        assert outcomes(shown.group(1)) == outcomes(table), "regenerate: python tests/matrix.py"
+    else:
+        assert shown.group(1) == table, "regenerate it: python tests/matrix.py"
+
+
+def outcomes(table: str) -> list[list[str]]:
+    """Each cell of a matrix table reduced to ✓, refused or – (counts left out)."""
+    rows = [line.strip("|").split(" | ") for line in table.strip().splitlines()[2:]]
+    return [[row[0]] + [cell.split(" ")[0] for cell in row[1:]] for row in rows]

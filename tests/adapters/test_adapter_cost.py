@@ -1,6 +1,7 @@
-"""What a LoRA layer adds to its base layer's forward, read from PyTorch's profiler: two
-matmuls (``x A^T``, then ``B`` with the scale and the residual add on one ``addmm``), and no
-cast, copy of the input, dropout, or separate multiply and add."""
+"""What a LoRA layer adds to its base layer's forward: exactly the floating-point work of two
+matmuls (``x A^T``, then ``B``; counted by torch's FlopCounterMode, whatever the ops are
+named), with the scale and the residual add on one ``addmm``, and no cast, copy of the
+input, dropout, or separate multiply and add (read from the profiler's op names)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections import Counter
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_peft import LoRA, apply_adapters
 from lightning_peft.quantization import quantize_linear
@@ -34,6 +36,12 @@ def ops(module: torch.nn.Module, x: torch.Tensor) -> Counter:
     return Counter(event.name for event in prof.events())
 
 
+def flops(module: torch.nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(x)
+    return counter.get_total_flops()
+
+
 def layer(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 32)
@@ -47,6 +55,9 @@ def test_lora_adds_two_matmuls_and_nothing_else(kind, training, dropout):
     base = layer(kind)
     adapted = apply_adapters(layer(kind), LoRA(rank=4, dropout=dropout, target_modules=["0"]))
     adapted.train(training)
+    rank, rows, (out_features, in_features) = 4, 2 * 8, (32, 64)
+    extra_flops = flops(adapted, x) - flops(base, x)
+    assert extra_flops == 2 * rows * rank * (in_features + out_features)  # x A^T, then B
     extra = ops(adapted, x) - ops(base, x)
     assert sum(extra[name] for name in MATMULS) == 2, extra
     assert extra["aten::addmm"] == 1, extra  # B's matmul carries the scale and the residual

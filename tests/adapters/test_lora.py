@@ -216,13 +216,39 @@ def test_the_wrapper_answers_for_its_base_layer_attributes():
         layer.no_such_attribute  # noqa: B018
 
 
-def test_under_autocast_the_input_is_cast_once_and_the_result_is_what_autocast_gives():
+def casts_of(x: torch.Tensor, out: torch.Tensor) -> int:
+    """How many dtype casts of ``x`` the autograd graph of ``out`` holds (each cast of a
+    tensor that requires grad is a ``ToCopyBackward0`` node whose input is ``x``'s node)."""
+    seen, stack, casts = set(), [out.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        inputs = [n for n, _ in node.next_functions if n is not None]
+        if node.name() == "ToCopyBackward0" and x.grad_fn in inputs:
+            casts += 1
+        stack.extend(inputs)
+    return casts
+
+
+@pytest.mark.parametrize("cast_once", [True, False])
+def test_under_autocast_the_input_is_cast_once_and_the_result_is_what_autocast_gives(
+    cast_once, monkeypatch
+):
+    from lightning_peft.adapters.lora import LoRALinear
+
+    if not cast_once:  # what the layer would do without it: base and adapter cast x each
+        monkeypatch.setattr(LoRALinear, "_cast_once_for_autocast", lambda self, x: x)
     torch.manual_seed(0)
     layer = LoRA(rank=2, alpha=4).wrap(torch.nn.Linear(16, 8))
     torch.nn.init.normal_(layer.lora_b.weight)
-    x = torch.randn(3, 16)
+    # An activation, as a layer's input is (autocast caches the casts of leaf tensors only).
+    x = torch.randn(3, 16, requires_grad=True) * 1.0
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
+    assert casts_of(x, out) == (1 if cast_once else 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         base = layer.base_layer(x)
         update = torch.nn.functional.linear(
             torch.nn.functional.linear(x, layer.lora_a.weight), layer.lora_b.weight
