@@ -225,6 +225,7 @@ def load_peft(
         config_from_peft(fields)  # every option refused before the weights are read
         tensors = load_file(str(folder / WEIGHTS_FILE))
         fields = targets_from_tensors(fields, tensors)
+        check_rank_against_tensors(fields, tensors)  # before r sizes anything
         config = config_from_peft(fields)
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise AdapterConfigError(f"{folder / CONFIG_FILE}: {error!s}") from error
@@ -287,6 +288,20 @@ def targets_from_tensors(fields: dict[str, Any], tensors: dict[str, Any]) -> dic
             "weights name no adapted module"
         )
     return {**fields, "target_modules": names, "exclude_modules": None}
+
+
+def check_rank_against_tensors(fields: dict[str, Any], tensors: dict[str, Any]) -> None:
+    """Refuse a LoRA config whose ``r`` is not the rank its weights have: adapters are
+    allocated from the config, so ``"r": 400000`` beside rank-4 weights would allocate
+    gigabytes before any shape check (a folder is untrusted input)."""
+    if not isinstance(fields, dict) or fields.get("rank_pattern") or "r" not in fields:
+        return
+    ranks = {t.shape[0] for key, t in tensors.items() if ".lora_A." in key and t.dim() >= 1}
+    if ranks and ranks != {fields["r"]}:
+        raise ValueError(
+            f"r is {str(fields['r'])[:20]}, but the weights' lora_A tensors have rank "
+            f"{sorted(ranks)[:4]}: the config does not belong to these weights"
+        )
 
 
 def recorded_base_quantization(folder: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -105,6 +105,9 @@ class AdapterAPI(ls.LitAPI):
             jobs = [items[i] for i in pending]
             for index, job, output in zip(pending, jobs, self.engine.run(jobs), strict=True):
                 try:
+                    if isinstance(output, RequestError):  # a deadline, a client gone
+                        answers[index] = output
+                        continue
                     if isinstance(output, Exception):
                         raise output
                     answers[index] = self.engine.answer(job, output)

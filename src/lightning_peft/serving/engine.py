@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -71,6 +73,9 @@ class AdapterEngine:
         tokenizer: its tokenizer, for text prompts (None: requests send ``input_ids``).
         max_new_tokens: the most tokens one request may ask for.
         mix: route every batch's rows per adapter in one pass (else one pass per adapter).
+        max_score_tokens: the most tokens one pass that scores ``choices`` may hold (rows x
+            width: its logits take that many times the vocabulary's floats); a request's
+            choices must fit it, and a batch's are split into passes that fit.
     """
 
     def __init__(
@@ -80,8 +85,10 @@ class AdapterEngine:
         *,
         max_new_tokens: int = 256,
         mix: bool = True,
+        max_score_tokens: int = 2048,
     ) -> None:
         self.model = model.eval()
+        self.max_score_tokens = max_score_tokens
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.mix = mix
@@ -101,6 +108,7 @@ class AdapterEngine:
         pad = tokenizer.pad_token_id if tokenizer is not None else None
         pad = pad if pad is not None else model.generation_config.pad_token_id
         self.pad = pad if pad is not None else min(self.eos, default=0)
+        self.max_token_bytes = _longest_token_bytes(tokenizer)
 
     @classmethod
     def from_pretrained(
@@ -176,7 +184,24 @@ class AdapterEngine:
                 400, f"{source} could not be loaded: {type(error).__name__}: {_one_line(error)}"
             ) from error
         self.sources[name] = str(source)
+        self._probe(name)
         return next(a for a in self.adapters() if a["name"] == name)
+
+    @torch.no_grad()
+    def _probe(self, name: str) -> None:
+        """Run adapter ``name`` once on a few tokens, and unload it if its logits are not
+        finite: finite but huge values (3e38) pass every tensor check and overflow the
+        activations, which would answer every request with garbage."""
+        ids = torch.arange(min(4, self.vocab_size), device=self.device).view(1, -1)
+        with self._routed([name]):
+            logits = self.model(input_ids=ids).logits
+        if not torch.isfinite(logits).all():
+            self.unload(name)
+            raise RequestError(
+                400,
+                f"adapter {name!r} overflows this base's activations (its logits on a probe are "
+                "not finite): its values are out of range for the model; refused",
+            )
 
     def unload(self, name: str) -> None:
         """Detach adapter ``name`` (404 if none has that name)."""
@@ -242,10 +267,13 @@ class AdapterEngine:
         (the LightningModule attribute holding the model, e.g. ``"model."``).
 
         The fingerprint names frozen tensors as training saw them, so it is computed on a
-        copy of the base carrying only this checkpoint's adapter: other adapters wrap other
-        layers, which renames their weights (``q_proj.base_layer.weight``).
+        copy of the base's modules carrying only this checkpoint's adapter (other adapters
+        wrap other layers, which renames their weights: ``q_proj.base_layer.weight``). The
+        copy shares every tensor with the served model: a file, refused or not, costs the
+        module tree and its own adapter, never a second base.
         """
-        alone = copy.deepcopy(self.model)
+        shared = {id(t): t for t in [*self.model.parameters(), *self.model.buffers()]}
+        alone = copy.deepcopy(self.model, memo=shared)
         for other in adapter_names(alone):
             delete_adapter(alone, other)
         apply_adapters(alone, configs, name=saved_name, train_head=False)
@@ -278,6 +306,8 @@ class AdapterEngine:
         if request.prompt is not None:
             ids = self._tokens(request.prompt, "prompt", special=True)
         elif request.messages is not None:
+            size = sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in request.messages)
+            self._check_text_size(size, "messages")
             ids = self._tokens(self._render(request), "messages", special=False)
         else:
             ids = self._checked_ids(request.input_ids or (), '"input_ids"')
@@ -289,6 +319,15 @@ class AdapterEngine:
                 else self._checked_ids(c, '"choices"')
                 for c in request.choices
             )
+        if choices is not None:
+            rows, width = len(choices), len(ids) + max(map(len, choices))
+            if rows * width > self.max_score_tokens:
+                raise RequestError(
+                    400,
+                    f"scoring {rows} choices after a {len(ids)}-token prompt takes {rows} rows "
+                    f"of {width} tokens; this server scores at most {self.max_score_tokens} "
+                    "tokens a request (--max-score-tokens): send fewer or shorter choices",
+                )
         longest = max(map(len, choices)) if choices else request.max_new_tokens
         if self.context is not None and len(ids) + longest > self.context:
             what = "its longest choice" if choices else f"max_new_tokens={request.max_new_tokens}"
@@ -324,6 +363,7 @@ class AdapterEngine:
             raise RequestError(
                 400, f'this base has no tokenizer: send token ids instead of text in "{field}"'
             )
+        self._check_text_size(len(text.encode("utf-8", "surrogatepass")), field)
         try:
             ids = tuple(self.tokenizer(text, add_special_tokens=special)["input_ids"])
         except Exception as error:  # e.g. a lone surrogate the tokenizer cannot encode
@@ -333,6 +373,20 @@ class AdapterEngine:
         if not ids:
             raise RequestError(400, f'"{field}" {text!r} has no tokens')
         return ids
+
+    def _check_text_size(self, size: int, field: str) -> None:
+        """Refuse, without tokenizing it, text too long to fit the context whatever its
+        tokens: no token covers more than ``max_token_bytes`` bytes (4x that, for
+        normalizers that shorten text), so tokenizing megabytes for a refusal is skipped."""
+        if self.context is None or self.max_token_bytes is None:
+            return
+        limit = 4 * self.context * self.max_token_bytes
+        if size > limit:
+            raise RequestError(
+                400,
+                f'"{field}" is {size} bytes: more than the model\'s context of '
+                f"{self.context} tokens can hold",
+            )
 
     def _checked_ids(self, ids: tuple[int, ...], field: str) -> tuple[int, ...]:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
@@ -385,7 +439,7 @@ class AdapterEngine:
         except Exception as error:
             return error
 
-    def _run(self, jobs: Sequence[Job]) -> list[list[Any]]:
+    def _run(self, jobs: Sequence[Job]) -> list[Any]:
         outputs = self._score(jobs) if jobs[0].choices is not None else self._generate(jobs)
         rows = [job.adapter for job in jobs]
         self.served["passes"] += 1
@@ -393,10 +447,28 @@ class AdapterEngine:
         self.served["mixed_passes"] += len(set(rows)) > 1
         return outputs
 
-    def _score(self, jobs: Sequence[Job]) -> list[list[float]]:
-        """Every (job, choice) pair as one row of one forward pass, right-padded, so the
-        prompt and choice tokens sit at their own positions; a choice's score sums the log
-        probabilities of its tokens."""
+    def _score(self, jobs: Sequence[Job]) -> list[Any]:
+        """Every (job, choice) pair as one row of a forward pass, right-padded, so the prompt
+        and choice tokens sit at their own positions; a choice's score sums the log
+        probabilities of its tokens. Passes hold at most ``max_score_tokens`` tokens (each
+        job fits alone: :meth:`job` checked it), and only the choices' positions are
+        normalized, so memory follows the budget, not the request. A job whose logits are
+        not finite gets an error instead of scores."""
+        passes: list[list[Job]] = []
+        rows = width = 0
+        for job in jobs:
+            choices = job.choices or ((),)
+            own = len(job.input_ids) + max(map(len, choices))
+            wider, more = max(width, own), rows + len(choices)
+            if passes and more * wider <= self.max_score_tokens:  # padded to the widest row
+                passes[-1].append(job)
+                rows, width = more, wider
+            else:
+                passes.append([job])
+                rows, width = len(choices), own
+        return [scores for group in passes for scores in self._score_pass(group)]
+
+    def _score_pass(self, jobs: Sequence[Job]) -> list[Any]:
         pairs = [(job, choice) for job in jobs for choice in job.choices or ()]
         width = max(len(job.input_ids) + len(choice) for job, choice in pairs)
         ids = torch.full((len(pairs), width), self.pad, dtype=torch.long)
@@ -407,30 +479,33 @@ class AdapterEngine:
             mask[row, : len(tokens)] = 1
         with self._routed([job.adapter for job, _ in pairs]):
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
-        log_probs = torch.log_softmax(logits.logits.float(), dim=-1).cpu()
         scores = []
         for row, (job, choice) in enumerate(pairs):
             start = len(job.input_ids)
-            positions = torch.arange(start - 1, start - 1 + len(choice))
-            scores.append(log_probs[row, positions, torch.tensor(choice)].sum().item())
-        out, position = [], 0
+            positions = torch.arange(start - 1, start - 1 + len(choice), device=self.device)
+            log_probs = torch.log_softmax(logits.logits[row, positions].float(), dim=-1)
+            picked = log_probs[torch.arange(len(choice)), torch.tensor(choice)]
+            scores.append(picked.sum().item())
+        out: list[Any] = []
+        position = 0
         for job in jobs:
             count = len(job.choices or ())
-            out.append(scores[position : position + count])
+            own = scores[position : position + count]
+            out.append(own if all(math.isfinite(x) for x in own) else _not_finite(job))
             position += count
         return out
 
-    def _generate(self, jobs: Sequence[Job]) -> list[list[int]]:
+    def _generate(self, jobs: Sequence[Job]) -> list[Any]:
         """Greedy continuations in one ``generate`` call, or in several where the batch's
         longest prompt plus its largest ``max_new_tokens`` would pass the context (each row
         fits alone: :meth:`job` checked it)."""
         groups = self._fitting_groups(jobs)
         if len(groups) > 1:
-            outputs: dict[int, list[int]] = {}
+            outputs: dict[int, Any] = {}
             for group in groups:
                 outputs.update(zip(group, self._generate([jobs[i] for i in group]), strict=True))
             return [outputs[i] for i in range(len(jobs))]
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         width = max(len(job.input_ids) for job in jobs)
         ids = torch.full((len(jobs), width), self.pad, dtype=torch.long)
@@ -444,15 +519,18 @@ class AdapterEngine:
             eos_token_id=sorted(self.eos) or None,
             pad_token_id=self.pad,
         )
+        watch = _RowWatch(jobs)
         with self._routed([job.adapter for job in jobs]):
             out = self.model.generate(
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
                 generation_config=config,
+                logits_processor=LogitsProcessorList([watch.processor]),
+                stopping_criteria=StoppingCriteriaList([watch.criteria]),
             )
         return [
-            _until_eos(row, job.max_new_tokens, self.eos)
-            for row, job in zip(out[:, width:].tolist(), jobs, strict=True)
+            watch.failure(row) or _until_eos(tokens, job.max_new_tokens, self.eos)
+            for row, (tokens, job) in enumerate(zip(out[:, width:].tolist(), jobs, strict=True))
         ]
 
     def _fitting_groups(self, jobs: Sequence[Job]) -> list[list[int]]:
@@ -555,6 +633,57 @@ def _checkpoint_parts(path: Path) -> tuple[dict[str, Any], dict[str, Any], str, 
     configs = [config_from_metadata(entry) for entry in metadata["adapters"]]
     _check_routable(configs, path)
     return checkpoint, metadata, saved_names.pop(), configs
+
+
+class _RowWatch:
+    """Watches each row of a ``generate`` call between decoding steps: a row whose logits
+    are not finite is marked failed (its answer is an error, not tokens read from NaNs),
+    and a row whose request passed its deadline or was abandoned by its client stops there
+    while the others go on. ``processor`` and ``criteria`` are what ``generate`` takes as
+    ``logits_processor`` and ``stopping_criteria`` (plain callables)."""
+
+    def __init__(self, jobs: Sequence[Job]) -> None:
+        self.jobs = list(jobs)
+        self.not_finite = torch.zeros(len(jobs), dtype=torch.bool)
+        self.cut = torch.zeros(len(jobs), dtype=torch.bool)
+
+    def processor(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.not_finite |= ~torch.isfinite(scores).all(dim=-1).cpu()
+        return scores
+
+    def criteria(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        now = time.monotonic()
+        for row, job in enumerate(self.jobs):
+            if (job.deadline is not None and now > job.deadline) or job.cancelled():
+                self.cut[row] = True
+        return (self.cut | self.not_finite).to(input_ids.device)
+
+    def failure(self, row: int) -> Exception | None:
+        job = self.jobs[row]
+        if self.not_finite[row]:
+            return _not_finite(job)
+        if self.cut[row]:
+            if job.cancelled():
+                return RequestError(499, "the client closed the connection")
+            return RequestError(504, "the request passed its deadline (--timeout) while generating")
+        return None
+
+
+def _not_finite(job: Job) -> RuntimeError:
+    name = "the base" if job.adapter is None else f"adapter {job.adapter!r}"
+    return RuntimeError(f"the logits of {name} are not finite for this request")
+
+
+def _longest_token_bytes(tokenizer: Any) -> int | None:
+    """The most UTF-8 bytes one vocabulary entry spells (an upper bound on the text one
+    token covers), or None without a tokenizer."""
+    try:
+        vocabulary = tokenizer.get_vocab() if tokenizer is not None else None
+    except Exception:  # a tokenizer without a vocabulary listing: no bound
+        return None
+    if not vocabulary:
+        return None
+    return max(len(token.encode("utf-8", "surrogatepass")) for token in vocabulary)
 
 
 def _until_eos(row: list[int], limit: int, eos: set[int]) -> list[int]:

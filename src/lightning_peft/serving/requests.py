@@ -5,7 +5,8 @@ Kept free of LitServe and of the model so the rules read (and test) on their own
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_peft.errors import LightningPeftError
@@ -42,6 +43,13 @@ class Job:
     input_ids: tuple[int, ...]
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     choices: tuple[tuple[int, ...], ...] | None = None
+    #: ``time.monotonic()`` after which the work is abandoned (None: none).
+    deadline: float | None = None
+    #: Answers whether the client has gone (None: never asked); checked between steps.
+    gone: Callable[[], bool] | None = field(default=None, compare=False)
+
+    def cancelled(self) -> bool:
+        return self.gone is not None and self.gone()
 
 
 @dataclass(frozen=True)
