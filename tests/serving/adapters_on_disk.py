@@ -99,7 +99,7 @@ def reference_scores(
 
 
 @contextmanager
-def serving(arguments: list[str]) -> Iterator[str]:
+def serving(arguments: list[str], env: dict[str, str] | None = None) -> Iterator[str]:
     """``lightning-peft serve ARGUMENTS`` on a free loopback port: its URL, once healthy."""
     command = [sys.executable, "-m", "lightning_peft.command", "serve"]
     port = free_port()
@@ -108,6 +108,7 @@ def serving(arguments: list[str]) -> Iterator[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env=None if env is None else {**os.environ, **env},
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -139,12 +140,19 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def call(url: str, method: str = "GET", body: object = None, raw: bytes | None = None):
-    """``(status, JSON answer)`` of one request."""
+def call(
+    url: str,
+    method: str = "GET",
+    body: object = None,
+    raw: bytes | None = None,
+    key: str | None = None,
+):
+    """``(status, JSON answer)`` of one request (with ``key`` as a Bearer token)."""
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=120) as answer:
             return answer.status, json.load(answer)

@@ -19,6 +19,7 @@ pytest.importorskip("litserve")
 def server(folders):
     """The CLI serving adapters a, b, c and d (LoRA, rsLoRA, IA3, LoRA)."""
     arguments = ["--base", str(folders / "base"), "--max-batch-size", "8"]
+    arguments += ["--adapter-root", str(folders)]
     arguments += ["--batch-timeout", "0.05", "--max-new-tokens", "32"]
     with serving(arguments + [f"--adapter={n}={folders / n}" for n in "abcd"]) as url:
         yield url
@@ -118,19 +119,21 @@ def test_choices_are_scored_in_mixed_batches(server, folders):
 def test_adapters_load_and_unload_without_a_restart(server, folders, tmp_path):
     status, listed = call(server + "/adapters")
     assert status == 200 and [a["name"] for a in listed["adapters"]] == ["a", "b", "c", "d"]
-    status, loaded = call(server + "/adapters", "POST", {"name": "e", "path": str(folders / "d")})
+    status, loaded = call(server + "/adapters", "POST", {"name": "e", "path": "d"})
     assert status == 200 and loaded["name"] == "e" and loaded["rank"] == 8
     ids = prompts(1, seed=5)[0]
     status, answer = call(server + "/predict", "POST", {"adapter": "e", "input_ids": ids})
     assert status == 200 and answer["output_ids"] == reference(folders, "d", ids, 16)
-    assert call(server + "/adapters", "POST", {"name": "e", "path": str(folders / "a")}) == (
+    assert call(server + "/adapters", "POST", {"name": "e", "path": "a"}) == (
         409,
         {"detail": "an adapter named 'e' is loaded; DELETE it first"},
     )
-    long = call(server + "/adapters", "POST", {"name": "y" * 65, "path": str(folders / "a")})
+    long = call(server + "/adapters", "POST", {"name": "y" * 65, "path": "a"})
     assert long[0] == 400 and "at most 64 characters" in long[1]["detail"]
-    status, refused = call(server + "/adapters", "POST", {"name": "f", "path": str(tmp_path)})
+    status, refused = call(server + "/adapters", "POST", {"name": "f", "path": "base"})
     assert status == 400 and "is neither a PEFT folder" in refused["detail"]
+    status, refused = call(server + "/adapters", "POST", {"name": "f", "path": str(tmp_path)})
+    assert status == 400 and "relative to the server's adapter root" in refused["detail"]
     assert call(server + "/adapters/e", "DELETE") == (200, {"deleted": "e"})
     status, gone = call(server + "/predict", "POST", {"adapter": "e", "input_ids": ids})
     assert status == 404 and "no adapter named 'e'" in gone["detail"]

@@ -7,23 +7,43 @@ routes (``GET``/``POST /adapters``, ``DELETE /adapters/{name}``) travel the same
 admin items carrying a per-server secret, so a load or unload happens between two batches
 and no request can pose as one. Every item of a batch is answered alone: a bad request
 gets its own 4xx and the rest of its batch is served.
+
+With an ``api_key`` every route but ``/health`` needs ``Authorization: Bearer KEY``
+(LitServe's own ``authorize`` mechanism, on the added routes too); the adapter routes can
+need a key of their own or be left out, and they load adapters by name from one folder,
+never from a path a client chooses.
 """
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import litserve as ls
-from fastapi import Request
+from fastapi import Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from lightning_peft._compat import litserve_request_handler
 from lightning_peft.serving.engine import AdapterEngine
 from lightning_peft.serving.requests import RequestError, parse_load, parse_predict
 
 _ADMIN = "_lightning_peft_admin"
+_BEARER = HTTPBearer(auto_error=False)
+
+
+def _check_key(credentials: HTTPAuthorizationCredentials | None, key: str | None) -> None:
+    """Refuse (401) unless ``credentials`` carry ``key``; compared in constant time."""
+    if key is None:
+        return
+    given = credentials.credentials if credentials is not None else ""
+    if not secrets.compare_digest(given.encode(), key.encode()):
+        raise HTTPException(
+            401,
+            "send the server's API key as 'Authorization: Bearer KEY'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 class AdapterAPI(ls.LitAPI):
@@ -37,6 +57,13 @@ class AdapterAPI(ls.LitAPI):
         max_new_tokens: the most tokens a request may ask for.
         max_batch_size, batch_timeout: LitServe's batching (requests for any adapters).
         mix: one pass per batch whatever its adapters (False: one pass per adapter in it).
+        max_score_tokens: the most tokens one scoring pass may hold (see ``AdapterEngine``).
+        api_key: the key every route but ``/health`` needs as ``Authorization: Bearer``
+            (None: none).
+        admin_key: the key the adapter routes need instead (None: ``api_key``).
+        admin: add the adapter routes (``GET``/``POST /adapters``, ``DELETE``).
+        adapter_root: the folder ``POST /adapters`` loads from, by a name or a path relative
+            to it (None: loading is refused).
 
     In your own app, ``ls.LitServer(AdapterAPI(...))`` serves ``/predict``; build the server
     with :func:`adapter_server` to add the ``/adapters`` routes. Use one worker: each worker
@@ -53,6 +80,11 @@ class AdapterAPI(ls.LitAPI):
         max_batch_size: int = 8,
         batch_timeout: float = 0.01,
         mix: bool = True,
+        max_score_tokens: int = 2048,
+        api_key: str | None = None,
+        admin_key: str | None = None,
+        admin: bool = True,
+        adapter_root: str | Path | None = None,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
         self.base = str(base)
@@ -60,6 +92,12 @@ class AdapterAPI(ls.LitAPI):
         self.precision = precision
         self.max_new_tokens = max_new_tokens
         self.mix = mix
+        self.max_score_tokens = max_score_tokens
+        self.api_key = api_key
+        self.admin_api_key = admin_key if admin_key is not None else api_key
+        self.admin = admin
+        self.adapter_root = None if adapter_root is None else Path(adapter_root).resolve()
+        # The secret admin items carry on the worker queue (not a client's credential).
         self.admin_key = secrets.token_hex(16)
 
     def setup(self, device: str) -> None:
@@ -69,9 +107,20 @@ class AdapterAPI(ls.LitAPI):
             device=device,
             max_new_tokens=self.max_new_tokens,
             mix=self.mix,
+            max_score_tokens=self.max_score_tokens,
         )
         for name, path in self.initial_adapters.items():
             self.engine.load(name, path)  # a RequestError here stops the server, saying why
+
+    def authorize(
+        self,
+        request: Request,
+        credentials: HTTPAuthorizationCredentials | None = Depends(_BEARER),  # noqa: B008
+    ) -> None:
+        """LitServe's auth hook, run before every route it adds (and, through
+        :func:`adapter_server`, the added ones): the API key as a Bearer token."""
+        if request.url.path != "/health":
+            _check_key(credentials, self.api_key)
 
     # The annotation makes FastAPI parse the body as a JSON object (malformed JSON is a
     # validation error, answered 400 by adapter_server) and LitServe pass it on as a dict.
@@ -170,21 +219,51 @@ def adapter_server(api: AdapterAPI, **litserver_kwargs: Any) -> ls.LitServer:
     async def load_adapter(request: Request) -> Any:
         try:
             name, path = parse_load(await request.json())
+            source = under_root(api.adapter_root, path)
         except (ValueError, RecursionError) as error:
             reason = f"the body is not JSON: {type(error).__name__}: {error}"
             return JSONResponse({"detail": " ".join(reason.split())}, status_code=400)
         except RequestError as error:
             return JSONResponse({"detail": error.reason}, status_code=error.status)
-        return await to_worker("load", name=name, path=path)
+        return await to_worker("load", name=name, path=str(source))
 
     async def unload_adapter(name: str) -> Any:
         return await to_worker("delete", name=name)
 
-    server.app.add_api_route("/adapters", list_adapters, methods=["GET"])
-    server.app.add_api_route("/adapters", load_adapter, methods=["POST"])
-    server.app.add_api_route("/adapters/{name}", unload_adapter, methods=["DELETE"])
+    if api.admin:
+        admin = [Depends(_key_check(api.admin_api_key))]
+        server.app.add_api_route("/adapters", list_adapters, methods=["GET"], dependencies=admin)
+        server.app.add_api_route("/adapters", load_adapter, methods=["POST"], dependencies=admin)
+        server.app.add_api_route(
+            "/adapters/{name}", unload_adapter, methods=["DELETE"], dependencies=admin
+        )
     server.app.add_exception_handler(RequestValidationError, _one_line_400)
     return server
+
+
+def _key_check(key: str | None) -> Callable[..., None]:
+    def check(
+        credentials: HTTPAuthorizationCredentials | None = Depends(_BEARER),  # noqa: B008
+    ) -> None:
+        _check_key(credentials, key)
+
+    return check
+
+
+def under_root(root: Path | None, given: str) -> Path:
+    """The adapter ``given`` names inside ``root`` (a name or a relative path): the same
+    refusal whether or not something exists elsewhere, so a client learns nothing of the
+    server's files outside the root."""
+    if root is None:
+        raise RequestError(
+            403,
+            "this server loads no adapters over HTTP: start it with --adapter-root DIR to load "
+            "them by name from DIR",
+        )
+    candidate = (root / given).resolve()
+    if candidate == root or not candidate.is_relative_to(root) or not candidate.exists():
+        raise RequestError(404, f"no adapter {given!r} under this server's adapter root")
+    return candidate
 
 
 async def _one_line_400(request: Request, error: Exception) -> JSONResponse:

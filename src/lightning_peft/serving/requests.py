@@ -168,16 +168,19 @@ def check_name(name: Any, field: str) -> str:
 
 
 def parse_load(body: Any) -> tuple[str, str]:
-    """``(name, path)`` of a ``POST /adapters`` body ``{"name": ..., "path": ...}``."""
+    """``(name, path)`` of a ``POST /adapters`` body ``{"name": ..., "path": ...}``: ``path``
+    (default: the name) is relative to the server's adapter root."""
     if not isinstance(body, dict):
         raise RequestError(400, f"the body must be a JSON object, got {type(body).__name__}")
     unknown = sorted(set(body) - {"name", "path"})
     if unknown:
         raise RequestError(400, f'unknown field(s) {short(unknown)}; known: ["name", "path"]')
-    name, path = body.get("name"), body.get("path")
-    check_name(name, '"name"')
-    if not isinstance(path, str) or not path:
+    name = check_name(body.get("name"), '"name"')
+    path = body.get("path", name)
+    if not isinstance(path, str) or not path or path.startswith(("/", "~")) or "\0" in path:
         raise RequestError(
-            400, f'"path" must name a PEFT folder or adapter checkpoint, got {short(path)}'
+            400,
+            '"path" must be a PEFT folder or adapter checkpoint relative to the server\'s '
+            f"adapter root, got {short(path)}",
         )
-    return str(name), path
+    return name, path
