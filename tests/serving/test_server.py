@@ -60,7 +60,7 @@ def test_concurrent_clients_get_their_own_adapters_answers_in_mixed_batches(serv
         ({"adapter": "a", "input_ids": [5] * 2040}, 400, "passes the model's context of 2048"),
         ({"adapter": "a", "input_ids": [999]}, 400, "lie outside the vocabulary [0, 256)"),
         ({"adapter": "a", "prompt": "hi"}, 400, "this base has no tokenizer"),
-        ({"adapter": "a", "input_ids": [5], "temperature": 1}, 400, "unknown field(s)"),
+        ({"adapter": "a", "input_ids": [5], "top_k": 1}, 400, "unknown field(s)"),
         ([1, 2], 400, "the body must be a JSON object"),
         ({"adapter": "a", "input_ids": [5], "choices": []}, 400, '"choices" must be a list of'),
         ({"adapter": "a", "input_ids": [5], "choices": [[5], "x"]}, 400, "no tokenizer"),

@@ -14,6 +14,7 @@ need a key of their own or be left out, and they load adapters by name from one 
 never from a path a client chooses.
 """
 
+import dataclasses
 import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,6 +28,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from lightning_peft._compat import litserve_request_handler
 from lightning_peft.serving.engine import AdapterEngine
+from lightning_peft.serving.openai_routes import add_openai_routes
 from lightning_peft.serving.requests import RequestError, parse_load, parse_predict
 
 _ADMIN = "_lightning_peft_admin"
@@ -88,6 +90,8 @@ class AdapterAPI(ls.LitAPI):
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
         self.base = str(base)
+        # What OpenAI requests call the base in "model": its folder's name.
+        self.base_name = Path(self.base).name or self.base
         self.initial_adapters = {name: str(path) for name, path in (adapters or {}).items()}
         self.precision = precision
         self.max_new_tokens = max_new_tokens
@@ -125,13 +129,18 @@ class AdapterAPI(ls.LitAPI):
     # The annotation makes FastAPI parse the body as a JSON object (malformed JSON is a
     # validation error, answered 400 by adapter_server) and LitServe pass it on as a dict.
     def decode_request(self, request: dict) -> Any:
+        detail = False
         if request.get(_ADMIN) == self.admin_key:
-            return ("admin", request)
+            if request.get("op") != "complete":
+                return ("admin", request)
+            # An OpenAI route's request: a /predict body, answered with usage details.
+            request, detail = request["request"], True
         try:
             parsed = parse_predict(request, max_new_tokens_cap=self.max_new_tokens)
             # Whether the adapter is loaded is asked when the batch runs, after the loads and
             # deletes that arrived before this request.
-            return self.engine.job(parsed, check_adapter=False)
+            job = self.engine.job(parsed, check_adapter=False)
+            return dataclasses.replace(job, detail=True) if detail else job
         except RequestError as error:  # answered alone in encode_response
             return error
         except Exception as error:  # raising here would fail the whole batch
@@ -237,6 +246,7 @@ def adapter_server(api: AdapterAPI, **litserver_kwargs: Any) -> ls.LitServer:
         server.app.add_api_route(
             "/adapters/{name}", unload_adapter, methods=["DELETE"], dependencies=admin
         )
+    add_openai_routes(server.app, to_worker, api.base_name, [Depends(_key_check(api.api_key))])
     server.app.add_exception_handler(RequestValidationError, _one_line_400)
     return server
 

@@ -336,7 +336,16 @@ class AdapterEngine:
                 f"the prompt is {len(ids)} tokens; with {what} it passes the model's context "
                 f"of {self.context} tokens",
             )
-        return Job(request.adapter, ids, request.max_new_tokens, choices)
+        return Job(
+            request.adapter,
+            ids,
+            request.max_new_tokens,
+            choices,
+            request.temperature,
+            request.top_p,
+            request.seed,
+            request.stop,
+        )
 
     def _render(self, request: PredictRequest) -> str:
         """The conversation as text, with the template the adapter trained with (recorded
@@ -406,9 +415,16 @@ class AdapterEngine:
                 text = self.tokenizer.decode(job.choices[best], skip_special_tokens=True)
             return {"adapter": job.adapter, "choice": best, "text": text, "scores": output}
         text = None
+        finish = "stop" if output and output[-1] in self.eos else "length"
         if self.tokenizer is not None:
             text = self.tokenizer.decode(output, skip_special_tokens=True)
-        return {"adapter": job.adapter, "text": text, "output_ids": output}
+            cut = [text.find(stop) for stop in job.stop if stop in text]
+            if cut:
+                text, finish = text[: min(cut)], "stop"
+        answer = {"adapter": job.adapter, "text": text, "output_ids": output}
+        if job.detail:
+            answer.update(finish_reason=finish, prompt_tokens=len(job.input_ids))
+        return answer
 
     @torch.no_grad()
     def run(self, jobs: Sequence[Job]) -> list[list[Any] | Exception]:
@@ -421,7 +437,10 @@ class AdapterEngine:
         """
         groups: dict[Any, list[int]] = {}
         for index, job in enumerate(jobs):
-            key = (None if self.mix else job.adapter, job.choices is None)
+            # Rows that sample alike share a pass; a seeded row samples alone (its draws must
+            # not depend on who else is in the batch).
+            sampling = (job.temperature, job.top_p, job.seed, index if job.seed is not None else -1)
+            key = (None if self.mix else job.adapter, job.choices is None, sampling)
             groups.setdefault(key, []).append(index)
         results: list[list[Any] | Exception] = [[] for _ in jobs]
         for indices in groups.values():
@@ -513,14 +532,19 @@ class AdapterEngine:
         for row, job in enumerate(jobs):  # left padding: every row's last token at the end
             ids[row, width - len(job.input_ids) :] = torch.tensor(job.input_ids)
             mask[row, width - len(job.input_ids) :] = 1
+        first = jobs[0]  # run() groups rows that sample alike
+        sampled = first.temperature > 0
         config = GenerationConfig(
             max_new_tokens=max(job.max_new_tokens for job in jobs),
-            do_sample=False,
+            do_sample=sampled,
+            temperature=first.temperature if sampled else None,
+            top_p=first.top_p if sampled else None,
+            top_k=0 if sampled else None,  # OpenAI's sampling has no top-k
             eos_token_id=sorted(self.eos) or None,
             pad_token_id=self.pad,
         )
         watch = _RowWatch(jobs)
-        with self._routed([job.adapter for job in jobs]):
+        with self._routed([job.adapter for job in jobs]), _seeded(first.seed):
             out = self.model.generate(
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
@@ -667,6 +691,17 @@ class _RowWatch:
                 return RequestError(499, "the client closed the connection")
             return RequestError(504, "the request passed its deadline (--timeout) while generating")
         return None
+
+
+@contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Draws from ``seed`` inside, the global RNG untouched after (None: no seeding)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
 
 
 def _not_finite(job: Job) -> RuntimeError:

@@ -11,7 +11,19 @@ from typing import Any
 
 from lightning_peft.errors import LightningPeftError
 
-PREDICT_FIELDS = ("adapter", "prompt", "messages", "input_ids", "max_new_tokens", "choices")
+PREDICT_FIELDS = (
+    "adapter",
+    "prompt",
+    "messages",
+    "input_ids",
+    "max_new_tokens",
+    "choices",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+)
+MAX_STOPS = 4  # as OpenAI's API allows
 DEFAULT_MAX_NEW_TOKENS = 16
 MAX_CHOICES = 64
 MAX_NAME = 64  # adapter names are echoed in refusals and listings
@@ -43,10 +55,18 @@ class Job:
     input_ids: tuple[int, ...]
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     choices: tuple[tuple[int, ...], ...] | None = None
+    #: Sampling (OpenAI's meaning): 0 is greedy; ``seed`` makes a sample repeatable.
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    #: Texts that end the answer where they first appear (not included).
+    stop: tuple[str, ...] = ()
     #: ``time.monotonic()`` after which the work is abandoned (None: none).
     deadline: float | None = None
     #: Answers whether the client has gone (None: never asked); checked between steps.
     gone: Callable[[], bool] | None = field(default=None, compare=False)
+    #: Answer with ``finish_reason`` and ``prompt_tokens`` too (the OpenAI routes need them).
+    detail: bool = field(default=False, compare=False)
 
     def cancelled(self) -> bool:
         return self.gone is not None and self.gone()
@@ -63,6 +83,10 @@ class PredictRequest:
     choices: tuple[str | tuple[int, ...], ...] | None = None
     #: A conversation, rendered with the chat template the adapter trained with.
     messages: tuple[dict[str, str], ...] | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
 
 
 def parse_predict(body: Any, *, max_new_tokens_cap: int) -> PredictRequest:
@@ -128,7 +152,44 @@ def parse_predict(body: Any, *, max_new_tokens_cap: int) -> PredictRequest:
             f'"max_new_tokens" is at most {max_new_tokens_cap} on this server '
             f"(--max-new-tokens), got {short(count)}",
         )
-    return PredictRequest(adapter, prompt, input_ids, count, choices, messages)
+    temperature, top_p, seed, stop = _sampling(body)
+    if choices is not None and (temperature or stop):
+        raise RequestError(400, '"choices" are scored, not sampled: drop "temperature" and "stop"')
+    return PredictRequest(
+        adapter, prompt, input_ids, count, choices, messages, temperature, top_p, seed, stop
+    )
+
+
+def _sampling(body: dict[str, Any]) -> tuple[float, float, int | None, tuple[str, ...]]:
+    """``temperature``, ``top_p``, ``seed`` and ``stop``, checked as OpenAI's API does."""
+    temperature = body.get("temperature", 0.0)
+    if temperature is None:
+        temperature = 0.0
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise RequestError(400, f'"temperature" must be a number, got {short(temperature)}')
+    if not 0 <= temperature <= 2:
+        raise RequestError(400, f'"temperature" must lie in [0, 2], got {short(temperature)}')
+    top_p = body.get("top_p", 1.0)
+    if top_p is None:
+        top_p = 1.0
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise RequestError(400, f'"top_p" must be a number in (0, 1], got {short(top_p)}')
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RequestError(400, f'"seed" must be an int, got {short(seed)}')
+    if seed is not None and not 0 <= seed < 2**63:
+        raise RequestError(400, f'"seed" must lie in [0, 2**63), got {short(seed)}')
+    stop = body.get("stop") or ()
+    stop = (stop,) if isinstance(stop, str) else stop
+    if (
+        not isinstance(stop, (list, tuple))
+        or len(stop) > MAX_STOPS
+        or not all(isinstance(s, str) and s for s in stop)
+    ):
+        raise RequestError(
+            400, f'"stop" must be a string or a list of 1 to {MAX_STOPS}, got {short(stop)}'
+        )
+    return float(temperature), float(top_p), seed, tuple(stop)
 
 
 def _choices(value: Any) -> tuple[str | tuple[int, ...], ...] | None:
