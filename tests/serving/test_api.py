@@ -119,3 +119,21 @@ def test_a_prompt_the_tokenizer_cannot_encode_is_refused_alone(folders, tmp_path
     assert bad[0] == 400 and bad[1]["detail"].startswith('"prompt" cannot be tokenized: ')
     assert good[0] == 200 and good[1]["output_ids"] == reference(folders, "a", [0, 1, 2], 8)
     assert isinstance(good[1]["text"], str)
+
+
+def test_the_servers_timeout_is_each_generations_deadline(api):
+    """LitServe answers 504 to a request past its timeout; the worker stops its rows then."""
+    import time
+
+    body = {"adapter": "a", "input_ids": prompts(1)[0], "max_new_tokens": 8}
+    assert api.decode_request(body).deadline is None  # no --timeout: no deadline
+    api.request_timeout = 30.0
+    before = time.monotonic()
+    assert before + 30 <= api.decode_request(body).deadline <= time.monotonic() + 30
+    admin = {"_lightning_peft_admin": api.admin_key, "op": "complete", "request": body}
+    arrived = before - 29.9  # an OpenAI request that waited in the queue
+    job = api.decode_request({**admin, "arrived": arrived})
+    assert job.deadline == arrived + 30 and job.detail
+    time.sleep(0.2)
+    status, answer = answers(api, [{**admin, "arrived": arrived}])[0]
+    assert status == 504 and "passed its deadline" in answer["detail"]

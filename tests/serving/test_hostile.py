@@ -121,20 +121,16 @@ def test_a_row_whose_logits_are_not_finite_gets_an_error_the_others_their_answer
     assert isinstance(scored[0], RuntimeError) and isinstance(scored[1], list)
 
 
-def test_rows_past_their_deadline_or_abandoned_stop_between_steps(folders):
+def test_rows_past_their_deadline_stop_between_steps(folders):
     engine = AdapterEngine.from_pretrained(folders / "base")
     engine.load("a", folders / "a")
     ids = [tuple(p) for p in prompts(3)]
     past = time.monotonic() - 1
-    jobs = [
-        Job("a", ids[0], 50, deadline=past),
-        Job("a", ids[1], 5),
-        Job(None, ids[2], 50, gone=lambda: True),
-    ]
+    jobs = [Job("a", ids[0], 50, deadline=past), Job("a", ids[1], 5), Job(None, ids[2], 5)]
     outputs = engine.run(jobs)
     assert isinstance(outputs[0], RequestError) and outputs[0].status == 504
-    assert isinstance(outputs[2], RequestError) and outputs[2].status == 499
-    assert outputs[1] == engine.run([jobs[1]])[0]  # the row that may go on is unchanged
+    for job, output in zip(jobs[1:], outputs[1:], strict=True):
+        assert output == engine.run([job])[0]  # the rows that may go on are unchanged
 
 
 def test_checking_a_checkpoints_base_copies_no_tensor_of_the_base(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ never from a path a client chooses.
 
 import dataclasses
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -129,18 +130,25 @@ class AdapterAPI(ls.LitAPI):
     # The annotation makes FastAPI parse the body as a JSON object (malformed JSON is a
     # validation error, answered 400 by adapter_server) and LitServe pass it on as a dict.
     def decode_request(self, request: dict) -> Any:
-        detail = False
+        detail, arrived = False, None
         if request.get(_ADMIN) == self.admin_key:
             if request.get("op") != "complete":
                 return ("admin", request)
             # An OpenAI route's request: a /predict body, answered with usage details.
-            request, detail = request["request"], True
+            request, detail, arrived = request["request"], True, request["arrived"]
         try:
             parsed = parse_predict(request, max_new_tokens_cap=self.max_new_tokens)
             # Whether the adapter is loaded is asked when the batch runs, after the loads and
             # deletes that arrived before this request.
             job = self.engine.job(parsed, check_adapter=False)
-            return dataclasses.replace(job, detail=True) if detail else job
+            # LitServe answers 504 to a request that waited past its timeout; the worker
+            # stops generating for it then too (counted from here, or from arrival when the
+            # route recorded it: the monotonic clock is the machine's).
+            timeout = self.request_timeout
+            deadline = None
+            if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
+                deadline = float(arrived if arrived is not None else time.monotonic()) + timeout
+            return dataclasses.replace(job, detail=detail, deadline=deadline)
         except RequestError as error:  # answered alone in encode_response
             return error
         except Exception as error:  # raising here would fail the whole batch

@@ -553,7 +553,7 @@ class AdapterEngine:
                 stopping_criteria=StoppingCriteriaList([watch.criteria]),
             )
         return [
-            watch.failure(row) or _until_eos(tokens, job.max_new_tokens, self.eos)
+            watch.failure(row, job) or _until_eos(tokens, job.max_new_tokens, self.eos)
             for row, (tokens, job) in enumerate(zip(out[:, width:].tolist(), jobs, strict=True))
         ]
 
@@ -662,14 +662,15 @@ def _checkpoint_parts(path: Path) -> tuple[dict[str, Any], dict[str, Any], str, 
 class _RowWatch:
     """Watches each row of a ``generate`` call between decoding steps: a row whose logits
     are not finite is marked failed (its answer is an error, not tokens read from NaNs),
-    and a row whose request passed its deadline or was abandoned by its client stops there
-    while the others go on. ``processor`` and ``criteria`` are what ``generate`` takes as
-    ``logits_processor`` and ``stopping_criteria`` (plain callables)."""
+    and a row whose request passed its deadline stops there while the others go on.
+    ``processor`` and ``criteria`` are what ``generate`` takes as ``logits_processor`` and
+    ``stopping_criteria`` (plain callables)."""
 
     def __init__(self, jobs: Sequence[Job]) -> None:
-        self.jobs = list(jobs)
+        self.deadlines = [job.deadline for job in jobs]
+        self.adapters = [job.adapter for job in jobs]
         self.not_finite = torch.zeros(len(jobs), dtype=torch.bool)
-        self.cut = torch.zeros(len(jobs), dtype=torch.bool)
+        self.late = torch.zeros(len(jobs), dtype=torch.bool)
 
     def processor(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self.not_finite |= ~torch.isfinite(scores).all(dim=-1).cpu()
@@ -677,18 +678,15 @@ class _RowWatch:
 
     def criteria(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         now = time.monotonic()
-        for row, job in enumerate(self.jobs):
-            if (job.deadline is not None and now > job.deadline) or job.cancelled():
-                self.cut[row] = True
-        return (self.cut | self.not_finite).to(input_ids.device)
+        for row, deadline in enumerate(self.deadlines):
+            if deadline is not None and now > deadline:
+                self.late[row] = True
+        return (self.late | self.not_finite).to(input_ids.device)
 
-    def failure(self, row: int) -> Exception | None:
-        job = self.jobs[row]
+    def failure(self, row: int, job: Job) -> Exception | None:
         if self.not_finite[row]:
             return _not_finite(job)
-        if self.cut[row]:
-            if job.cancelled():
-                return RequestError(499, "the client closed the connection")
+        if self.late[row]:
             return RequestError(504, "the request passed its deadline (--timeout) while generating")
         return None
 

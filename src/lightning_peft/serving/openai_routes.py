@@ -80,7 +80,7 @@ async def _complete(request: Request, to_worker: ToWorker, base_id: str, chat: b
         predict, stream = predict_body(body, base_id, chat)
     except RequestError as error:
         return _error(error.status, error.reason)
-    answer = await to_worker("complete", request=predict)
+    answer = await to_worker("complete", request=predict, arrived=time.monotonic())
     if isinstance(answer, JSONResponse):  # the worker refused it (4xx) or failed (500)
         return _error(answer.status_code, json.loads(bytes(answer.body))["detail"])
     reply = _reply(answer, body["model"], chat)

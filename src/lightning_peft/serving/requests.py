@@ -5,7 +5,6 @@ Kept free of LitServe and of the model so the rules read (and test) on their own
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,13 +62,8 @@ class Job:
     stop: tuple[str, ...] = ()
     #: ``time.monotonic()`` after which the work is abandoned (None: none).
     deadline: float | None = None
-    #: Answers whether the client has gone (None: never asked); checked between steps.
-    gone: Callable[[], bool] | None = field(default=None, compare=False)
     #: Answer with ``finish_reason`` and ``prompt_tokens`` too (the OpenAI routes need them).
     detail: bool = field(default=False, compare=False)
-
-    def cancelled(self) -> bool:
-        return self.gone is not None and self.gone()
 
 
 @dataclass(frozen=True)
