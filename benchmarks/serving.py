@@ -77,7 +77,7 @@ def start(args: list[str], threads: int | None = None) -> tuple[subprocess.Popen
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     process = subprocess.Popen(
-        [sys.executable, "-m", "lightning_peft.lightning.cli", "serve", "--port", str(port), *args],
+        [sys.executable, "-m", "lightning_peft.command", "serve", "--port", str(port), *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

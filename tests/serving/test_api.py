@@ -16,7 +16,12 @@ from lightning_peft.serving import AdapterAPI
 
 @pytest.fixture
 def api(folders):
-    api = AdapterAPI(folders / "base", {"a": folders / "a", "b": folders / "b"}, max_new_tokens=8)
+    api = AdapterAPI(
+        folders / "base",
+        {"a": folders / "a", "b": folders / "b"},
+        max_new_tokens=8,
+        adapter_root=folders,
+    )
     api.setup("cpu")
     return api
 

@@ -38,15 +38,15 @@ def guarded(folders, tmp_path_factory):
 
 def test_every_route_but_health_needs_the_key(guarded):
     body = {"adapter": "b", "input_ids": prompts(1)[0]}
-    for route, method, sent in [
-        ("/predict", "POST", body),
-        ("/info", "GET", None),
-        ("/", "GET", None),
-    ]:
+    routes = [("/predict", "POST", body), ("/info", "GET", None), ("/", "GET", None)]
+    routes += [("/docs", "GET", None), ("/openapi.json", "GET", None), ("/v1/models", "GET", None)]
+    for route, method, sent in routes:
         for key in (None, "wrong" * 5):
             status, answer = call(guarded + route, method, sent, key=key)
             assert status == 401, (route, answer)
     assert call(guarded + "/predict", "POST", body, key=KEY)[0] == 200
+    # Refused before the body is read: a malformed body without the key is a 401, not a 400.
+    assert call(guarded + "/predict", "POST", raw=b'{"adapter": [[[')[0] == 401
 
 
 def test_adapter_routes_need_the_admin_key(guarded):
@@ -62,13 +62,13 @@ def test_adapters_load_by_name_from_the_root_and_nothing_outside_it_is_told(guar
     assert status == 200 and loaded["name"] == "a"
     refusals = [
         call(guarded + "/adapters", "POST", {"name": "x", "path": path}, key=ADMIN)
-        for path in ("../a", "outside/a", "no-such-adapter", "../../../etc", "outside")
+        for path in ("../a", "outside/a", "no-such-adapter", "../../../etc", "outside", "x" * 5000)
     ]
     assert {status for status, _ in refusals} == {404}
     # The same words for every path, whatever exists there: only the path given is echoed.
-    paths = ("../a", "outside/a", "no-such-adapter", "../../../etc", "outside")
+    paths = ("../a", "outside/a", "no-such-adapter", "../../../etc", "outside", "x" * 5000)
     details = {
-        answer["detail"].replace(repr(path), "PATH")
+        answer["detail"].replace(repr(path) if len(path) < 60 else f"{repr(path)[:57]}...", "PATH")
         for path, (_, answer) in zip(paths, refusals, strict=True)
     }
     assert details == {"no adapter PATH under this server's adapter root"}
@@ -95,6 +95,19 @@ def test_a_network_address_without_a_key_is_refused_before_loading(folders):
     )
     assert result.returncode == 2
     assert "--host 0.0.0.0 serves the network: give an API key" in result.stderr
+
+
+@pytest.mark.parametrize("key", ["   ", "short"])
+def test_a_blank_or_short_key_is_refused_not_taken_as_no_key(folders, key):
+    result = subprocess.run(
+        [*SERVE, "--base", str(folders / "base")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LIGHTNING_PEFT_API_KEY": key},
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "LIGHTNING_PEFT_API_KEY: the key must be one word of at least 16" in result.stderr
 
 
 def test_sigterm_stops_every_process_and_frees_the_port(folders):

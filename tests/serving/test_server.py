@@ -70,6 +70,9 @@ def test_concurrent_clients_get_their_own_adapters_answers_in_mixed_batches(serv
             'give "max_new_tokens" (generate) or "choices" (score), not both',
         ),
         (b'{"adapter": "a", "input_ids": [5', 400, "the body is not JSON: "),
+        # 500 levels of nesting: a 400 naming the field, not a 500 from a recursion limit.
+        (b'{"adapter": "a", "prompt": ' + b"[" * 500 + b"]" * 500 + b"}", 400, "nests more than"),
+        (b'{"adapter": "a", "input_ids": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, ""),
     ],
 )
 def test_a_bad_request_gets_a_4xx_with_its_reason_and_the_server_keeps_serving(

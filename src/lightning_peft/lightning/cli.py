@@ -116,6 +116,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         export(given[1:])
     elif given and given[0] == "memory":
         memory(given[1:])
+    elif given and given[0] == "serve":  # the server is not Lightning's: the console script's
+        sys.exit(
+            "serve runs from the console script: lightning-peft serve ... (or python -m "
+            "lightning_peft.command serve ...)"
+        )
     else:
         if not given or given[0] in ("-h", "--help"):
             print(OVERVIEW)

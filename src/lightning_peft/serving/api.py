@@ -15,6 +15,7 @@ never from a path a client chooses.
 """
 
 import dataclasses
+import json
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -30,10 +31,26 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from lightning_peft._compat import litserve_request_handler
 from lightning_peft.serving.engine import AdapterEngine
 from lightning_peft.serving.openai_routes import add_openai_routes
-from lightning_peft.serving.requests import RequestError, parse_load, parse_predict
+from lightning_peft.serving.requests import RequestError, parse_load, parse_predict, short
 
 _ADMIN = "_lightning_peft_admin"
 _BEARER = HTTPBearer(auto_error=False)
+MAX_DEPTH = 16  # of a JSON body: /predict needs 3 ("choices": [[ids]]; "messages": [{...}])
+
+
+def nesting(value: Any, limit: int) -> int:
+    """How deep ``value`` nests lists and dicts, counted up to ``limit + 1`` (no deeper:
+    the walk is bounded whatever the body)."""
+    deepest, level = 0, [value] if isinstance(value, (list, dict)) else []
+    while level and deepest <= limit:
+        deepest += 1
+        level = [
+            child
+            for item in level
+            for child in (item.values() if isinstance(item, dict) else item)
+            if isinstance(child, (list, dict))
+        ]
+    return deepest
 
 
 def _check_key(credentials: HTTPAuthorizationCredentials | None, key: str | None) -> None:
@@ -98,6 +115,12 @@ class AdapterAPI(ls.LitAPI):
         self.max_new_tokens = max_new_tokens
         self.mix = mix
         self.max_score_tokens = max_score_tokens
+        for what, key in (("api_key", api_key), ("admin_key", admin_key)):
+            if key is not None and (len(key) < 16 or key != key.strip()):
+                raise ValueError(
+                    f"{what} must be at least 16 characters without surrounding spaces (a "
+                    "blank key would let every request in)"
+                )
         self.api_key = api_key
         self.admin_api_key = admin_key if admin_key is not None else api_key
         self.admin = admin
@@ -117,21 +140,32 @@ class AdapterAPI(ls.LitAPI):
         for name, path in self.initial_adapters.items():
             self.engine.load(name, path)  # a RequestError here stops the server, saying why
 
-    def authorize(
+    async def authorize(
         self,
         request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(_BEARER),  # noqa: B008
     ) -> None:
-        """LitServe's auth hook, run before every route it adds (and, through
-        :func:`adapter_server`, the added ones): the API key as a Bearer token."""
+        """LitServe's auth hook, run before every route it adds: the API key as a Bearer
+        token, and a body LitServe can hand to its worker (it pickles the parsed JSON, which
+        fails past Python's recursion limit: answered 400 here, not 500 there)."""
         if request.url.path != "/health":
             _check_key(credentials, self.api_key)
+        if request.method == "POST":
+            try:
+                body = json.loads(await request.body() or b"null")
+            except (ValueError, RecursionError):
+                return  # malformed JSON: FastAPI's own 400 says so
+            depth = nesting(body, MAX_DEPTH)
+            if depth > MAX_DEPTH:
+                raise HTTPException(
+                    400, f"the body nests more than {MAX_DEPTH} levels deep; no field needs that"
+                )
 
     # The annotation makes FastAPI parse the body as a JSON object (malformed JSON is a
     # validation error, answered 400 by adapter_server) and LitServe pass it on as a dict.
     def decode_request(self, request: dict) -> Any:
         detail, arrived = False, None
-        if request.get(_ADMIN) == self.admin_key:
+        if secrets.compare_digest(str(request.get(_ADMIN, "")), self.admin_key):
             if request.get("op") != "complete":
                 return ("admin", request)
             # An OpenAI route's request: a /predict body, answered with usage details.
@@ -201,7 +235,9 @@ class AdapterAPI(ls.LitAPI):
             if request["op"] == "list":
                 return {"adapters": self.engine.adapters(), "served": self.engine.served}
             if request["op"] == "load":
-                return self.engine.load(request["name"], request["path"])
+                # Checked again here: the worker trusts no path it did not resolve itself.
+                path = under_root(self.adapter_root, str(request["path"]))
+                return self.engine.load(request["name"], path)
             self.engine.unload(request["name"])
             return {"deleted": request["name"]}
         except RequestError as error:
@@ -247,6 +283,10 @@ def adapter_server(api: AdapterAPI, **litserver_kwargs: Any) -> ls.LitServer:
     async def unload_adapter(name: str) -> Any:
         return await to_worker("delete", name=name)
 
+    if api.api_key is not None or api.admin_api_key is not None:
+        # Before any route reads a body (LitServe's /predict parses up to the payload limit
+        # first) and on FastAPI's own /docs and /openapi.json too.
+        server.app.add_middleware(_KeysFirst, api=api)
     if api.admin:
         admin = [Depends(_key_check(api.admin_api_key))]
         server.app.add_api_route("/adapters", list_adapters, methods=["GET"], dependencies=admin)
@@ -254,9 +294,41 @@ def adapter_server(api: AdapterAPI, **litserver_kwargs: Any) -> ls.LitServer:
         server.app.add_api_route(
             "/adapters/{name}", unload_adapter, methods=["DELETE"], dependencies=admin
         )
-    add_openai_routes(server.app, to_worker, api.base_name, [Depends(_key_check(api.api_key))])
+    openai_auth = [Depends(_key_check(api.api_key))]
+    add_openai_routes(
+        server.app, to_worker, api.base_name, openai_auth, default_max_tokens=api.max_new_tokens
+    )
     server.app.add_exception_handler(RequestValidationError, _one_line_400)
     return server
+
+
+class _KeysFirst:
+    """ASGI middleware: a request without the key its route needs gets a 401 before its
+    body is read; ``/health`` stays open for probes."""
+
+    def __init__(self, app: Any, api: AdapterAPI) -> None:
+        self.app = app
+        self.api = api
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path != "/health":
+            admin = path == "/adapters" or path.startswith("/adapters/")
+            key = self.api.admin_api_key if admin else self.api.api_key
+            headers = dict(scope.get("headers") or [])
+            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if key is not None and not (
+                scheme.lower() == "bearer"
+                and secrets.compare_digest(token.strip().encode(), key.encode())
+            ):
+                reason = "send the server's API key as 'Authorization: Bearer KEY'"
+                body: dict[str, Any] = {"detail": reason}
+                if path.startswith("/v1/"):  # as OpenAI's API answers, for its clients
+                    body = {"error": {"message": reason, "type": "authentication_error"}}
+                response = JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _key_check(key: str | None) -> Callable[..., None]:
@@ -278,9 +350,13 @@ def under_root(root: Path | None, given: str) -> Path:
             "this server loads no adapters over HTTP: start it with --adapter-root DIR to load "
             "them by name from DIR",
         )
-    candidate = (root / given).resolve()
-    if candidate == root or not candidate.is_relative_to(root) or not candidate.exists():
-        raise RequestError(404, f"no adapter {given!r} under this server's adapter root")
+    refusal = RequestError(404, f"no adapter {short(given)} under this server's adapter root")
+    try:
+        candidate = (root / given).resolve()
+        if candidate == root or not candidate.is_relative_to(root) or not candidate.exists():
+            raise refusal
+    except (OSError, RuntimeError, ValueError) as error:  # a name too long, a link loop
+        raise refusal from error
     return candidate
 
 

@@ -160,20 +160,20 @@ def stopped_on_sigterm() -> Iterator[None]:
     except KeyboardInterrupt:  # stopped as asked: exit 0
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
         for child in multiprocessing.active_children():
             child.terminate()
         for child in multiprocessing.active_children():
             child.join(5)
             if child.is_alive():
                 child.kill()
+        signal.signal(signal.SIGTERM, previous)  # only now: a second TERM must not cut this
 
 
 def keys(args: argparse.Namespace) -> tuple[str | None, str | None]:
     """``(API key, admin key)`` from the key files or the environment."""
     api_key = _read_key(args.api_key_file, "--api-key-file") if args.api_key_file else None
-    if api_key is None and os.environ.get(KEY_VARIABLE):
-        api_key = os.environ[KEY_VARIABLE].strip()
+    if api_key is None and KEY_VARIABLE in os.environ:
+        api_key = _checked_key(os.environ[KEY_VARIABLE], KEY_VARIABLE)
     admin_key = _read_key(args.admin_key_file, "--admin-key-file") if args.admin_key_file else None
     if api_key is None and args.host != "127.0.0.1" and not args.no_auth:
         parser().error(
@@ -185,12 +185,19 @@ def keys(args: argparse.Namespace) -> tuple[str | None, str | None]:
 
 def _read_key(path: str, flag: str) -> str:
     try:
-        key = Path(path).read_text(encoding="utf-8").strip()
+        key = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         parser().error(f"{flag} {path}: {type(error).__name__}: {error}")
+    return _checked_key(key, f"{flag} {path}")
+
+
+def _checked_key(key: str, source: str) -> str:
+    """``key`` without surrounding whitespace, refused if blank or weak: an empty key would
+    let every request in."""
+    key = key.strip()
     if len(key) < 16 or any(c.isspace() for c in key):
         parser().error(
-            f"{flag} {path}: the key must be one word of at least 16 characters (e.g. from "
+            f"{source}: the key must be one word of at least 16 characters (e.g. from "
             "'python -c \"import secrets; print(secrets.token_urlsafe(32))\"')"
         )
     return key

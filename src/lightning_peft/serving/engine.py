@@ -272,8 +272,8 @@ class AdapterEngine:
         copy shares every tensor with the served model: a file, refused or not, costs the
         module tree and its own adapter, never a second base.
         """
-        shared = {id(t): t for t in [*self.model.parameters(), *self.model.buffers()]}
-        alone = copy.deepcopy(self.model, memo=shared)
+        _check_ranks(configs, state, path)  # before a rank from the metadata sizes anything
+        alone = copy.deepcopy(self.model, memo=_shared_state(self.model))
         for other in adapter_names(alone):
             delete_adapter(alone, other)
         apply_adapters(alone, configs, name=saved_name, train_head=False)
@@ -418,13 +418,23 @@ class AdapterEngine:
         finish = "stop" if output and output[-1] in self.eos else "length"
         if self.tokenizer is not None:
             text = self.tokenizer.decode(output, skip_special_tokens=True)
-            cut = [text.find(stop) for stop in job.stop if stop in text]
-            if cut:
-                text, finish = text[: min(cut)], "stop"
+            if job.stop and any(stop in text for stop in job.stop):
+                output, text = self._until_stop(output, job.stop)
+                finish = "stop"
         answer = {"adapter": job.adapter, "text": text, "output_ids": output}
         if job.detail:
             answer.update(finish_reason=finish, prompt_tokens=len(job.input_ids))
         return answer
+
+    def _until_stop(self, output: list[Any], stops: tuple[str, ...]) -> tuple[list[Any], str]:
+        """The tokens up to the one that completes the first stop string, and the text
+        before that string (OpenAI's ``stop``: not included)."""
+        for end in range(1, len(output) + 1):
+            text = self.tokenizer.decode(output[:end], skip_special_tokens=True)
+            found = [text.find(stop) for stop in stops if stop in text]
+            if found:
+                return output[:end], text[: min(found)]
+        return output, self.tokenizer.decode(output, skip_special_tokens=True)
 
     @torch.no_grad()
     def run(self, jobs: Sequence[Job]) -> list[list[Any] | Exception]:
@@ -439,7 +449,8 @@ class AdapterEngine:
         for index, job in enumerate(jobs):
             # Rows that sample alike share a pass; a seeded row samples alone (its draws must
             # not depend on who else is in the batch).
-            sampling = (job.temperature, job.top_p, job.seed, index if job.seed is not None else -1)
+            seeded = index if job.seed is not None else -1
+            sampling = (job.temperature, job.top_p, job.seed, seeded, job.stop)
             key = (None if self.mix else job.adapter, job.choices is None, sampling)
             groups.setdefault(key, []).append(index)
         results: list[list[Any] | Exception] = [[] for _ in jobs]
@@ -551,6 +562,12 @@ class AdapterEngine:
                 generation_config=config,
                 logits_processor=LogitsProcessorList([watch.processor]),
                 stopping_criteria=StoppingCriteriaList([watch.criteria]),
+                # run() groups rows by their stop strings: they end where one appears.
+                **(
+                    {"stop_strings": list(first.stop), "tokenizer": self.tokenizer}
+                    if first.stop and self.tokenizer is not None
+                    else {}
+                ),
             )
         return [
             watch.failure(row, job) or _until_eos(tokens, job.max_new_tokens, self.eos)
@@ -673,7 +690,10 @@ class _RowWatch:
         self.late = torch.zeros(len(jobs), dtype=torch.bool)
 
     def processor(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.not_finite |= ~torch.isfinite(scores).all(dim=-1).cpu()
+        # -inf is a mask (min_new_tokens, suppressed tokens in the model's generation config);
+        # NaN or +inf is an overflow.
+        broken = torch.isnan(scores) | torch.isposinf(scores)
+        self.not_finite |= broken.any(dim=-1).cpu()
         return scores
 
     def criteria(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
@@ -700,6 +720,30 @@ def _seeded(seed: int | None) -> Iterator[None]:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         yield
+
+
+def _check_ranks(configs: list[Any], state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse a checkpoint whose LoRA rank is not its tensors' (adapters are built from the
+    metadata: a claimed rank of 200000 would allocate before any shape check)."""
+    ranks = {t.shape[0] for key, t in state.items() if ".lora_A." in key and t.dim() >= 1}
+    for config in configs:
+        if isinstance(config, LoRA) and ranks and ranks != {config.rank}:
+            raise RequestError(
+                400,
+                f"{path} says rank {config.rank}, but its lora_A tensors have rank "
+                f"{sorted(ranks)[:4]}: the metadata does not belong to these tensors",
+            )
+
+
+def _shared_state(model: nn.Module) -> dict[int, Any]:
+    """A ``deepcopy`` memo that makes a copy of ``model`` share its tensors: parameters,
+    buffers, and what layers hold besides (an int8 layer's ``state`` with its weight codes)."""
+    shared: dict[int, Any] = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) or type(value).__module__.startswith("bitsandbytes"):
+                shared[id(value)] = value
+    return shared
 
 
 def _not_finite(job: Job) -> RuntimeError:

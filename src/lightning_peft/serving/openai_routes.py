@@ -28,7 +28,7 @@ _UNSUPPORTED = {
     "n": 1,
     "best_of": 1,
     "echo": False,
-    "logprobs": None,
+    "logprobs": False,
     "top_logprobs": None,
     "suffix": None,
     "tools": None,
@@ -45,9 +45,12 @@ _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", 
 ToWorker = Callable[..., Awaitable[Any]]
 
 
-def add_openai_routes(app: Any, to_worker: ToWorker, base_id: str, deps: list[Any]) -> None:
+def add_openai_routes(
+    app: Any, to_worker: ToWorker, base_id: str, deps: list[Any], *, default_max_tokens: int
+) -> None:
     """Add the three routes to ``app``; ``to_worker(op, **fields)`` answers from the worker,
-    ``base_id`` is the name ``model`` gives the base, ``deps`` the routes' auth."""
+    ``base_id`` is the name ``model`` gives the base, ``deps`` the routes' auth, and a chat
+    without ``max_tokens`` may run to ``default_max_tokens`` (the server's cap)."""
 
     async def models() -> Any:
         listed = await to_worker("list")
@@ -61,23 +64,25 @@ def add_openai_routes(app: Any, to_worker: ToWorker, base_id: str, deps: list[An
         }
 
     async def completions(request: Request) -> Any:
-        return await _complete(request, to_worker, base_id, chat=False)
+        return await _complete(request, to_worker, base_id, False, default_max_tokens)
 
     async def chat(request: Request) -> Any:
-        return await _complete(request, to_worker, base_id, chat=True)
+        return await _complete(request, to_worker, base_id, True, default_max_tokens)
 
     app.add_api_route("/v1/models", models, methods=["GET"], dependencies=deps)
     app.add_api_route("/v1/completions", completions, methods=["POST"], dependencies=deps)
     app.add_api_route("/v1/chat/completions", chat, methods=["POST"], dependencies=deps)
 
 
-async def _complete(request: Request, to_worker: ToWorker, base_id: str, chat: bool) -> Any:
+async def _complete(
+    request: Request, to_worker: ToWorker, base_id: str, chat: bool, default_max_tokens: int
+) -> Any:
     try:
         try:
             body = await request.json()
         except (ValueError, RecursionError) as error:
             raise RequestError(400, f"the body is not JSON: {type(error).__name__}") from error
-        predict, stream = predict_body(body, base_id, chat)
+        predict, stream = predict_body(body, base_id, chat, default_max_tokens)
     except RequestError as error:
         return _error(error.status, error.reason)
     answer = await to_worker("complete", request=predict, arrived=time.monotonic())
@@ -89,14 +94,16 @@ async def _complete(request: Request, to_worker: ToWorker, base_id: str, chat: b
     return StreamingResponse(_events(reply, chat), media_type="text/event-stream")
 
 
-def predict_body(body: Any, base_id: str, chat: bool) -> tuple[dict[str, Any], bool]:
+def predict_body(
+    body: Any, base_id: str, chat: bool, default_max_tokens: int = 16
+) -> tuple[dict[str, Any], bool]:
     """The ``/predict`` body an OpenAI request stands for, and whether to stream it."""
     if not isinstance(body, dict):
         raise RequestError(400, f"the body must be a JSON object, got {type(body).__name__}")
     known = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream"}
     known |= {"messages", "max_completion_tokens"} if chat else {"prompt"}
     for name, value in body.items():
-        if name in _UNSUPPORTED and value not in (None, _UNSUPPORTED[name]):
+        if name in _UNSUPPORTED and value is not None and value != _UNSUPPORTED[name]:
             raise RequestError(400, f'"{name}": {short(value)} is not supported by this server')
         if name not in known | set(_UNSUPPORTED) | _IGNORED:
             raise RequestError(400, f"unknown field {short(name)}")
@@ -109,10 +116,9 @@ def predict_body(body: Any, base_id: str, chat: bool) -> tuple[dict[str, Any], b
     else:
         predict.update(_prompt(body.get("prompt")))
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    if limit is None and not chat:
-        limit = 16  # OpenAI's default for completions; chat: the server's cap
-    if limit is not None:
-        predict["max_new_tokens"] = limit
+    if limit is None:  # OpenAI's defaults: 16 for completions, as many as allowed for chat
+        limit = default_max_tokens if chat else min(16, default_max_tokens)
+    predict["max_new_tokens"] = limit
     # OpenAI samples at temperature 1 unless told otherwise; 0 is greedy.
     predict["temperature"] = 1.0 if body.get("temperature") is None else body["temperature"]
     for name in ("top_p", "seed", "stop"):
