@@ -86,28 +86,39 @@ def test_without_admin_routes_there_is_nothing_to_load_or_unload(folders):
 
 
 def test_a_network_address_without_a_key_is_refused_before_loading(folders):
-    result = subprocess.run(
-        [*SERVE, "--base", str(folders / "base"), "--host", "0.0.0.0"],
-        capture_output=True,
-        text=True,
-        env={k: v for k, v in os.environ.items() if k != "LIGHTNING_PEFT_API_KEY"},
-        timeout=120,
+    environment = {k: v for k, v in os.environ.items() if k != "LIGHTNING_PEFT_API_KEY"}
+    code, errors = refused(
+        [*SERVE, "--base", str(folders / "base"), "--host", "0.0.0.0"], environment
     )
-    assert result.returncode == 2
-    assert "--host 0.0.0.0 serves the network: give an API key" in result.stderr
+    assert code == 2
+    assert "--host 0.0.0.0 serves the network: give an API key" in errors
 
 
 @pytest.mark.parametrize("key", ["   ", "short"])
 def test_a_blank_or_short_key_is_refused_not_taken_as_no_key(folders, key):
-    result = subprocess.run(
-        [*SERVE, "--base", str(folders / "base")],
-        capture_output=True,
+    environment = {**os.environ, "LIGHTNING_PEFT_API_KEY": key}
+    code, errors = refused([*SERVE, "--base", str(folders / "base")], environment)
+    assert code == 2
+    assert "LIGHTNING_PEFT_API_KEY: the key must be one word of at least 16" in errors
+
+
+def refused(command: list[str], environment: dict[str, str]) -> tuple[int | None, str]:
+    """Exit code and stderr of a server that should refuse to start; one that starts
+    anyway is stopped with every process it began."""
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "LIGHTNING_PEFT_API_KEY": key},
-        timeout=120,
+        env=environment,
+        start_new_session=True,
     )
-    assert result.returncode == 2
-    assert "LIGHTNING_PEFT_API_KEY: the key must be one word of at least 16" in result.stderr
+    try:
+        _, errors = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, errors = process.communicate()
+    return process.returncode, errors
 
 
 def test_sigterm_stops_every_process_and_frees_the_port(folders):
