@@ -136,7 +136,8 @@ def test_the_servers_timeout_is_each_generations_deadline(api):
     before = time.monotonic()
     assert before + 30 <= api.decode_request(body).deadline <= time.monotonic() + 30
     admin = {"_lightning_peft_admin": api.admin_key, "op": "complete", "request": body}
-    arrived = before - 29.9  # an OpenAI request that waited in the queue
+    admin.update(detail=True, ticket="0" * 32)
+    arrived = before - 29.9  # a request that waited in the queue
     job = api.decode_request({**admin, "arrived": arrived})
     assert job.deadline == arrived + 30 and job.detail
     time.sleep(0.2)

@@ -4,6 +4,7 @@ before work, and errors (not 200s) where the model's numbers are not finite."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 
@@ -131,6 +132,44 @@ def test_rows_past_their_deadline_stop_between_steps(folders):
     assert isinstance(outputs[0], RequestError) and outputs[0].status == 504
     for job, output in zip(jobs[1:], outputs[1:], strict=True):
         assert output == engine.run([job])[0]  # the rows that may go on are unchanged
+
+
+def test_rows_whose_client_left_are_not_started_and_are_counted(folders, tmp_path):
+    engine = AdapterEngine.from_pretrained(folders / "base")
+    engine.load("a", folders / "a")
+    ids = [tuple(p) for p in prompts(3)]
+    (tmp_path / "left").touch()  # what the route leaves once the client has gone
+    watched = str(tmp_path / "still-here")
+    jobs = [Job("a", ids[0], 50, gone=str(tmp_path / "left")), Job("a", ids[1], 5, gone=watched)]
+    jobs.append(Job(None, ids[2], 5))
+    outputs = engine.run(jobs)
+    assert isinstance(outputs[0], RequestError) and outputs[0].status == 499
+    assert engine.served["gone"] == 1 and engine.served["rows"] == 2
+    for job, output in zip(jobs[1:], outputs[1:], strict=True):
+        assert output == engine.run([dataclasses.replace(job, gone=None)])[0]
+
+
+def test_a_long_prompt_of_words_is_refused_from_its_first_part(monkeypatch):
+    from lightning_peft.data import smollm2_tokenizer
+    from lightning_peft.serving.engine import PREFIX_CHARS
+
+    tokenizer = smollm2_tokenizer()
+    engine = AdapterEngine(tiny_llama(0).eval(), tokenizer)
+    assert engine.context is not None
+    seen: list[int] = []
+    real = type(tokenizer).__call__
+
+    def counting(self, text, **kwargs):
+        seen.append(len(text))
+        return real(self, text, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", counting)
+    prompt = "word " * (2 * PREFIX_CHARS * engine.context)  # within the byte bound
+    request = parse_predict({"adapter": None, "prompt": prompt}, max_new_tokens_cap=8)
+    with pytest.raises(RequestError, match="more than the model's context") as info:
+        engine.job(request)
+    assert info.value.status == 400
+    assert seen == [PREFIX_CHARS * engine.context]  # the rest was never tokenized
 
 
 @pytest.fixture(scope="module")

@@ -12,20 +12,32 @@ With an ``api_key`` every route but ``/health`` needs ``Authorization: Bearer KE
 (LitServe's own ``authorize`` mechanism, on the added routes too); the adapter routes can
 need a key of their own or be left out, and they load adapters by name from one folder,
 never from a path a client chooses.
+
+A client that closes its connection has its work stopped: the route that waits for its
+answer sees the disconnect and leaves a file named after the request in a folder the
+worker can see (another process: a file is the cheapest thing both read), and the worker
+stops the request's row between two decoding steps, or never starts it.
 """
 
+import asyncio
 import dataclasses
 import json
+import os
 import secrets
+import shutil
+import tempfile
 import time
+import uuid
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import litserve as ls
 from fastapi import Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from lightning_peft._compat import litserve_request_handler
@@ -127,6 +139,8 @@ class AdapterAPI(ls.LitAPI):
         self.adapter_root = None if adapter_root is None else Path(adapter_root).resolve()
         # The secret admin items carry on the worker queue (not a client's credential).
         self.admin_key = secrets.token_hex(16)
+        # Where the routes mark requests whose client left (set by adapter_server).
+        self.departures: str | None = None
 
     def setup(self, device: str) -> None:
         self.engine = AdapterEngine.from_pretrained(
@@ -164,12 +178,16 @@ class AdapterAPI(ls.LitAPI):
     # The annotation makes FastAPI parse the body as a JSON object (malformed JSON is a
     # validation error, answered 400 by adapter_server) and LitServe pass it on as a dict.
     def decode_request(self, request: dict) -> Any:
-        detail, arrived = False, None
+        detail, arrived, gone = False, None, None
         if secrets.compare_digest(str(request.get(_ADMIN, "")), self.admin_key):
             if request.get("op") != "complete":
                 return ("admin", request)
-            # An OpenAI route's request: a /predict body, answered with usage details.
-            request, detail, arrived = request["request"], True, request["arrived"]
+            # A request from a route of adapter_server: a /predict body, when it arrived,
+            # whether to answer with usage details (the OpenAI routes), and its ticket.
+            detail, arrived = request["detail"], request["arrived"]
+            if self.departures is not None:
+                gone = os.path.join(self.departures, request["ticket"])
+            request = request["request"]
         try:
             parsed = parse_predict(request, max_new_tokens_cap=self.max_new_tokens)
             # Whether the adapter is loaded is asked when the batch runs, after the loads and
@@ -182,7 +200,7 @@ class AdapterAPI(ls.LitAPI):
             deadline = None
             if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
                 deadline = float(arrived if arrived is not None else time.monotonic()) + timeout
-            return dataclasses.replace(job, detail=detail, deadline=deadline)
+            return dataclasses.replace(job, detail=detail, deadline=deadline, gone=gone)
         except RequestError as error:  # answered alone in encode_response
             return error
         except Exception as error:  # raising here would fail the whole batch
@@ -266,6 +284,33 @@ def adapter_server(api: AdapterAPI, **litserver_kwargs: Any) -> ls.LitServer:
     async def to_worker(op: str, **fields: Any) -> Any:
         return await handler.handle_request({_ADMIN: api.admin_key, "op": op, **fields}, dict)
 
+    api.departures = tempfile.mkdtemp(prefix="lightning-peft-departures-")
+    weakref.finalize(server, shutil.rmtree, api.departures, True)
+
+    async def complete(request: Request, body: dict[str, Any], detail: bool) -> Any:
+        """The worker's answer to ``body``; if the client leaves first, the worker is told."""
+        ticket = uuid.uuid4().hex
+        marker = Path(cast(str, api.departures), ticket)
+        fields = {"request": body, "arrived": time.monotonic(), "detail": detail}
+        work = asyncio.ensure_future(to_worker("complete", ticket=ticket, **fields))
+        left = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({work, left}, return_when=asyncio.FIRST_COMPLETED)
+            if left.done() and not left.cancelled() and left.exception() is None:
+                marker.touch()
+            # Awaited even for a client that left: LitServe's handler holds a slot for it.
+            return await work
+        finally:
+            left.cancel()
+            marker.unlink(missing_ok=True)
+
+    async def predict(request: Request, body: dict[str, Any]) -> Any:
+        return await complete(request, body, False)
+
+    # LitServe's own /predict cannot see its client leave: the same route through
+    # complete() takes its place (same path, body, auth and answers).
+    _replace_post_route(server.app, api.api_path, predict, [Depends(server.setup_auth(api))])
+
     async def list_adapters() -> Any:
         return await to_worker("list")
 
@@ -296,7 +341,12 @@ def adapter_server(api: AdapterAPI, **litserver_kwargs: Any) -> ls.LitServer:
         )
     openai_auth = [Depends(_key_check(api.api_key))]
     add_openai_routes(
-        server.app, to_worker, api.base_name, openai_auth, default_max_tokens=api.max_new_tokens
+        server.app,
+        to_worker,
+        complete,
+        api.base_name,
+        openai_auth,
+        default_max_tokens=api.max_new_tokens,
     )
     server.app.add_exception_handler(RequestValidationError, _one_line_400)
     return server
@@ -329,6 +379,29 @@ class _KeysFirst:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has closed its connection. The body is read by then, so
+    the next message the server sends is the disconnect (uvicorn and Starlette wait for
+    it); anything else is waited past without spinning."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.05)
+
+
+def _replace_post_route(app: Any, path: str, endpoint: Any, dependencies: list[Any]) -> None:
+    """``POST path`` served by ``endpoint`` instead of the route registered for it."""
+    before = len(app.router.routes)
+    app.router.routes[:] = [
+        route
+        for route in app.router.routes
+        if not (
+            isinstance(route, APIRoute) and route.path == path and "POST" in (route.methods or ())
+        )
+    ]
+    if len(app.router.routes) != before - 1:
+        raise RuntimeError(f"expected LitServe to have registered one POST {path} route")
+    app.add_api_route(path, endpoint, methods=["POST"], dependencies=dependencies)
 
 
 def _key_check(key: str | None) -> Callable[..., None]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -62,6 +63,8 @@ from lightning_peft.undo import restored_on_error
 
 PRECISIONS = QUANT_MODES
 # A folder without any of these holds weights only: requests then send token ids.
+# Text longer than this many characters per context token is first tokenized in part.
+PREFIX_CHARS = 8
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -94,8 +97,9 @@ class AdapterEngine:
         self.mix = mix
         self.sources: dict[str, str] = {}
         self.templates: dict[str, str] = {}  # adapter -> the chat template it trained with
-        # Generation passes run, rows they held, and passes whose rows named 2+ adapters.
-        self.served = {"passes": 0, "rows": 0, "mixed_passes": 0}
+        # Generation passes run, rows they held, passes whose rows named 2+ adapters, and
+        # requests stopped (or never started) because their client closed its connection.
+        self.served = {"passes": 0, "rows": 0, "mixed_passes": 0, "gone": 0}
         config = model.config
         self.vocab_size = config.vocab_size
         self.context = getattr(config, "max_position_embeddings", None) or getattr(
@@ -374,7 +378,10 @@ class AdapterEngine:
             )
         self._check_text_size(len(text.encode("utf-8", "surrogatepass")), field)
         try:
+            self._check_prefix(text, field)
             ids = tuple(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+        except RequestError:
+            raise
         except Exception as error:  # e.g. a lone surrogate the tokenizer cannot encode
             raise RequestError(
                 400, f'"{field}" cannot be tokenized: {type(error).__name__}: {_one_line(error)}'
@@ -382,6 +389,21 @@ class AdapterEngine:
         if not ids:
             raise RequestError(400, f'"{field}" {text!r} has no tokens')
         return ids
+
+    def _check_prefix(self, text: str, field: str) -> None:
+        """Refuse long text whose first ``PREFIX_CHARS x context`` characters alone hold
+        more tokens than the context: what lies beyond is not tokenized (a 4 MB prompt of
+        ordinary words costs milliseconds, not seconds and hundreds of MiB). Text of few
+        tokens per character is tokenized whole, within ``_check_text_size``'s bound."""
+        if self.context is None or len(text) <= PREFIX_CHARS * self.context:
+            return
+        prefix = self.tokenizer(text[: PREFIX_CHARS * self.context], add_special_tokens=False)
+        if len(prefix["input_ids"]) > self.context:
+            raise RequestError(
+                400,
+                f'"{field}" holds more than the model\'s context of {self.context} tokens in its '
+                f"first {PREFIX_CHARS * self.context} characters (of {len(text)})",
+            )
 
     def _check_text_size(self, size: int, field: str) -> None:
         """Refuse, without tokenizing it, text too long to fit the context whatever its
@@ -455,12 +477,20 @@ class AdapterEngine:
             groups.setdefault(key, []).append(index)
         results: list[list[Any] | Exception] = [[] for _ in jobs]
         for indices in groups.values():
+            # A request whose client left while it waited is not started.
+            for index in [i for i in indices if _left(jobs[i])]:
+                results[index] = client_gone()
+                indices.remove(index)
+            if not indices:
+                continue
             try:
                 outputs: list[list[Any] | Exception] = list(self._run([jobs[i] for i in indices]))
             except Exception:
                 outputs = [self._run_or_error(jobs[i]) for i in indices]
             for index, output in zip(indices, outputs, strict=True):
                 results[index] = output
+        # Requests stopped (or never started) because their client left.
+        self.served["gone"] += sum(isinstance(r, RequestError) and r.status == 499 for r in results)
         return results
 
     def _run_or_error(self, job: Job) -> list[Any] | Exception:
@@ -676,18 +706,28 @@ def _checkpoint_parts(path: Path) -> tuple[dict[str, Any], dict[str, Any], str, 
     return checkpoint, metadata, saved_names.pop(), configs
 
 
+def client_gone() -> RequestError:
+    """The answer to a request whose client closed its connection (nobody reads it; 499 is
+    what nginx logs for the same)."""
+    return RequestError(499, "the client closed its connection; the work for it was stopped")
+
+
+def _left(job: Job) -> bool:
+    return job.gone is not None and os.path.exists(job.gone)
+
+
 class _RowWatch:
     """Watches each row of a ``generate`` call between decoding steps: a row whose logits
     are not finite is marked failed (its answer is an error, not tokens read from NaNs),
-    and a row whose request passed its deadline stops there while the others go on.
-    ``processor`` and ``criteria`` are what ``generate`` takes as ``logits_processor`` and
-    ``stopping_criteria`` (plain callables)."""
+    and a row whose request passed its deadline, or whose client left, stops there while
+    the others go on. ``processor`` and ``criteria`` are what ``generate`` takes as
+    ``logits_processor`` and ``stopping_criteria`` (plain callables)."""
 
     def __init__(self, jobs: Sequence[Job]) -> None:
-        self.deadlines = [job.deadline for job in jobs]
-        self.adapters = [job.adapter for job in jobs]
+        self.jobs = list(jobs)
         self.not_finite = torch.zeros(len(jobs), dtype=torch.bool)
         self.late = torch.zeros(len(jobs), dtype=torch.bool)
+        self.left = torch.zeros(len(jobs), dtype=torch.bool)
 
     def processor(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         # -inf is a mask (min_new_tokens, suppressed tokens in the model's generation config);
@@ -698,14 +738,18 @@ class _RowWatch:
 
     def criteria(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         now = time.monotonic()
-        for row, deadline in enumerate(self.deadlines):
-            if deadline is not None and now > deadline:
+        for row, job in enumerate(self.jobs):
+            if job.deadline is not None and now > job.deadline:
                 self.late[row] = True
-        return (self.late | self.not_finite).to(input_ids.device)
+            if _left(job):  # a stat of a file that is almost never there: microseconds
+                self.left[row] = True
+        return (self.late | self.not_finite | self.left).to(input_ids.device)
 
     def failure(self, row: int, job: Job) -> Exception | None:
         if self.not_finite[row]:
             return _not_finite(job)
+        if self.left[row]:
+            return client_gone()
         if self.late[row]:
             return RequestError(504, "the request passed its deadline (--timeout) while generating")
         return None

@@ -43,14 +43,23 @@ _UNSUPPORTED = {
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options"}
 
 ToWorker = Callable[..., Awaitable[Any]]
+Complete = Callable[[Request, dict[str, Any], bool], Awaitable[Any]]
 
 
 def add_openai_routes(
-    app: Any, to_worker: ToWorker, base_id: str, deps: list[Any], *, default_max_tokens: int
+    app: Any,
+    to_worker: ToWorker,
+    complete: Complete,
+    base_id: str,
+    deps: list[Any],
+    *,
+    default_max_tokens: int,
 ) -> None:
-    """Add the three routes to ``app``; ``to_worker(op, **fields)`` answers from the worker,
-    ``base_id`` is the name ``model`` gives the base, ``deps`` the routes' auth, and a chat
-    without ``max_tokens`` may run to ``default_max_tokens`` (the server's cap)."""
+    """Add the three routes to ``app``; ``to_worker(op, **fields)`` answers an adapter
+    route from the worker, ``complete(request, predict_body, True)`` a generation (with
+    usage details; stopped if the client leaves), ``base_id`` is the name ``model`` gives
+    the base, ``deps`` the routes' auth, and a chat without ``max_tokens`` may run to
+    ``default_max_tokens`` (the server's cap)."""
 
     async def models() -> Any:
         listed = await to_worker("list")
@@ -64,10 +73,10 @@ def add_openai_routes(
         }
 
     async def completions(request: Request) -> Any:
-        return await _complete(request, to_worker, base_id, False, default_max_tokens)
+        return await _complete(request, complete, base_id, False, default_max_tokens)
 
     async def chat(request: Request) -> Any:
-        return await _complete(request, to_worker, base_id, True, default_max_tokens)
+        return await _complete(request, complete, base_id, True, default_max_tokens)
 
     app.add_api_route("/v1/models", models, methods=["GET"], dependencies=deps)
     app.add_api_route("/v1/completions", completions, methods=["POST"], dependencies=deps)
@@ -75,7 +84,7 @@ def add_openai_routes(
 
 
 async def _complete(
-    request: Request, to_worker: ToWorker, base_id: str, chat: bool, default_max_tokens: int
+    request: Request, complete: Complete, base_id: str, chat: bool, default_max_tokens: int
 ) -> Any:
     try:
         try:
@@ -85,7 +94,7 @@ async def _complete(
         predict, stream = predict_body(body, base_id, chat, default_max_tokens)
     except RequestError as error:
         return _error(error.status, error.reason)
-    answer = await to_worker("complete", request=predict, arrived=time.monotonic())
+    answer = await complete(request, predict, True)
     if isinstance(answer, JSONResponse):  # the worker refused it (4xx) or failed (500)
         return _error(answer.status_code, json.loads(bytes(answer.body))["detail"])
     reply = _reply(answer, body["model"], chat)

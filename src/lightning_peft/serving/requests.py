@@ -62,6 +62,9 @@ class Job:
     stop: tuple[str, ...] = ()
     #: ``time.monotonic()`` after which the work is abandoned (None: none).
     deadline: float | None = None
+    #: A file that exists once the client has closed its connection: the work stops then
+    #: (None: the client is not watched).
+    gone: str | None = None
     #: Answer with ``finish_reason`` and ``prompt_tokens`` too (the OpenAI routes need them).
     detail: bool = field(default=False, compare=False)
 
