@@ -85,13 +85,17 @@ def test_a_bad_request_gets_a_4xx_with_its_reason_and_the_server_keeps_serving(
     assert ok == 200 and answer["output_ids"] == reference(folders, "b", [7, 8], 16)
 
 
-def test_a_body_over_4_mib_is_refused_before_it_is_read(server, folders):
+def test_a_body_larger_than_the_context_allows_is_refused_before_it_is_read(server, folders):
     import urllib.error
     import urllib.request
 
+    from lightning_peft.serving.api import body_limit
+
+    # 64 bytes a context token, at least 1 MiB: the tiny base's 2048 tokens get the floor.
+    assert body_limit(2048) == 2**20 and body_limit(131072) == 8 * 2**20
     request = urllib.request.Request(
         server + "/predict",
-        data=b'{"adapter": "a", "prompt": "' + b"x" * (4 * 2**20) + b'"}',
+        data=b'{"adapter": "a", "prompt": "' + b"x" * 2**20 + b'"}',
         headers={"Content-Type": "application/json"},
     )
     with pytest.raises(urllib.error.HTTPError) as refused:

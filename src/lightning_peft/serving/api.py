@@ -274,8 +274,8 @@ def adapter_server(api: AdapterAPI, **litserver_kwargs: Any) -> ls.LitServer:
     for bodies that are not JSON objects."""
     litserver_kwargs.setdefault("workers_per_device", 1)
     # Bodies past this are refused (413) before anything reads them: a 10 MB prompt would
-    # hold the worker while it tokenizes, for nothing (no context is that long).
-    litserver_kwargs.setdefault("max_payload_size", 4 * 2**20)
+    # cross to the worker and be parsed there, for nothing (no context is that long).
+    litserver_kwargs.setdefault("max_payload_size", body_limit(_context_of(api.base)))
     litserver_kwargs.setdefault("devices", 1)
     server = ls.LitServer(api, **litserver_kwargs)
     # LitServe's own handler puts a body on the worker queue and awaits its answer.
@@ -379,6 +379,29 @@ class _KeysFirst:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def body_limit(context: int | None) -> int:
+    """The largest body worth reading for a model of ``context`` tokens: 64 bytes a token
+    (a prompt's text runs 3-5 bytes a token, 4 for a JSON-escaped UTF-8 character, 8 for
+    a token id in a list), at least 1 MiB; 4 MiB when the context is not known."""
+    if context is None:
+        return 4 * 2**20
+    return max(2**20, 64 * context)
+
+
+def _context_of(base: str) -> int | None:
+    """The base's context in tokens, read from its config (the main process loads no
+    weights), or None."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(base)
+    except Exception:  # no config here (the worker will say why it cannot load)
+        return None
+    config = getattr(config, "text_config", None) or config
+    context = getattr(config, "max_position_embeddings", None)
+    return context if isinstance(context, int) and context > 0 else None
 
 
 async def _disconnected(request: Request) -> None:
