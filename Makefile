@@ -8,6 +8,8 @@
 #   make test-fast       daily work: the suite without real-model and multi-process tests
 #   make test-cpu-paths  the tests that touch 4-bit layers, with bitsandbytes' AVX512-BF16 CPU
 #                        path forced on and then off (whatever this CPU has)
+#   make test-other-cpu-path  the same tests on the path this CPU does not take (CI, after
+#                        `make test`)
 #   make test-oldest     the whole suite on the lowest versions pyproject.toml declares
 #   make test-latest     the whole suite on the newest releases; writes what it installed to
 #                        requirements-latest.txt (copy it over the lock to move the lock on)
@@ -22,7 +24,7 @@ TORCH := torch==2.13.0
 CPU_PATH_TESTS := tests/quantization tests/lightning tests/adapters/test_contract.py \
 	tests/checkpoint tests/test_switching.py tests/test_distillation.py
 
-.PHONY: demo test test-fast install lint docs test-cpu-paths test-oldest test-latest clean
+.PHONY: demo test test-fast install lint docs test-cpu-paths test-other-cpu-path test-gpu test-oldest test-latest clean
 
 # $(1): venv folder, $(2): pip options that choose the versions.
 define make_venv
@@ -65,6 +67,16 @@ docs: install
 test-cpu-paths: install
 	LIGHTNING_PEFT_AVX512BF16=on $(BIN)/python -m pytest -q -m "not slow and not float_base" $(CPU_PATH_TESTS)
 	LIGHTNING_PEFT_AVX512BF16=off $(BIN)/python -m pytest -q -m "not slow and not float_base" $(CPU_PATH_TESTS)
+
+# On a machine with an NVIDIA GPU: the tests marked cuda (tests/gpu), which the normal suite
+# collects and skips without CUDA.
+test-gpu: install
+	$(BIN)/python -m pytest -q -m cuda tests/gpu
+
+# CI: `make test` has just run every test on this CPU's own path; this is the other one.
+test-other-cpu-path: install
+	LIGHTNING_PEFT_AVX512BF16=$$($(BIN)/python -c "import bitsandbytes.functional as f; print('off' if f.has_avx512bf16() else 'on')") \
+		$(BIN)/python -m pytest -q -m "not slow and not float_base" $(CPU_PATH_TESTS)
 
 test-oldest:
 	$(call make_venv,.venv-oldest,-c requirements-oldest.txt)

@@ -77,8 +77,12 @@ def abuse(url: str, kind: str) -> str:
             return str(got.status)
     except urllib.error.HTTPError as error:
         return str(error.code)
-    except (TimeoutError, urllib.error.URLError):
-        return "abandoned"
+    except (TimeoutError, urllib.error.URLError, ConnectionError) as error:
+        reason = getattr(error, "reason", error)
+        if isinstance(reason, TimeoutError) or kind == "abandoned":
+            return "abandoned"
+        # The server answered (413) and closed before the client had sent the whole body.
+        return f"closed before the body was read ({type(reason).__name__})"
 
 
 def run(url: str, jobs: list[dict], abusers: int, rounds: int) -> dict:
