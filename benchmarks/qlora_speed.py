@@ -46,7 +46,23 @@ RESULTS = Path(__file__).parent / "results"
 MODELS = {
     "smollm2": "SmolLM2-135M architecture (random weights)",
     "small": "tiny Llama (hidden 256, 4 layers, vocabulary 256, random weights)",
+    "llama1b": "a 1.1B Llama architecture (TinyLlama-1.1B's shapes, random weights)",
 }
+
+
+def llama1b_config():
+    """TinyLlama-1.1B's shapes: hidden 2048, 22 layers, 32 query / 4 key-value heads."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    )
 
 
 def build(
@@ -72,6 +88,8 @@ def build(
     torch.manual_seed(0)
     if model_name == "small":  # where the adapters' share of the step is largest
         model = tiny_llama(hidden_size=256, num_hidden_layers=4)
+    elif model_name == "llama1b":
+        model = LlamaForCausalLM(llama1b_config())
     else:
         model = LlamaForCausalLM(smollm2_config())
     quantize_model(model, "nf4", compute_dtype=compute_dtype, device=device)

@@ -77,6 +77,23 @@ def test_the_loftq_error_table_in_the_qlora_guide_is_the_saved_one():
     assert "| 8 | 0.964 | 0.929 |" in table  # the figures the LoftQ section's text quotes
 
 
+def test_the_generation_table_in_the_benchmarks_guide_is_the_saved_one():
+    guide = (DOCS / "benchmarks.md").read_text()
+    table = (RESULTS / "generation-cpu.md").read_text()
+    assert f"<!-- generation:start -->\n{table}<!-- generation:end -->" in guide
+    rows = [line.split(" | ") for line in table.splitlines() if line.count(" | ") == 5]
+    ratios = {(r[0].lstrip("| "), r[1]): (r[3], r[5].rstrip(" |")) for r in rows[1:]}
+    fast = [float(x.rstrip("x")) for (_, v), pair in ratios.items() if v == "ours" for x in pair]
+    exact = [
+        float(x.rstrip("x"))
+        for (path, v), pair in ratios.items()
+        if v == "ours-exact" and path.startswith("AVX512")
+        for x in pair
+    ]
+    assert fast and max(fast) <= 1.0  # at most PEFT's latency, batch 1 and 8, each path
+    assert f"costs {min(exact):.1f}-{max(exact):.1f}x where the" in guide
+
+
 def test_the_hostile_serving_table_in_the_guide_is_the_saved_one():
     guide = (DOCS / "serving.md").read_text()
     table = (RESULTS / "serving-hostile-cpu.md").read_text()

@@ -87,6 +87,8 @@ def test_transformers_bitsandbytes_and_litserve_privates_still_exist():
     assert _compat.keep_in_fp32_modules(tiny_llama()) == ()
     inverse = import_module("bitsandbytes.functional")._convert_weight_packed_for_cpu_inverse
     assert list(inspect.signature(inverse).parameters)[:2] == ["packed_weight", "quant_state"]
+    pack = import_module("bitsandbytes.functional")._convert_weight_packed_for_cpu
+    assert list(inspect.signature(pack).parameters)[:2] == ["qweight", "quant_state"]
     handler = import_module("litserve.server").RegularRequestHandler
     assert list(inspect.signature(handler.handle_request).parameters)[1:] == [
         "request",

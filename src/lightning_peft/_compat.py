@@ -175,6 +175,13 @@ def unpack_cpu_4bit(packed: torch.Tensor, quant_state: Any) -> tuple[torch.Tenso
     return inverse(packed, quant_state)
 
 
+def pack_cpu_4bit(weight: torch.Tensor, quant_state: Any) -> tuple[torch.Tensor, Any]:
+    """bitsandbytes' CPU (AVX512-BF16) inference packing of a 4-bit weight, which it applies
+    itself only inside an eval-mode forward, in place and for good (no public function)."""
+    pack = _imported("bitsandbytes.functional", "_convert_weight_packed_for_cpu")
+    return pack(weight, quant_state)
+
+
 def keep_in_fp32_modules(model: nn.Module) -> tuple[str, ...]:
     """Module names a transformers model class keeps in float32 (T5's ``wo``); the attribute
     is a class-level private of ``PreTrainedModel``, None on most classes."""

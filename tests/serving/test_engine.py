@@ -215,3 +215,52 @@ def test_messages_are_rendered_with_the_template_the_adapter_trained_with(tmp_pa
     assert ids(None) == rendered(None) != rendered(TEMPLATE)  # the base: the tokenizer's
     with pytest.raises(RequestError, match=r'"messages" must be a non-empty list'):
         parse_predict({"adapter": None, "messages": [{"role": "user"}]}, max_new_tokens_cap=8)
+
+
+def test_a_4bit_base_serves_from_bitsandbytes_fast_layout_as_peft_would(folders):
+    """On a CPU with AVX512-BF16 the served NF4 base runs from bitsandbytes' inference
+    layout, as bitsandbytes' own eval-mode layers (and so PEFT) do: the same tokens; adapters
+    load against the layout training saw; ``exact_4bit`` keeps that layout throughout."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    from lightning_peft.quantization import cpu_inference_layout_available
+
+    def packed(model: torch.nn.Module) -> int:
+        layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        return sum(bool(getattr(m.weight.quant_state, "packing_format_for_cpu", 0)) for m in layers)
+
+    exact = AdapterEngine.from_pretrained(folders / "base", precision="nf4", exact_4bit=True)
+    exact.load("a", folders / "a")
+    assert packed(exact.model) == 0
+    if not cpu_inference_layout_available():
+        pytest.skip("bitsandbytes' fast CPU 4-bit layout needs AVX512-BF16")
+    fast = AdapterEngine.from_pretrained(folders / "base", precision="nf4")
+    assert packed(fast.model) == 14
+    fast.load("a", folders / "a")  # checked and attached on the standard layout, then packed
+    assert packed(fast.model) == 14
+    ids = [tuple(p) for p in prompts(3)]
+    answers = fast.run([Job("a", row, 8) for row in ids])
+
+    # What PEFT + bitsandbytes run: bitsandbytes' layers left to repack themselves.
+    model = AutoModelForCausalLM.from_pretrained(folders / "base")
+    lightning_peft.quantization.quantize_model(model, "nf4")
+    lightning_peft.load_peft(model, folders / "a")
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = True
+    model.eval()
+    for row, answer in zip(ids, answers, strict=True):
+        prompt = torch.tensor([row])
+        with torch.no_grad():
+            out = model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=8,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        expected = out[0, len(row) :].tolist()
+        eos = model.generation_config.eos_token_id
+        assert answer == (expected[: expected.index(eos) + 1] if eos in expected else expected)
+    assert packed(model) == 14

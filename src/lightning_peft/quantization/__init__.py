@@ -2,6 +2,12 @@
 through bitsandbytes), read densely for merges, and the optimizers (8-bit, paged) that keep
 adapter training small."""
 
+from lightning_peft.quantization.inference import (
+    cpu_inference_layout_available,
+    pack_for_cpu_inference_,
+    standard_layout,
+    unpack_from_cpu_inference_,
+)
 from lightning_peft.quantization.layers import (
     CONV_TYPES,
     QuantMode,
@@ -46,6 +52,7 @@ __all__ = [
     "OptimizerName",
     "QuantMode",
     "Storage",
+    "cpu_inference_layout_available",
     "dense_weight",
     "dequantize_model",
     "in_out_features",
@@ -57,6 +64,7 @@ __all__ = [
     "memory_report",
     "optimizer_class",
     "output_head_names",
+    "pack_for_cpu_inference_",
     "quant_state_tensors",
     "quantize_linear",
     "quantize_model",
@@ -64,7 +72,9 @@ __all__ = [
     "rebind_schedulers",
     "rebuild_optimizer",
     "share_lookup_tables_",
+    "standard_layout",
     "storage_of",
+    "unpack_from_cpu_inference_",
     "why_not_rebuilt",
     "write_weight_",
 ]

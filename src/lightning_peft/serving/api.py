@@ -96,6 +96,8 @@ class AdapterAPI(ls.LitAPI):
         admin: add the adapter routes (``GET``/``POST /adapters``, ``DELETE``).
         adapter_root: the folder ``POST /adapters`` loads from, by a name or a path relative
             to it (None: loading is refused).
+        exact_4bit: keep a 4-bit base in the layout training used instead of bitsandbytes'
+            faster CPU inference layout (see ``AdapterEngine``).
 
     In your own app, ``ls.LitServer(AdapterAPI(...))`` serves ``/predict``; build the server
     with :func:`adapter_server` to add the ``/adapters`` routes. Use one worker: each worker
@@ -117,6 +119,7 @@ class AdapterAPI(ls.LitAPI):
         admin_key: str | None = None,
         admin: bool = True,
         adapter_root: str | Path | None = None,
+        exact_4bit: bool = False,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
         self.base = str(base)
@@ -137,6 +140,7 @@ class AdapterAPI(ls.LitAPI):
         self.admin_api_key = admin_key if admin_key is not None else api_key
         self.admin = admin
         self.adapter_root = None if adapter_root is None else Path(adapter_root).resolve()
+        self.exact_4bit = exact_4bit
         # The secret admin items carry on the worker queue (not a client's credential).
         self.admin_key = secrets.token_hex(16)
         # Where the routes mark requests whose client left (set by adapter_server).
@@ -150,6 +154,7 @@ class AdapterAPI(ls.LitAPI):
             max_new_tokens=self.max_new_tokens,
             mix=self.mix,
             max_score_tokens=self.max_score_tokens,
+            exact_4bit=self.exact_4bit,
         )
         for name, path in self.initial_adapters.items():
             self.engine.load(name, path)  # a RequestError here stops the server, saying why

@@ -101,6 +101,12 @@ def parser() -> argparse.ArgumentParser:
         help="the folder POST /adapters loads from, by name (default: no loading over HTTP)",
     )
     parser.add_argument(
+        "--exact-4bit",
+        action="store_true",
+        help="keep a 4-bit base in the layout training used (float32 matmuls, the answers "
+        "evaluation during training gives) instead of bitsandbytes' faster bfloat16 CPU layout",
+    )
+    parser.add_argument(
         "--no-auth",
         action="store_true",
         help="serve a network address (--host 0.0.0.0 or ::) without an API key",
@@ -129,6 +135,7 @@ def serve(argv: Sequence[str]) -> None:
         admin_key=admin_key,
         admin=not args.no_admin,
         adapter_root=args.adapter_root,
+        exact_4bit=args.exact_4bit,
     )
     server = adapter_server(api, timeout=args.timeout)
     with stopped_on_sigterm():
