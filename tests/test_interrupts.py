@@ -54,8 +54,19 @@ def start(tmp_path: Path, max_steps: int, delay: float, *extra: str) -> subproce
     )
     command = [sys.executable, "-m", "lightning_peft.lightning.cli", "fit", "--config", str(config)]
     return subprocess.Popen(
-        [*command, *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [*command, *extra],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    """A shell's background job (`make test &`, CI runners) starts with SIGINT ignored, and
+    children inherit that: the run under test gets Ctrl-C's default, as in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def steps_taken(tmp_path: Path) -> int:

@@ -11,6 +11,7 @@ import torch
 
 from lightning_peft.checkpoint.metadata import fingerprint_frozen
 from lightning_peft.quantization import (
+    cpu_inference_layout_available,
     pack_for_cpu_inference_,
     quantize_model,
     standard_layout,
@@ -19,16 +20,12 @@ from lightning_peft.quantization import (
 from tests.tiny_models import VOCAB, tiny_llama
 
 
-def _cpu_has_avx512bf16() -> bool:
-    """What the CPU itself has (tests/cpu_paths may make bitsandbytes believe otherwise;
-    bitsandbytes registers its fast kernel only where the instruction really is)."""
+def _kernel_runs_here() -> bool:
+    """bitsandbytes registers its fast kernel only where the CPU really has AVX512-BF16, and
+    the package uses it only where bitsandbytes says so (tests/cpu_paths may force either)."""
     cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.is_file() and "avx512_bf16" in cpuinfo.read_text()
-
-
-needs_the_kernel = pytest.mark.skipif(
-    not _cpu_has_avx512bf16(), reason="bitsandbytes' fast CPU 4-bit kernel needs AVX512-BF16"
-)
+    real = cpuinfo.is_file() and "avx512_bf16" in cpuinfo.read_text()
+    return real and cpu_inference_layout_available()
 
 
 @pytest.fixture
@@ -91,8 +88,9 @@ def test_nothing_is_repacked_where_the_cpu_lacks_the_kernel(monkeypatch):
     assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
 
 
-@needs_the_kernel
 def test_the_fast_layout_computes_in_bfloat16_and_the_standard_one_as_before():
+    if not _kernel_runs_here():
+        pytest.skip("bitsandbytes' fast CPU 4-bit kernel needs AVX512-BF16")
     model = quantized().eval()
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
