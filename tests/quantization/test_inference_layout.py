@@ -103,3 +103,21 @@ def test_the_fast_layout_computes_in_bfloat16_and_the_standard_one_as_before():
     # through two layers of a few matmuls each: within 2^-5 of the largest logit.
     assert not torch.equal(fast, exact)
     assert (fast - exact).abs().max() <= 2**-5 * exact.abs().max()
+
+
+def test_a_packed_layer_refuses_to_train_and_saves_and_merges_exactly(packing_allowed):
+    from lightning_peft.errors import AdapterStateError
+    from lightning_peft.quantization import dense_weight
+
+    model = quantized()
+    layer = model.model.layers[0].self_attn.q_proj
+    before, dense = snapshot(model), dense_weight(layer).clone()
+    pack_for_cpu_inference_(model)
+    with pytest.raises(AdapterStateError, match="no backward: call lightning_peft"):
+        model.train()(input_ids=torch.tensor([[1, 2, 3]]))
+    # state_dict() and a dense read give the standard layout back first, exactly (bitsandbytes'
+    # own unpacking would round the constants).
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
+    assert packed_layers(model) == 0
+    pack_for_cpu_inference_(model)
+    assert torch.equal(dense_weight(layer), dense) and packed_layers(model) == 13

@@ -233,6 +233,9 @@ def test_a_4bit_base_serves_from_bitsandbytes_fast_layout_as_peft_would(folders)
     exact = AdapterEngine.from_pretrained(folders / "base", precision="nf4", exact_4bit=True)
     exact.load("a", folders / "a")
     assert packed(exact.model) == 0
+    yours = AutoModelForCausalLM.from_pretrained(folders / "base")
+    lightning_peft.quantization.quantize_model(yours, "nf4")
+    assert packed(AdapterEngine(yours).model) == 0  # a model you pass in may train again
     if not cpu_inference_layout_available():
         pytest.skip("bitsandbytes' fast CPU 4-bit layout needs AVX512-BF16")
     fast = AdapterEngine.from_pretrained(folders / "base", precision="nf4")

@@ -246,3 +246,18 @@ def _counting(deepcopy, copied: list[int]):
         return deepcopy(self, memo)
 
     return counting
+
+
+def test_a_row_that_finished_before_its_client_left_keeps_its_answer(tmp_path):
+    from lightning_peft.serving.engine import _RowWatch
+
+    (tmp_path / "left").touch()
+    gone = str(tmp_path / "left")
+    jobs = [Job(None, (1, 2), 1, gone=gone), Job(None, (1, 2), 5, gone=gone)]
+    jobs += [Job(None, (1, 2), 5, gone=gone)]
+    watch = _RowWatch(jobs, width=2, eos={9})
+    watch.criteria(torch.tensor([[1, 2, 7], [1, 2, 7], [1, 2, 9]]), None)  # one token each
+    assert watch.answer(0, [7, 0]) == [7]  # done at its own max_new_tokens
+    assert watch.answer(2, [9, 0]) == [9]  # done at end-of-text
+    cut = watch.answer(1, [7, 0])
+    assert isinstance(cut, RequestError) and cut.status == 499  # cut short

@@ -3,13 +3,18 @@ an evaluation with no training ahead), with the layout training saw recoverable 
 
 On a CPU with AVX512-BF16, bitsandbytes runs a 4-bit layer from a repacked weight: codes
 reordered for its kernel, absmax in bfloat16, double quantization undone, the matmul in
-bfloat16. Greedy generation on an NF4 SmolLM2-135M runs 2.4-2.8x faster so (batch 1 and 8,
-2 cores), and it is what PEFT + bitsandbytes run in eval mode. Training layers keep the
+bfloat16. Greedy generation on an NF4 SmolLM2-135M architecture runs 1.5-1.6x faster so
+(batch 1 and 8, 2 cores: ``benchmarks/generation.py``), and it is what PEFT + bitsandbytes
+run in eval mode. Training layers keep the
 standard layout (:func:`~lightning_peft.quantization.keep_4bit_storage_exact_`: the repacking
 rounds the constants, and its kernel has no backward). Here each layer is repacked on
-purpose and keeps its standard quantization state beside (a few KiB): the codes' reordering
-is undone exactly, so :func:`standard_layout` gives back the weights as trained, for a
-fingerprint, a save or a new adapter.
+purpose and keeps its standard quantization state beside (its constants: 3% of the 4-bit
+codes' bytes with double quantization, 12.5% without; the repacked layout's own bfloat16
+constants add 6%): the codes' reordering is undone exactly, so :func:`standard_layout` gives
+back the weights as trained, for a fingerprint or a new adapter. A repacked layer refuses to
+train (its kernel has no backward), and ``state_dict()`` or a merge first gives it its
+standard layout back, exactly, for good. Move a model to another device only after
+:func:`unpack_from_cpu_inference_`.
 """
 
 from __future__ import annotations
@@ -19,13 +24,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
-from lightning_peft._compat import pack_cpu_4bit, unpack_cpu_4bit
-from lightning_peft.quantization.storage import loaded_class
-
-# The standard quantization state a repacked layer's weight had (an attribute of the layer).
-_STANDARD = "_lightning_peft_standard_quant_state"
+from lightning_peft._compat import pack_cpu_4bit
+from lightning_peft.errors import AdapterStateError
+from lightning_peft.quantization.storage import (
+    PACKED_HOOKS,
+    STANDARD_STATE,
+    loaded_class,
+    unpack_layer_,
+)
 
 
 def cpu_inference_layout_available() -> bool:
@@ -58,28 +67,33 @@ def pack_for_cpu_inference_(model: nn.Module) -> int:
         # bitsandbytes rebinds the fields of the state it is given (no tensor is written):
         # a shallow copy leaves the original whole.
         weight.data, weight.quant_state = pack_cpu_4bit(weight.data, copy.copy(state))
-        setattr(module, _STANDARD, state)
+        module.__dict__[STANDARD_STATE] = state
+        module.__dict__[PACKED_HOOKS] = [
+            module.register_forward_pre_hook(_inference_only),
+            module.register_state_dict_pre_hook(_standard_before_saving),
+        ]
         count += 1
     return count
+
+
+def _inference_only(module: nn.Module, args: tuple[Any, ...]) -> None:
+    x = args[0] if args else None
+    if module.training or (isinstance(x, torch.Tensor) and x.requires_grad):
+        raise AdapterStateError(
+            "this 4-bit layer runs from bitsandbytes' CPU inference layout, whose kernel has "
+            "no backward: call lightning_peft.quantization.unpack_from_cpu_inference_(model) "
+            "before training (or evaluate under torch.no_grad() in eval mode)"
+        )
+
+
+def _standard_before_saving(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    unpack_layer_(module)  # exactly, instead of bitsandbytes' rounding unpack
 
 
 def unpack_from_cpu_inference_(model: nn.Module) -> list[nn.Module]:
     """Give every layer :func:`pack_for_cpu_inference_` repacked its standard weight back,
     exactly (the codes' order and the kept quantization state); returns those layers."""
-    restored = []
-    for module in _layers(model):
-        standard = getattr(module, _STANDARD, None)
-        if standard is None:
-            continue
-        weight = module.weight
-        # bitsandbytes' own state_dict() unpacks a layer in place (its constants rounded):
-        # then only the state is restored.
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            weight.data, _ = unpack_cpu_4bit(weight.data, weight.quant_state)  # state dropped
-        weight.quant_state = standard
-        delattr(module, _STANDARD)
-        restored.append(module)
-    return restored
+    return [m for m in _layers(model) if STANDARD_STATE in m.__dict__ and unpack_layer_(m)]
 
 
 @contextmanager

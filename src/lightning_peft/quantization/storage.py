@@ -108,7 +108,8 @@ class FourBitStorage(Storage):
         if weight.quant_state is None:  # not quantized yet (still on the meta device)
             return weight.detach()
         if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            unpack_for_training_(weight)  # a layer nobody guarded (keep_4bit_storage_exact_)
+            # Repacked on purpose (exact way back) or by a layer nobody guarded.
+            unpack_layer_(layer)
         return bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
 
     def write_(self, layer: Any, weight: torch.Tensor) -> None:
@@ -191,6 +192,32 @@ class Int8Storage(Storage):
         weight = dense_weight(layer)
         quantized.weight = _int8_params(weight, weight.device)
         return quantized
+
+
+# What quantization.inference leaves on a 4-bit layer it repacks: the standard quantization
+# state (the way back is exact) and the hooks that guard the packed layer.
+STANDARD_STATE = "_lightning_peft_standard_quant_state"
+PACKED_HOOKS = "_lightning_peft_packed_hooks"
+
+
+def unpack_layer_(layer: Any) -> bool:
+    """Give ``layer``'s 4-bit weight its standard layout back, in place; returns whether it
+    was repacked. Exact for a layer ``pack_for_cpu_inference_`` repacked (its codes are
+    reordered back and its kept state restored); for one bitsandbytes repacked by itself,
+    what bitsandbytes can recover (the constants it rounded stay rounded)."""
+    weight = layer.weight
+    standard = layer.__dict__.pop(STANDARD_STATE, None)
+    for handle in layer.__dict__.pop(PACKED_HOOKS, ()):
+        handle.remove()
+    packed = bool(getattr(weight.quant_state, "packing_format_for_cpu", False))
+    if standard is None:
+        if packed:
+            unpack_for_training_(weight)
+        return packed
+    if packed:  # bitsandbytes' own state_dict() may have unpacked it already (codes exact)
+        weight.data, _ = unpack_cpu_4bit(weight.data, weight.quant_state)
+    weight.quant_state = standard
+    return True
 
 
 def unpack_for_training_(weight: Any) -> None:

@@ -280,7 +280,8 @@ def adapter_server(api: AdapterAPI, **litserver_kwargs: Any) -> ls.LitServer:
     litserver_kwargs.setdefault("workers_per_device", 1)
     # Bodies past this are refused (413) before anything reads them: a 10 MB prompt would
     # cross to the worker and be parsed there, for nothing (no context is that long).
-    litserver_kwargs.setdefault("max_payload_size", body_limit(_context_of(api.base)))
+    if "max_payload_size" not in litserver_kwargs:
+        litserver_kwargs["max_payload_size"] = body_limit(_context_of(api.base))
     litserver_kwargs.setdefault("devices", 1)
     server = ls.LitServer(api, **litserver_kwargs)
     # LitServe's own handler puts a body on the worker queue and awaits its answer.
@@ -293,21 +294,26 @@ def adapter_server(api: AdapterAPI, **litserver_kwargs: Any) -> ls.LitServer:
     weakref.finalize(server, shutil.rmtree, api.departures, True)
 
     async def complete(request: Request, body: dict[str, Any], detail: bool) -> Any:
-        """The worker's answer to ``body``; if the client leaves first, the worker is told."""
+        """The worker's answer to ``body``; if the client leaves first (or this route is
+        cancelled, as at shutdown), the worker is told and the marker goes with the work."""
         ticket = uuid.uuid4().hex
         marker = Path(cast(str, api.departures), ticket)
         fields = {"request": body, "arrived": time.monotonic(), "detail": detail}
         work = asyncio.ensure_future(to_worker("complete", ticket=ticket, **fields))
+        work.add_done_callback(lambda _: marker.unlink(missing_ok=True))
         left = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({work, left}, return_when=asyncio.FIRST_COMPLETED)
             if left.done() and not left.cancelled() and left.exception() is None:
-                marker.touch()
+                _mark(marker)
             # Awaited even for a client that left: LitServe's handler holds a slot for it.
             return await work
+        except asyncio.CancelledError:
+            if not work.done():
+                _mark(marker)
+            raise
         finally:
             left.cancel()
-            marker.unlink(missing_ok=True)
 
     async def predict(request: Request, body: dict[str, Any]) -> Any:
         return await complete(request, body, False)
@@ -407,6 +413,16 @@ def _context_of(base: str) -> int | None:
     config = getattr(config, "text_config", None) or config
     context = getattr(config, "max_position_embeddings", None)
     return context if isinstance(context, int) and context > 0 else None
+
+
+def _mark(marker: Path) -> None:
+    """Leave ``marker`` for the worker; a folder removed under the server (a tmp cleaner)
+    is made again, and a marker that cannot be written costs the work, not the route."""
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError:
+        pass
 
 
 async def _disconnected(request: Request) -> None:

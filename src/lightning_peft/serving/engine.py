@@ -85,10 +85,11 @@ class AdapterEngine:
         max_score_tokens: the most tokens one pass that scores ``choices`` may hold (rows x
             width: its logits take that many times the vocabulary's floats); a request's
             choices must fit it, and a batch's are split into passes that fit.
-        exact_4bit: keep a 4-bit base in the layout training used. By default, on a CPU with
-            AVX512-BF16, its layers run from bitsandbytes' fast inference layout (bfloat16
-            matmuls, 2.4-2.8x faster generation, what PEFT runs) and give back the trained
-            layout exactly whenever an adapter is checked or attached
+        exact_4bit: keep a 4-bit base in the layout training used (the default for a model
+            you pass in, which may train again). False (``from_pretrained``'s default): on a
+            CPU with AVX512-BF16 its layers run from bitsandbytes' fast inference layout
+            (bfloat16 matmuls, 1.5-1.6x faster generation, what PEFT runs) and give back
+            the trained layout exactly whenever an adapter is checked or attached
             (:mod:`lightning_peft.quantization.inference`); answers then differ from the
             float32 evaluation of training in the last bits, as PEFT's do.
     """
@@ -101,7 +102,7 @@ class AdapterEngine:
         max_new_tokens: int = 256,
         mix: bool = True,
         max_score_tokens: int = 2048,
-        exact_4bit: bool = False,
+        exact_4bit: bool = True,
     ) -> None:
         self.model = model.eval()
         self.exact_4bit = exact_4bit
@@ -137,10 +138,12 @@ class AdapterEngine:
         *,
         precision: str | None = None,
         device: str | torch.device = "cpu",
+        exact_4bit: bool = False,
         **kwargs: Any,
     ) -> AdapterEngine:
         """The base model (and its tokenizer, when the folder has one) of ``base``, quantized
-        to ``precision`` (``"nf4"``, ``"fp4"``, ``"int8"``; None keeps it float)."""
+        to ``precision`` (``"nf4"``, ``"fp4"``, ``"int8"``; None keeps it float); a 4-bit
+        base runs from bitsandbytes' fast CPU layout unless ``exact_4bit``."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if precision is not None and precision not in PRECISIONS:
@@ -152,7 +155,7 @@ class AdapterEngine:
             tokenizer = AutoTokenizer.from_pretrained(base)
         if precision is not None:
             quantize_model(model, cast(QuantMode, precision), device=device)
-        return cls(model.to(device), tokenizer, **kwargs)
+        return cls(model.to(device), tokenizer, exact_4bit=exact_4bit, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -418,7 +421,8 @@ class AdapterEngine:
         if self.context is None or len(text) <= PREFIX_CHARS * self.context:
             return
         prefix = self.tokenizer(text[: PREFIX_CHARS * self.context], add_special_tokens=False)
-        if len(prefix["input_ids"]) > self.context:
+        # A word cut at the end may take a few more tokens than it does whole.
+        if len(prefix["input_ids"]) > self.context + 8:
             raise RequestError(
                 400,
                 f'"{field}" holds more than the model\'s context of {self.context} tokens in its '
@@ -604,7 +608,7 @@ class AdapterEngine:
             eos_token_id=sorted(self.eos) or None,
             pad_token_id=self.pad,
         )
-        watch = _RowWatch(jobs)
+        watch = _RowWatch(jobs, width, self.eos)
         with self._routed([job.adapter for job in jobs]), _seeded(first.seed):
             out = self.model.generate(
                 input_ids=ids.to(self.device),
@@ -619,10 +623,7 @@ class AdapterEngine:
                     else {}
                 ),
             )
-        return [
-            watch.failure(row, job) or _until_eos(tokens, job.max_new_tokens, self.eos)
-            for row, (tokens, job) in enumerate(zip(out[:, width:].tolist(), jobs, strict=True))
-        ]
+        return [watch.answer(row, tokens) for row, tokens in enumerate(out[:, width:].tolist())]
 
     def _fitting_groups(self, jobs: Sequence[Job]) -> list[list[int]]:
         """Indices of ``jobs`` in groups whose longest prompt plus largest new-token count
@@ -743,11 +744,14 @@ class _RowWatch:
     the others go on. ``processor`` and ``criteria`` are what ``generate`` takes as
     ``logits_processor`` and ``stopping_criteria`` (plain callables)."""
 
-    def __init__(self, jobs: Sequence[Job]) -> None:
+    def __init__(self, jobs: Sequence[Job], width: int, eos: set[int]) -> None:
         self.jobs = list(jobs)
+        self.width, self.eos = width, eos  # the prompts' padded width; end-of-text tokens
         self.not_finite = torch.zeros(len(jobs), dtype=torch.bool)
         self.late = torch.zeros(len(jobs), dtype=torch.bool)
         self.left = torch.zeros(len(jobs), dtype=torch.bool)
+        # Tokens a row had when it was first found late or left (None: never).
+        self.flagged_at: list[int | None] = [None] * len(jobs)
 
     def processor(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         # -inf is a mask (min_new_tokens, suppressed tokens in the model's generation config);
@@ -763,16 +767,23 @@ class _RowWatch:
                 self.late[row] = True
             if _left(job):  # a stat of a file that is almost never there: microseconds
                 self.left[row] = True
+            if (self.late[row] or self.left[row]) and self.flagged_at[row] is None:
+                self.flagged_at[row] = input_ids.shape[1] - self.width
         return (self.late | self.not_finite | self.left).to(input_ids.device)
 
-    def failure(self, row: int, job: Job) -> Exception | None:
+    def answer(self, row: int, tokens: list[int]) -> list[int] | Exception:
+        """Row ``row``'s answer from the tokens ``generate`` gave it, or why it has none."""
+        job = self.jobs[row]
+        answer = _until_eos(tokens, job.max_new_tokens, self.eos)
         if self.not_finite[row]:
             return _not_finite(job)
+        flagged = self.flagged_at[row]
+        ended = bool(answer) and (answer[-1] in self.eos or len(answer) == job.max_new_tokens)
+        if flagged is None or (ended and len(answer) <= flagged):
+            return answer  # it had finished before its deadline passed or its client left
         if self.left[row]:
             return client_gone()
-        if self.late[row]:
-            return RequestError(504, "the request passed its deadline (--timeout) while generating")
-        return None
+        return RequestError(504, "the request passed its deadline (--timeout) while generating")
 
 
 @contextmanager
