@@ -121,3 +121,16 @@ def test_a_packed_layer_refuses_to_train_and_saves_and_merges_exactly(packing_al
     assert packed_layers(model) == 0
     pack_for_cpu_inference_(model)
     assert torch.equal(dense_weight(layer), dense) and packed_layers(model) == 13
+
+
+def test_guarding_a_repacked_model_for_training_unpacks_it_exactly(packing_allowed):
+    from lightning_peft.quantization import keep_4bit_storage_exact_
+
+    model = quantized()
+    before = snapshot(model)
+    pack_for_cpu_inference_(model)
+    assert keep_4bit_storage_exact_(model) == 14  # as quantize_model and the callback do
+    assert packed_layers(model) == 0
+    ids = torch.tensor([[1, 2, 3]])
+    model.train()(input_ids=ids)  # the inference-only guard went with the packing
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())

@@ -5,9 +5,9 @@ On a CPU with AVX512-BF16, bitsandbytes runs a 4-bit layer from a repacked weigh
 reordered for its kernel, absmax in bfloat16, double quantization undone, the matmul in
 bfloat16. Greedy generation on an NF4 SmolLM2-135M architecture runs 1.5-1.6x faster so
 (batch 1 and 8, 2 cores: ``benchmarks/generation.py``), and it is what PEFT + bitsandbytes
-run in eval mode. Training layers keep the
-standard layout (:func:`~lightning_peft.quantization.keep_4bit_storage_exact_`: the repacking
-rounds the constants, and its kernel has no backward). Here each layer is repacked on
+run in eval mode. Training layers keep the standard layout
+(:func:`~lightning_peft.quantization.keep_4bit_storage_exact_`: the repacking rounds the
+constants, and its kernel has no backward). Here each layer is repacked on
 purpose and keeps its standard quantization state beside (its constants: 3% of the 4-bit
 codes' bytes with double quantization, 12.5% without; the repacked layout's own bfloat16
 constants add 6%): the codes' reordering is undone exactly, so :func:`standard_layout` gives
@@ -55,25 +55,27 @@ def pack_for_cpu_inference_(model: nn.Module) -> int:
     """
     if not cpu_inference_layout_available():
         return 0
-    count = 0
-    for module in _layers(model):
-        weight = module.weight
-        state = weight.quant_state
-        if weight.device.type != "cpu" or getattr(state, "packing_format_for_cpu", False):
-            continue
-        rows, columns = state.shape
-        if rows % 32 or columns % state.blocksize:  # what the kernel's tiling takes
-            continue
-        # bitsandbytes rebinds the fields of the state it is given (no tensor is written):
-        # a shallow copy leaves the original whole.
-        weight.data, weight.quant_state = pack_cpu_4bit(weight.data, copy.copy(state))
-        module.__dict__[STANDARD_STATE] = state
-        module.__dict__[PACKED_HOOKS] = [
-            module.register_forward_pre_hook(_inference_only),
-            module.register_state_dict_pre_hook(_standard_before_saving),
-        ]
-        count += 1
-    return count
+    return sum(_pack_layer(module) for module in _layers(model))
+
+
+def _pack_layer(module: Any) -> bool:
+    """Repack one 4-bit layer, keeping its standard state and guarding it; whether it was."""
+    weight = module.weight
+    state = weight.quant_state
+    if weight.device.type != "cpu" or getattr(state, "packing_format_for_cpu", False):
+        return False
+    rows, columns = state.shape
+    if rows % 32 or columns % state.blocksize:  # what the kernel's tiling takes
+        return False
+    # bitsandbytes rebinds the fields of the state it is given (no tensor is written):
+    # a shallow copy leaves the original whole.
+    weight.data, weight.quant_state = pack_cpu_4bit(weight.data, copy.copy(state))
+    module.__dict__[STANDARD_STATE] = state
+    module.__dict__[PACKED_HOOKS] = [
+        module.register_forward_pre_hook(_inference_only),
+        module.register_state_dict_pre_hook(_standard_before_saving),
+    ]
+    return True
 
 
 def _inference_only(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -104,9 +106,8 @@ def standard_layout(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        if restored:
-            holder = nn.ModuleList(restored)
-            pack_for_cpu_inference_(holder)
+        for module in restored:
+            _pack_layer(module)
 
 
 def _layers(model: nn.Module) -> Iterator[Any]:

@@ -23,7 +23,7 @@ from lightning_peft.quantization.storage import (
     is_quantized,
     loaded_class,
     storage_of,
-    unpack_for_training_,
+    unpack_layer_,
 )
 
 QuantMode = Literal["nf4", "fp4", "int8"]  # the modes of storage.BACKENDS, for type checkers
@@ -138,9 +138,8 @@ def keep_4bit_storage_exact_(model: nn.Module) -> int:
             continue
         count += 1
         module.support_avx512bf16_for_cpu = False
-        weight = module.weight
-        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
-            unpack_for_training_(weight)
+        if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+            unpack_layer_(module)  # exactly, and unguarded, if repacked for inference on purpose
     return count
 
 

@@ -68,9 +68,9 @@ from lightning_peft.switching import (
 from lightning_peft.undo import restored_on_error
 
 PRECISIONS = QUANT_MODES
-# A folder without any of these holds weights only: requests then send token ids.
 # Text longer than this many characters per context token is first tokenized in part.
 PREFIX_CHARS = 8
+# A folder without any of these holds weights only: requests then send token ids.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
