@@ -1,8 +1,9 @@
 """One training run for the distributed tests, as a user would launch it: a script.
 
 Lightning's "ddp" launcher starts the other ranks by running this script again, so the
-tests run it in a subprocess. Rank 0 saves the final adapter tensors and the per-step
-losses to --out.
+tests run it in a subprocess: rank 0 alone, which starts rank 1, or both ranks at once with
+``LOCAL_RANK`` set as that launcher sets it (tests/distributed/test_data_parallel.py). Rank 0
+saves the final adapter tensors and the per-step losses to --out.
 
     python tests/distributed/worker.py --strategy ddp --design callback --base nf4 --steps 3 \
         --out r.pt

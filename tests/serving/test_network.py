@@ -87,29 +87,36 @@ def test_without_admin_routes_there_is_nothing_to_load_or_unload(folders):
         assert call(url + "/predict", "POST", {"adapter": "b", "input_ids": [5, 6]})[0] == 200
 
 
-@pytest.mark.parametrize("route", ["/predict", "/v1/completions"])
-def test_a_client_that_leaves_has_its_generation_stopped(tmp_path, route):
+def test_a_client_that_leaves_has_its_generation_stopped(tmp_path):
     base = tiny_llama(init_std=0.3)
     base.generation_config.eos_token_id = None  # nothing ends its answers early
     base.save_pretrained(tmp_path / "base")
-    long = {"adapter": None, "input_ids": [5, 6, 7], "max_new_tokens": 2000}
-    if route != "/predict":
-        long = {"model": "base", "prompt": [5, 6, 7], "max_tokens": 2000, "temperature": 0}
+    requests = {
+        "/predict": {"adapter": None, "input_ids": [5, 6, 7], "max_new_tokens": 2000},
+        "/v1/completions": {
+            "model": "base",
+            "prompt": [5, 6, 7],
+            "max_tokens": 2000,
+            "temperature": 0,
+        },
+    }
     with serving(["--base", str(tmp_path / "base"), "--max-new-tokens", "2000"]) as url:
-        # 2000 tokens take tens of seconds here; the client leaves after one.
-        body = json.dumps(long).encode()
-        head = f"POST {route} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-        head += f"Content-Length: {len(body)}\r\n\r\n"
-        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as client:
-            client.sendall(head.encode() + body)
-            time.sleep(1.0)
-        deadline = time.monotonic() + 20
-        while call(url + "/adapters")[1]["served"]["gone"] == 0:
-            assert time.monotonic() < deadline, "the generation went on after its client left"
-            time.sleep(0.2)
-        served = call(url + "/adapters")[1]["served"]
-        assert served["gone"] == 1 and served["passes"] == 1, served
-        assert call(url + "/predict", "POST", {"adapter": None, "input_ids": [5]})[0] == 200
+        for left, (route, request) in enumerate(requests.items(), start=1):
+            # 2000 tokens take tens of seconds here; the client leaves after one.
+            body = json.dumps(request).encode()
+            head = f"POST {route} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            head += f"Content-Length: {len(body)}\r\n\r\n"
+            with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as client:
+                client.sendall(head.encode() + body)
+                time.sleep(1.0)
+            deadline = time.monotonic() + 20
+            while call(url + "/adapters")[1]["served"]["gone"] < left:
+                assert time.monotonic() < deadline, f"{route}: went on without its client"
+                time.sleep(0.2)
+            served = call(url + "/adapters")[1]["served"]
+            # One pass a request: the one stopped, and each earlier round's answered one.
+            assert served["gone"] == left and served["passes"] == 2 * left - 1, (route, served)
+            assert call(url + "/predict", "POST", {"adapter": None, "input_ids": [5]})[0] == 200
 
 
 def test_a_network_address_without_a_key_is_refused_before_loading(folders):
