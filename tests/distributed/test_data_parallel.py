@@ -33,7 +33,7 @@ TOLERANCE = dict(rtol=0, atol=1e-5)
 # Two ways a 2-process gloo run on 2 CPU cores has failed that no test traced to this package,
 # each seen once in many runs (torch 2.13): a spawned process that finished training aborts in
 # C++ teardown (std::thread destroyed while joinable), and a rank loses its peer mid-collective
-# ("Connection reset by peer": once in CI, in the FSDP2 checkpoint's gathers; not in 20
+# ("Connection reset by peer": once in CI, in the FSDP2 checkpoint's gathers; not in 85
 # runs here). Such a run goes again once, and says so (a warning in the test summary): a retry
 # that starts to happen often is news. Any other failure, or the same one twice, fails.
 _TEARDOWN_ABORT = ("`Trainer.fit` stopped", "terminate called without an active exception")
