@@ -1,6 +1,8 @@
 """DDP, ddp_spawn and FSDP2 (ModelParallelStrategy) on 2 CPU processes with gloo.
 
-Each run is tests/distributed/worker.py in subprocesses, as users launch Lightning DDP.
+Each run is tests/distributed/worker.py as users launch Lightning DDP: a script whose ranks
+Lightning's launcher starts (``run_worker(..., lightning_launches=True)``), or, to save rank
+1's imports, both ranks started at once and told their ranks as that launcher tells them.
 Data-parallel runs see the same global batches as the single-process reference (4 rows a
 step), so they must end on the same adapter tensors, to float tolerance.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -35,9 +38,11 @@ TOLERANCE = dict(rtol=0, atol=1e-5)
 # C++ teardown (std::thread destroyed while joinable), and a rank loses its peer mid-collective
 # ("Connection reset by peer": once in CI, in the FSDP2 checkpoint's gathers; not in 85
 # runs here). Such a run goes again once, and says so (a warning in the test summary): a retry
-# that starts to happen often is news. Any other failure, or the same one twice, fails.
+# that starts to happen often is news. Any other failure, or the same one twice, fails; so
+# does a lost peer beside any other exception (a rank that raised loses its peers too).
 _TEARDOWN_ABORT = ("`Trainer.fit` stopped", "terminate called without an active exception")
 _PEER_LOST = ("gloo/transport/tcp/pair.cc", "by peer")
+_RAISED = re.compile(r"^(?:\[rank\d+\]: )?[\w.]*(?:Error|Exception|Interrupt): .*$", re.MULTILINE)
 
 
 def _infrastructure_failure(result: subprocess.CompletedProcess) -> str | None:
@@ -45,9 +50,19 @@ def _infrastructure_failure(result: subprocess.CompletedProcess) -> str | None:
         return None
     if all(part in result.stderr for part in _TEARDOWN_ABORT):
         return "aborted in teardown after training"
-    if all(part in result.stderr for part in _PEER_LOST):
+    raised = _RAISED.findall(result.stderr)
+    if raised and all(all(part in line for part in _PEER_LOST) for line in raised):
         return "lost its gloo peer"
     return None
+
+
+def _clear_outputs(out: Path, args: tuple[str, ...]) -> None:
+    """What a failed run wrote, so that its retry's files are the ones read (ModelCheckpoint
+    would name a second step=3.ckpt step=3-v1.ckpt)."""
+    out.unlink(missing_ok=True)
+    if "--ckpt-dir" in args:
+        for path in Path(args[args.index("--ckpt-dir") + 1]).glob("*.ckpt"):
+            path.unlink()
 
 
 # Strategies whose ranks Lightning starts by running the script again (its subprocess launcher).
@@ -61,51 +76,54 @@ def _run_both_ranks(command: list[str]) -> subprocess.CompletedProcess:
     ``LOCAL_RANK`` set, Lightning starts no process itself). Lightning starts rank 1 only when
     rank 0 reaches ``fit``, so rank 1's imports (about 5 s on 2 cores) ran after rank 0's.
 
-    The result is one run's: both ranks' output, rank 0's exit status unless only rank 1 failed.
-    A rank still running 30 s after the other failed waits on a peer that is not coming: killed.
+    The result is one run's: each rank's output under a ``[rank N]`` heading, rank 0's exit
+    status unless only rank 1 failed. A rank still running 30 s after the other failed waits
+    on a peer that is not coming: killed. No rank outlives this call.
     """
     port = str(find_free_network_port())
     shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": "0", "WORLD_SIZE": "2"}
-    with ExitStack() as files:
-        outputs = [[files.enter_context(tempfile.TemporaryFile("w+")) for _ in "oe"] for _ in "01"]
-        ranks = [
-            subprocess.Popen(
-                command,
-                env={**os.environ, **shared, "LOCAL_RANK": str(rank)},
-                stdout=stdout,
-                stderr=stderr,
-                text=True,
-            )
-            for rank, (stdout, stderr) in enumerate(outputs)
-        ]
+    with ExitStack() as stack:
+        outputs = [[stack.enter_context(tempfile.TemporaryFile("w+")) for _ in "oe"] for _ in "01"]
+        ranks: list[subprocess.Popen] = []
+        stack.callback(_stop, ranks)
+        for rank, (stdout, stderr) in enumerate(outputs):
+            environment = {**os.environ, **shared, "LOCAL_RANK": str(rank)}
+            ranks.append(subprocess.Popen(command, env=environment, stdout=stdout, stderr=stderr))
         deadline = time.monotonic() + _TIMEOUT
+        timed_out = False
         while any(rank.poll() is None for rank in ranks):
             failed = any(rank.poll() not in (None, 0) for rank in ranks)
             if failed:
                 deadline = min(deadline, time.monotonic() + 30)
             if time.monotonic() > deadline:
-                for rank in ranks:
-                    rank.kill()
-                if not failed:
-                    raise subprocess.TimeoutExpired(command, _TIMEOUT)
+                timed_out = not failed
+                _stop(ranks)
             time.sleep(0.1)
         texts = []
         for stream in outputs:
             for file in stream:
                 file.seek(0)
             texts.append([file.read() for file in stream])
+    stdout = "".join(f"[rank {rank}]\n{out}" for rank, (out, _) in enumerate(texts))
+    stderr = "".join(f"[rank {rank}]\n{err}" for rank, (_, err) in enumerate(texts))
+    if timed_out:
+        raise subprocess.TimeoutExpired(command, _TIMEOUT, output=stdout, stderr=stderr)
     codes = [rank.returncode for rank in ranks]
-    return subprocess.CompletedProcess(
-        command,
-        codes[0] or codes[1],
-        stdout=texts[0][0] + texts[1][0],
-        stderr=texts[0][1] + texts[1][1],
-    )
+    return subprocess.CompletedProcess(command, codes[0] or codes[1], stdout, stderr)
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def _run_here(command: list[str]) -> subprocess.CompletedProcess:
     """A one-process run in this process, whose imports are done (a subprocess spends about 5 s
-    on them); the global RNGs, environment, ``sys.argv`` and ``sys.path`` are put back after."""
+    on them); the global RNGs, environment, ``sys.argv`` and ``sys.path`` are put back after.
+    Its stderr holds what is printed and any traceback; Lightning's log lines and warnings go
+    where this process sends them."""
     argv, path, environ = sys.argv, sys.path[:], dict(os.environ)
     stdout, stderr = io.StringIO(), io.StringIO()
     code = 0
@@ -113,7 +131,7 @@ def _run_here(command: list[str]) -> subprocess.CompletedProcess:
     try:
         with isolate_rng(), redirect_stdout(stdout), redirect_stderr(stderr):
             runpy.run_path(str(WORKER), run_name="__main__")
-    except Exception:
+    except (Exception, SystemExit):  # SystemExit: argparse refused the arguments
         stderr.write(traceback.format_exc())
         code = 1
     finally:
@@ -144,16 +162,23 @@ def run_worker(
     if why is not None:
         warnings.warn(
             f"worker {' '.join(args)} {why} (exit {result.returncode}); ran it again. "
-            f"Its stderr began:\n{result.stderr[:2000]}",
+            f"Its stderr:\n{_ends(result.stderr, 1500)}",
             stacklevel=2,
         )
+        _clear_outputs(out, args)
         result = _run(command, lightning_launches=lightning_launches)
     if not expect_failure and result.returncode != 0:
-        # Both ends: one rank's traceback can fill the tail and hide the other's first error.
-        stderr = result.stderr
-        shown = stderr if len(stderr) <= 8000 else f"{stderr[:4000]}\n[...]\n{stderr[-4000:]}"
-        pytest.fail(f"{' '.join(args)} failed:\n{shown}")
+        pytest.fail(f"{' '.join(args)} failed:\n{_ends(result.stderr, 4000)}")
     return result
+
+
+def _ends(stderr: str, size: int) -> str:
+    """The end of each rank's part, where its error is (a long traceback of one rank can fill
+    the tail and hide the other's); where the ranks shared one stream, its start and its end."""
+    parts = re.split(r"^(?=\[rank \d\]\n)", stderr, flags=re.MULTILINE)
+    if len(parts) > 1:
+        return "\n[...]\n".join(part[-size:] for part in parts if part)
+    return stderr if len(stderr) <= 2 * size else f"{stderr[:size]}\n[...]\n{stderr[-size:]}"
 
 
 class Runs:
@@ -213,11 +238,15 @@ def test_distillation_under_ddp_runs_the_teacher_on_every_rank(runs):
 
 
 def save_at_step_3(
-    tmp_path: Path, strategy: str, *args: str
+    tmp_path: Path, strategy: str, *args: str, lightning_launches: bool = False
 ) -> tuple[Path, subprocess.CompletedProcess]:
     """Train 3 steps with an AdapterCheckpoint at step 3; return its path and the run."""
     options = ("--steps", "3", "--save-every", "3", "--ckpt-dir", str(tmp_path))
-    result = run_worker(tmp_path / "first.pt", "--strategy", strategy, *args, *options)
+    result = run_worker(
+        tmp_path / "first.pt",
+        *("--strategy", strategy, *args, *options),
+        lightning_launches=lightning_launches,
+    )
     return tmp_path / "step=3.ckpt", result
 
 
@@ -271,7 +300,8 @@ def test_resume_from_an_adapter_checkpoint_is_exact(runs, strategy, tmp_path):
 def test_checkpoints_move_between_one_process_and_data_parallel_runs(
     runs, saved_by, resumed_by, tmp_path
 ):
-    checkpoint, _ = save_at_step_3(tmp_path, saved_by)
+    # The saving DDP and FSDP2 runs go through Lightning's own launcher (rank 0 starts rank 1).
+    checkpoint, _ = save_at_step_3(tmp_path, saved_by, lightning_launches=saved_by != "single")
     resumed = resume_to_step_6(tmp_path, resumed_by, checkpoint)
     assert resumed["step"] == 6
     assert_same_adapters(runs("--strategy", resumed_by, "--steps", "6"), resumed)
@@ -281,7 +311,7 @@ def test_lightnings_own_fsdp2_strategy_writes_adapter_only_files_too(runs, tmp_p
     """Lightning's ModelParallelStrategy writes its one file from rank 0 alone; the reduction
     to the adapters (whose base fingerprint gathers shards from every rank) must not wait
     there for ranks that are not coming."""
-    checkpoint, _ = save_at_step_3(tmp_path, "fsdp2-lightning")
+    checkpoint, _ = save_at_step_3(tmp_path, "fsdp2-lightning", lightning_launches=True)
     straight = runs("--strategy", "single", "--steps", "6")
     saved = torch.load(checkpoint, weights_only=True)
     assert set(saved["state_dict"]) == set(straight["adapters"])  # not the gathered base
