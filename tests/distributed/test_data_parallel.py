@@ -182,16 +182,18 @@ def _ends(stderr: str, size: int) -> str:
 
 
 class Runs:
-    """Worker results by arguments, each computed once per test session."""
+    """Worker results by arguments, each computed once per test session; ``stderr[args]``
+    holds what the run's processes printed there."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.cache: dict[tuple[str, ...], dict] = {}
+        self.stderr: dict[tuple[str, ...], str] = {}
 
     def __call__(self, *args: str) -> dict:
         if args not in self.cache:
             out = self.root / f"run{len(self.cache)}.pt"
-            run_worker(out, *args)
+            self.stderr[args] = run_worker(out, *args).stderr
             self.cache[args] = torch.load(out, weights_only=True)
         return self.cache[args]
 
@@ -324,8 +326,11 @@ def test_fsdp2_under_the_flag_trains_with_the_modules_own_optimizer(runs):
     """bitsandbytes' optimizers do not run on FSDP2's sharded (DTensor) parameters: the
     flag keeps the module's AdamW there (one info line) and trains as one process does with
     AdamW (its `optimizer=None`)."""
-    sharded = runs("--strategy", "fsdp2", "--design", "precision", "--base", "nf4")
+    arguments = ("--strategy", "fsdp2", "--design", "precision", "--base", "nf4")
+    sharded = runs(*arguments)
     assert sharded["step"] == 3 and all(loss == loss for loss in sharded["losses"])
+    said = "PeftPrecision keeps the module's AdamW as it is (not adamw_8bit): its parameters are"
+    assert runs.stderr[arguments].count(said) == 1, runs.stderr[arguments][-3000:]  # rank 0's
     with_adamw = runs("--strategy", "single", "--design", "precision-adamw", "--base", "nf4")
     assert_same_adapters(with_adamw, sharded)
 
