@@ -138,8 +138,7 @@ def keep_4bit_storage_exact_(model: nn.Module) -> int:
             continue
         count += 1
         module.support_avx512bf16_for_cpu = False
-        if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
-            unpack_layer_(module)  # exactly, and unguarded, if repacked for inference on purpose
+        unpack_layer_(module)  # exactly, and unguarded, if repacked for inference on purpose
     return count
 
 

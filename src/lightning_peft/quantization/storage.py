@@ -107,9 +107,7 @@ class FourBitStorage(Storage):
         weight = layer.weight
         if weight.quant_state is None:  # not quantized yet (still on the meta device)
             return weight.detach()
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            # Repacked on purpose (exact way back) or by a layer nobody guarded.
-            unpack_layer_(layer)
+        unpack_layer_(layer)  # if repacked: on purpose (exactly back) or by an unguarded layer
         return bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
 
     def write_(self, layer: Any, weight: torch.Tensor) -> None:
@@ -204,12 +202,14 @@ def unpack_layer_(layer: Any) -> bool:
     """Give ``layer``'s 4-bit weight its standard layout back, in place; returns whether it
     was repacked. Exact for a layer ``pack_for_cpu_inference_`` repacked (its codes are
     reordered back and its kept state restored); for one bitsandbytes repacked by itself,
-    what bitsandbytes can recover (the constants it rounded stay rounded)."""
+    what bitsandbytes can recover (the constants it rounded stay rounded). Any other layer,
+    quantized or not yet, is left as it is: callers need not check first."""
     weight = layer.weight
     standard = layer.__dict__.pop(STANDARD_STATE, None)
     for handle in layer.__dict__.pop(PACKED_HOOKS, ()):
         handle.remove()
-    packed = bool(getattr(weight.quant_state, "packing_format_for_cpu", False))
+    quant_state = getattr(weight, "quant_state", None)
+    packed = bool(getattr(quant_state, "packing_format_for_cpu", False))
     if standard is None:
         if packed:
             unpack_for_training_(weight)
